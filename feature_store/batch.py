@@ -1,0 +1,56 @@
+"""The training/eval batch: a TorchRec `Pipelineable` holding a KeyedJaggedTensor.
+
+Keys of `sparse` (one KJT, so an EmbeddingCollection can share a table between a history key
+and its candidate key, e.g. `hist_item_id` and `item_id` → table `item`):
+
+    hist_<feature>   the sample's history, oldest first, length min(hist_len, max_len)
+    <feature>        the candidate's own id (length 1): item_id, category_id, extra columns
+    user_id          length 1
+
+The candidate's `action` and `label` are never features: they are what happened.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.streamable import Pipelineable
+
+HIST_PREFIX = "hist_"
+
+
+def hist_key(feature: str) -> str:
+    return HIST_PREFIX + feature
+
+
+@dataclass
+class Batch(Pipelineable):
+    sparse: KeyedJaggedTensor
+    hist_ts: torch.Tensor  # int64 (Σ history lengths,): event seconds, aligned with hist_* values
+    hist_lengths: torch.Tensor  # int64 (B,)
+    ts: torch.Tensor  # int64 (B,): the sample's (request) time
+    labels: torch.Tensor  # float32 (B,)
+    row_id: torch.Tensor  # int64 (B,): the sample's row number in its split, for predictions
+    dense: dict[str, torch.Tensor] = field(default_factory=dict)  # float columns, e.g. p_true
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.labels.shape[0])
+
+    def _map(self, fn) -> "Batch":
+        kw = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            kw[f.name] = {k: fn(t) for k, t in v.items()} if isinstance(v, dict) else fn(v)
+        return replace(self, **kw)
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
+        return self._map(lambda t: t.to(device=device, non_blocking=non_blocking))
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        self._map(lambda t: (t.record_stream(stream), t)[1])
+
+    def pin_memory(self) -> "Batch":
+        return self._map(lambda t: t.pin_memory())

@@ -1,0 +1,310 @@
+"""Batch loader: dataset directory → `Batch`es ready for TorchRec's TrainPipelineSparseDist.
+
+* Sequences are held once in memory as flat per-feature arrays plus per-user offsets (storage
+  grows with events, not samples). A sample's history is the slice
+  [hist_len - L, hist_len) of its user's events, L = min(hist_len, max_len).
+* Samples stream from `train/` or `eval/` row groups. With shuffling, an epoch is a seeded
+  permutation of row groups, taken `shuffle_window` row groups at a time, each window's rows
+  permuted (a shuffle buffer over whole windows). Everything is a function of (seed, epoch),
+  so the loader's state is just (epoch, position) and a resume continues with exactly the
+  next batch, without replaying any data.
+* Partitioning: rank r of `world_size` takes the epoch-stream positions p ≥ start with
+  (p - start) % world_size == r: disjoint, complete, per-rank counts within one. The state's
+  position counts samples of all ranks, so a run can resume with a different world size.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from .batch import Batch, hist_key
+from .builder import read_meta
+
+DEFAULT_HISTORY_FEATURES = ("item_id", "category_id", "action")
+DEFAULT_CANDIDATE_FEATURES = ("item_id", "category_id")
+
+
+class SequenceStore:
+    """Every user's sorted events as flat numpy arrays: values[offsets[u]:offsets[u+1]]."""
+
+    def __init__(self, data_dir: str | Path, features: Sequence[str]):
+        files = sorted((Path(data_dir) / "sequences").glob("part-*.parquet"))
+        cols = ["user_id", *dict.fromkeys([*features, "ts"])]
+        users, lengths, values = [], [], {c: [] for c in cols[1:]}
+        for f in files:
+            t = pq.read_table(f, columns=cols)
+            users.append(t.column("user_id").to_numpy())
+            first = t.column(cols[1]).combine_chunks()
+            lengths.append(np.diff(first.offsets.to_numpy()))
+            for c in cols[1:]:
+                values[c].append(t.column(c).combine_chunks().flatten().to_numpy())
+        users = np.concatenate(users) if users else np.zeros(0, np.int64)
+        lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+        order = np.argsort(users, kind="stable")
+        self.user_ids = users[order]
+        if len(self.user_ids) > 1 and (np.diff(self.user_ids) == 0).any():
+            raise ValueError(f"{data_dir}/sequences: a user appears in two rows; rebuild the dataset")
+        # Offsets of the file-order flat arrays, then permuted to user-id order (no value copy).
+        file_offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        self.starts = file_offsets[:-1][order]
+        self.lengths = lengths[order].astype(np.int64)
+        self.values = {c: np.concatenate(v) if v else np.zeros(0, np.int64) for c, v in values.items()}
+
+    def rows(self, user_id: np.ndarray) -> np.ndarray:
+        row = np.searchsorted(self.user_ids, user_id)
+        row = np.minimum(row, len(self.user_ids) - 1)
+        bad = self.user_ids[row] != user_id if len(self.user_ids) else np.ones(len(user_id), bool)
+        if bad.any():
+            raise ValueError(f"user_id {user_id[bad][0]} has samples but no sequence; rebuild the dataset")
+        return row
+
+
+@dataclass(frozen=True)
+class _RowGroup:
+    file: Path
+    index: int
+    rows: int
+    first_row: int  # row number of its first row within the split
+
+
+def _gather(values: np.ndarray, starts: np.ndarray, lengths: np.ndarray, idx_cache: list) -> np.ndarray:
+    """Concatenate values[s:s+l] for every (s, l), via one vectorised fancy index."""
+    if not idx_cache:
+        total = int(lengths.sum())
+        shift = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
+        idx_cache.append(shift + np.arange(total, dtype=np.int64))
+    return values[idx_cache[0]]
+
+
+class BatchLoader:
+    """Iterate `Batch`es of a dataset split; see the module docstring for the semantics."""
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        split: str = "train",
+        batch_size: int = 512,
+        max_len: int | None = None,
+        shuffle: bool | None = None,
+        seed: int = 0,
+        shuffle_window: int = 8,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+        history_features: Sequence[str] = DEFAULT_HISTORY_FEATURES,
+        candidate_features: Sequence[str] = DEFAULT_CANDIDATE_FEATURES,
+        dense_features: Sequence[str] | None = None,
+        prefetch: int = 0,
+        sequences: SequenceStore | None = None,
+    ):
+        self.data_dir = Path(data_dir)
+        self.meta = read_meta(self.data_dir)
+        if split not in ("train", "eval"):
+            raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+        built = self.meta["max_len"]
+        max_len = built if max_len is None else max_len
+        if not 1 <= max_len <= built:
+            raise ValueError(f"max_len must be in [1, {built}] (the dataset was built with --max-len {built}), "
+                             f"got {max_len}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        if shuffle_window < 1 or prefetch < 0:
+            raise ValueError("shuffle_window must be >= 1 and prefetch >= 0")
+        seq_cols = set(self.meta["columns"]["sequence"]) - {"ts"}
+        sample_cols = self.meta["columns"]["sample"]
+        for f in history_features:
+            if f not in seq_cols:
+                raise ValueError(f"history feature {f!r} is not a sequence column (have {sorted(seq_cols)})")
+        for f in candidate_features:
+            if f not in sample_cols or f in ("action", "label", "ts", "hist_len"):
+                raise ValueError(f"candidate feature {f!r} is not an id column of the samples")
+        float_cols = self.meta["columns"]["log"]["extra_float"]
+        dense_features = float_cols if dense_features is None else list(dense_features)
+        for f in dense_features:
+            if f not in float_cols:
+                raise ValueError(f"dense feature {f!r} is not a float column (have {float_cols})")
+
+        self.split, self.batch_size, self.max_len = split, batch_size, max_len
+        self.shuffle = split == "train" if shuffle is None else shuffle
+        self.seed, self.shuffle_window = seed, shuffle_window
+        self.rank, self.world_size, self.drop_last, self.prefetch = rank, world_size, drop_last, prefetch
+        self.history_features = tuple(history_features)
+        self.candidate_features = tuple(candidate_features)
+        self.dense_features = tuple(dense_features)
+        self.keys = [hist_key(f) for f in self.history_features] + [*self.candidate_features, "user_id"]
+        self._columns = list(dict.fromkeys(["user_id", "ts", "label", "hist_len", *self.candidate_features,
+                                            *self.dense_features]))
+        self.sequences = sequences or SequenceStore(self.data_dir, self.history_features)
+        self.row_groups: list[_RowGroup] = []
+        first = 0
+        for f in sorted((self.data_dir / split).glob("part-*.parquet")):
+            md = pq.ParquetFile(f).metadata
+            for i in range(md.num_row_groups):
+                n = md.row_group(i).num_rows
+                if n:
+                    self.row_groups.append(_RowGroup(f, i, n, first))
+                    first += n
+        self.num_rows = first
+        self.epoch, self.position = 0, 0
+        self._files: dict[Path, pq.ParquetFile] = {}
+
+    # --- state ------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Where the next batch starts. World-size independent (see module docstring)."""
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
+                "num_rows": self.num_rows, "split": self.split}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k in ("seed", "num_rows", "split"):
+            if state[k] != getattr(self, k):
+                raise ValueError(f"loader state is for {k}={state[k]!r}, this loader has {getattr(self, k)!r}")
+        if not 0 <= state["position"] <= self.num_rows:
+            raise ValueError(f"loader state position {state['position']} outside [0, {self.num_rows}]")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+    def rank_samples(self, start: int | None = None) -> int:
+        """Samples this rank gets from epoch position `start` (default: the current one) to the end."""
+        start = self.position if start is None else start
+        n = self.num_rows - start
+        return max(0, (n - self.rank + self.world_size - 1) // self.world_size)
+
+    def __len__(self) -> int:
+        n = self.rank_samples()
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    # --- iteration ----------------------------------------------------------------------------
+    def _windows(self, epoch: int) -> list[tuple[list[int], np.random.Generator | None]]:
+        n = len(self.row_groups)
+        if not self.shuffle:
+            return [([i], None) for i in range(n)]
+        order = np.random.default_rng([self.seed, epoch]).permutation(n)
+        return [(order[w:w + self.shuffle_window].tolist(),
+                 np.random.default_rng([self.seed, epoch, 1 + w // self.shuffle_window]))
+                for w in range(0, n, self.shuffle_window)]
+
+    def _rg(self, g: _RowGroup) -> pa.Table:
+        if g.file not in self._files:
+            self._files[g.file] = pq.ParquetFile(g.file)
+        t = self._files[g.file].read_row_group(g.index, columns=self._columns)
+        return t.append_column("row_id", pa.array(np.arange(g.first_row, g.first_row + g.rows, dtype=np.int64)))
+
+    def _samples(self, epoch: int, start: int) -> Iterator[dict[str, np.ndarray]]:
+        """This rank's samples of the epoch from stream position `start`, window by window."""
+        w_first = 0
+        for groups, rng in self._windows(epoch):
+            n = sum(self.row_groups[i].rows for i in groups)
+            lo, hi = max(w_first, start), w_first + n
+            first_pos = lo + (self.rank - (lo - start)) % self.world_size  # first position ≥ lo of this rank
+            w_first, local_first = hi, first_pos - (hi - n)
+            if first_pos >= hi:
+                continue
+            t = pa.concat_tables([self._rg(self.row_groups[i]) for i in groups])
+            cols = {c: t.column(c).to_numpy() for c in t.column_names}
+            take = np.arange(local_first, n, self.world_size)
+            if rng is not None:
+                take = rng.permutation(n)[take]
+            yield {c: v[take] for c, v in cols.items()}
+
+    def _batches(self, epoch: int, start: int) -> Iterator[tuple[Batch, int]]:
+        """(batch, rank samples consumed so far) pairs, carrying rows across windows."""
+        pending: list[dict[str, np.ndarray]] = []
+        have, consumed = 0, 0
+        for part in self._samples(epoch, start):
+            pending.append(part)
+            have += len(part["user_id"])
+            while have >= self.batch_size:
+                cols = {c: np.concatenate([p[c] for p in pending]) for c in pending[0]}
+                b = self.batch_size
+                consumed += b
+                yield self.make_batch({c: v[:b] for c, v in cols.items()}), consumed
+                rest = {c: v[b:] for c, v in cols.items()}
+                pending, have = [rest], have - b
+        if have and not self.drop_last:
+            cols = {c: np.concatenate([p[c] for p in pending]) for c in pending[0]}
+            consumed += have
+            yield self.make_batch(cols), consumed
+
+    def __iter__(self) -> Iterator[Batch]:
+        """The rest of the current epoch; afterwards the state points at the next epoch."""
+        epoch, start = self.epoch, self.position
+        source = self._batches(epoch, start)
+        if self.prefetch:
+            source = _prefetched(source, self.prefetch)
+        for batch, consumed in source:
+            self.position = start + consumed * self.world_size
+            yield batch
+        self.epoch, self.position = epoch + 1, 0
+
+    # --- batch assembly -----------------------------------------------------------------------
+    def make_batch(self, cols: dict[str, np.ndarray]) -> Batch:
+        """Join samples to their users' sequences (point in time) and build the KJT."""
+        user = cols["user_id"]
+        hist_len = cols["hist_len"].astype(np.int64)
+        lengths = np.minimum(hist_len, self.max_len)
+        starts = self.sequences.starts[self.sequences.rows(user)] + hist_len - lengths
+        b, n_hist = len(user), int(lengths.sum())
+        n_hf = len(self.history_features)
+        values = np.empty(n_hist * n_hf + b * (len(self.candidate_features) + 1), np.int64)
+        cache: list = []
+        for i, f in enumerate(self.history_features):
+            values[i * n_hist:(i + 1) * n_hist] = _gather(self.sequences.values[f], starts, lengths, cache)
+        at = n_hist * n_hf
+        for f in [*self.candidate_features, "user_id"]:
+            values[at:at + b] = cols[f]
+            at += b
+        kjt_lengths = np.concatenate([np.tile(lengths, n_hf), np.ones(b * (len(self.candidate_features) + 1), np.int64)])
+        hist_ts = _gather(self.sequences.values["ts"], starts, lengths, cache)
+        return Batch(
+            sparse=KeyedJaggedTensor(keys=self.keys, values=torch.from_numpy(values),
+                                     lengths=torch.from_numpy(kjt_lengths)),
+            hist_ts=torch.from_numpy(hist_ts),
+            hist_lengths=torch.from_numpy(lengths),
+            ts=torch.from_numpy(cols["ts"].astype(np.int64, copy=False)),
+            labels=torch.from_numpy(cols["label"].astype(np.float32)),
+            row_id=torch.from_numpy(cols["row_id"]),
+            dense={f: torch.from_numpy(cols[f].astype(np.float32)) for f in self.dense_features},
+        )
+
+
+def _prefetched(source: Iterator, depth: int) -> Iterator:
+    """Run `source` in a background thread (numpy and parquet release the GIL)."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def work():
+        try:
+            for item in source:
+                if stop.is_set():
+                    return
+                q.put(item)
+            q.put(done)
+        except BaseException as e:  # re-raised in the consumer
+            q.put(e)
+
+    thread = threading.Thread(target=work, daemon=True, name="longer-loader")
+    thread.start()
+    try:
+        while (item := q.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                thread.join(0.01)
