@@ -12,11 +12,16 @@ The candidate's `action` and `label` are never features: they are what happened.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, fields, replace
 
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
+
+# torch 2.13 logs a one-time notice whenever TorchRec asks `is_fx_tracing()` (every KJT does);
+# it is about torch.export internals, not about anything a user of this project can act on.
+logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
 
 HIST_PREFIX = "hist_"
 

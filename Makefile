@@ -1,0 +1,28 @@
+# The two commands a newcomer needs: `make demo` (install + the main job end to end) and
+# `make test`. Every target installs first through the project's own step, `make setup`
+# (scripts/setup.sh: .venv/ with torch, fbgemm-gpu(-cpu), torchrec, this project); it is a
+# no-op when nothing changed. DEVICE=cuda installs the GPU builds.
+
+VENV   := .venv
+PY     := $(VENV)/bin/python
+LONGER := $(VENV)/bin/longer
+DEVICE ?= cpu
+DEMO   ?= demo
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test bench-data clean
+
+setup:
+	@DEVICE=$(DEVICE) bash scripts/setup.sh
+
+demo: setup
+	@bash scripts/demo.sh $(DEMO)
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench-data: setup
+	$(LONGER) bench data --out bench-out/data.json
+
+clean:
+	rm -rf $(DEMO) bench-out .pytest_cache
