@@ -37,7 +37,7 @@ def _child(args: list[str]) -> tuple[dict, float, float]:
 
 def bench_build(work: Path, size: dict, users: int) -> dict:
     log, data = work / f"log-{users}", work / f"data-{users}"
-    synth, synth_s, _ = _child(["synth", "--users", str(users), "--items", str(size["items"]),
+    synth, synth_s, synth_rss = _child(["synth", "--users", str(users), "--items", str(size["items"]),
                                 "--events-per-user", str(size["events_per_user"]), "--seed", "0",
                                 "--out", str(log), "--quiet", "--overwrite"])
     meta, wall, rss = _child(["build", "--log", str(log), "--out", str(data), "--max-len", "4000",
@@ -45,6 +45,7 @@ def bench_build(work: Path, size: dict, users: int) -> dict:
                               "--overwrite"])
     seq_bytes = sum(f.stat().st_size for f in (data / "sequences").iterdir())
     return {"events": synth["rows"], "synth_rows_per_s": round(synth["rows"] / synth_s),
+            "synth_peak_rss_mib": round(synth_rss),
             "build_seconds": round(wall, 2), "build_rows_per_s": round(meta["rows"]["events"] / wall),
             "build_peak_rss_mib": round(rss), "buckets": meta["build"]["buckets"],
             "sequences_mib": round(seq_bytes / 2**20, 1), "data_dir": str(data)}
