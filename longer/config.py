@@ -1,0 +1,102 @@
+"""Model configuration: one dataclass, validated, loadable from the `[model]` table of a TOML file."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+MODELS = ("longer", "transformer", "din", "din_recent50", "sumpool", "hstu")
+NORMS = ("pre", "post", "hybrid", "hybrid_star")
+MERGES = ("concat", "inner_trans")
+QUERY_SELECTIONS = ("recent", "uniform", "learnable")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str = "longer"
+    max_len: int = 256  # L: longest history the model reads
+    d_model: int = 64
+    n_heads: int = 4
+    n_layers: int = 2  # layer 1 is CrossCausalAttention, the rest SelfCausal (LONGER, transformer)
+    ffn_mult: int = 4
+    emb_dim: int = 32  # every TorchRec table (EmbeddingCollection needs one dim)
+    # Token merge (paper §3.3): K adjacent tokens → one; K = 1 means no merge.
+    merge_k: int = 4
+    merge: str = "inner_trans"
+    inner_layers: int = 1
+    # Hybrid attention (paper §3.4): layer-1 queries = global tokens + k sequence tokens.
+    query_k: int = 32
+    query_select: str = "recent"
+    norm: str = "hybrid"  # HybridNorm; hybrid_star = HybridNorm* (first block Pre-Norm)
+    phd_copies: int = 1  # PHD: R copies of each candidate-side token (1 = plain model)
+    # Id spaces: raw ids are hashed (mod) into these table sizes.
+    item_buckets: int = 200_003
+    category_buckets: int = 1_024
+    action_buckets: int = 64
+    user_buckets: int = 200_003
+    time_buckets: int = 32  # log2 buckets of seconds
+    din_recent: int = 50  # din_recent50: how many recent events DIN reads
+    checkpoint: bool = False  # activation recomputation per block
+    cand_chunk: int = 64  # candidates scored together against one cached user state
+
+    def __post_init__(self):
+        def need(cond: bool, msg: str):
+            if not cond:
+                raise ConfigError(f"model config: {msg}")
+
+        need(self.model in MODELS, f"model must be one of {MODELS}, got {self.model!r}")
+        need(self.norm in NORMS, f"norm must be one of {NORMS}, got {self.norm!r}")
+        need(self.merge in MERGES, f"merge must be one of {MERGES}, got {self.merge!r}")
+        need(self.query_select in QUERY_SELECTIONS,
+             f"query_select must be one of {QUERY_SELECTIONS}, got {self.query_select!r}")
+        for name in ("max_len", "d_model", "n_heads", "n_layers", "ffn_mult", "emb_dim", "merge_k", "query_k",
+                     "phd_copies", "item_buckets", "category_buckets", "action_buckets", "user_buckets",
+                     "time_buckets", "din_recent", "cand_chunk", "inner_layers"):
+            v = getattr(self, name)
+            need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"{name} must be an integer >= 1, got {v!r}")
+        need(self.d_model % self.n_heads == 0,
+             f"n_heads={self.n_heads} does not divide d_model={self.d_model}")
+        need(self.merge_k <= self.max_len, f"merge_k={self.merge_k} is larger than max_len={self.max_len}")
+        need(self.max_len % self.merge_k == 0,
+             f"merge_k={self.merge_k} must divide max_len={self.max_len} (groups align to the most recent event)")
+        need(self.query_k <= self.max_len, f"query_k={self.query_k} is larger than max_len={self.max_len}")
+        need(self.time_buckets <= 63, f"time_buckets must be <= 63, got {self.time_buckets}")
+
+    @property
+    def effective(self) -> "ModelConfig":
+        """The settings the model really runs with. `transformer` is LONGER without its two
+        savings: no token merge and every sequence token a query (full causal self-attention)."""
+        if self.model == "transformer":
+            return dataclasses.replace(self, merge_k=1, query_k=self.max_len, query_select="recent")
+        return self
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "model config") -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
+        return cls(**d)
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> "ModelConfig":
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"{path}: {e}") from e
+        if "model" not in data:
+            raise ConfigError(f"{path}: no [model] table")
+        return cls.from_dict(data["model"], f"{path} [model]")
+
+    def replace(self, **kw) -> "ModelConfig":
+        return dataclasses.replace(self, **kw)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

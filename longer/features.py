@@ -1,0 +1,225 @@
+"""What every model shares: TorchRec embeddings, tokenizers for the history, the candidate,
+the request context and the user, the prediction head, and the cacheable `UserState`.
+
+Time enters in two places, split so the user side can be cached (DESIGN.md "Model interface"):
+a history token carries log2-bucketed seconds *before the user's latest event* (user-side
+only); the candidate-side context token carries the gap from the latest event to the request
+and the request's hour of day.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingConfig
+from torchrec.modules.embedding_modules import EmbeddingCollection
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
+
+from .config import ModelConfig
+
+# (table, features reading it): history and candidate share the item and category tables.
+TABLES = {
+    "item": ("hist_item_id", "item_id"),
+    "category": ("hist_category_id", "category_id"),
+    "action": ("hist_action",),
+    "user": ("user_id",),
+}
+HISTORY_KEYS = ("hist_item_id", "hist_category_id", "hist_action")
+CANDIDATE_KEYS = ("item_id", "category_id")
+FEATURE_KEYS = HISTORY_KEYS + CANDIDATE_KEYS + ("user_id",)
+
+
+def table_sizes(cfg: ModelConfig) -> dict[str, int]:
+    return {"item": cfg.item_buckets, "category": cfg.category_buckets, "action": cfg.action_buckets,
+            "user": cfg.user_buckets}
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32 whatever the autocast dtype (bf16-safe)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x32 = x.float()
+            y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
+        return y.to(x.dtype)
+
+
+class IdHash(nn.Module):
+    """Hash raw ids into their table's size (`id mod size`), key by key of the KJT."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        sizes = table_sizes(cfg)
+        self.size_of = {f: sizes[t] for t, feats in TABLES.items() for f in feats}
+
+    def forward(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        sizes = torch.tensor([self.size_of[k] for k in kjt.keys()], dtype=kjt.values().dtype,
+                             device=kjt.values().device)
+        per_value = torch.repeat_interleave(sizes, torch.tensor(kjt.length_per_key(), device=sizes.device))
+        return KeyedJaggedTensor(keys=kjt.keys(), values=torch.remainder(kjt.values(), per_value),
+                                 lengths=kjt.lengths(), stride=kjt.stride())
+
+
+def log2_bucket(seconds: torch.Tensor, n: int) -> torch.Tensor:
+    """floor(log2(s + 1)) clipped to [0, n - 1]; negative gaps count as 0."""
+    s = seconds.clamp(min=0).to(torch.float64)
+    return torch.floor(torch.log2(s + 1.0)).long().clamp(max=n - 1)
+
+
+@dataclass
+class History:
+    """A batch's histories, padded in recency order: index r = r-th most recent event."""
+
+    tokens: torch.Tensor  # (B, L, d), zero where invalid
+    valid: torch.Tensor  # (B, L) bool
+    ts: torch.Tensor  # (B, L) int64 seconds, 0 where invalid
+    lengths: torch.Tensor  # (B,)
+    latest_ts: torch.Tensor  # (B,) ts of the most recent event; -1 for an empty history
+
+
+@dataclass
+class UserState:
+    """Everything a model computed from the user side; candidates are scored against it.
+
+    A flat dict of named tensors, every one with the users on dim 0, so it can be sliced,
+    moved and serialised without knowing the model (the Redis codec relies on this).
+    """
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+    def __setitem__(self, name: str, value: torch.Tensor) -> None:
+        self.tensors[name] = value
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.tensors["latest_ts"].shape[0])
+
+    def select(self, index: torch.Tensor) -> "UserState":
+        return UserState({k: v.index_select(0, index) for k, v in self.tensors.items()})
+
+    def to(self, device) -> "UserState":
+        return UserState({k: v.to(device) for k, v in self.tensors.items()})
+
+
+@dataclass
+class Candidates:
+    """N candidates for each of B users, and each user's request time."""
+
+    item_id: torch.Tensor  # (B, N) raw ids
+    category_id: torch.Tensor  # (B, N) raw ids
+    ts: torch.Tensor  # (B,) request time, unix seconds
+
+
+class Features(nn.Module):
+    """TorchRec embeddings + the tokens every model is built from."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        e, d = cfg.emb_dim, cfg.d_model
+        sizes = table_sizes(cfg)
+        self.hash = IdHash(cfg)
+        self.ec = EmbeddingCollection(tables=[
+            EmbeddingConfig(name=t, embedding_dim=e, num_embeddings=sizes[t], feature_names=list(feats))
+            for t, feats in TABLES.items()])
+        self.time_emb = nn.Embedding(cfg.time_buckets, e)  # history: seconds before the latest event
+        self.pos_emb = nn.Embedding(cfg.max_len, d)  # learned absolute position, 0 = most recent
+        self.seq_proj = nn.Linear(4 * e, d)  # [item, category, action, time] → token
+        self.target_proj = nn.Linear(2 * e, d)  # [item, category] → target item token
+        self.gap_emb = nn.Embedding(cfg.time_buckets + 1, e)  # last bucket: no history
+        self.hour_emb = nn.Embedding(24, e)
+        self.context_proj = nn.Linear(2 * e, d)  # [gap since latest event, hour] → context token
+        self.user_proj = nn.Linear(e, d)
+
+    def embed(self, kjt: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
+        return self.ec(self.hash(kjt))
+
+    def history(self, emb: dict[str, JaggedTensor], hist_ts: torch.Tensor, pad_multiple: int = 1,
+                max_len: int | None = None) -> History:
+        """Pad the jagged histories into recency order (most recent first), at most max_len long."""
+        max_len = max_len or self.cfg.max_len
+        lengths = emb["hist_item_id"].lengths().long().clamp(max=max_len)
+        full = emb["hist_item_id"].lengths().long()
+        offsets = torch.cumsum(full, 0) - full
+        longest = int(lengths.max()) if lengths.numel() else 0
+        L = max(pad_multiple, -(-longest // pad_multiple) * pad_multiple)
+        r = torch.arange(L, device=lengths.device)
+        valid = r[None, :] < lengths[:, None]
+        sentinel = int(full.sum())
+        idx = torch.where(valid, offsets[:, None] + full[:, None] - 1 - r[None, :], sentinel)
+
+        def gather(values: torch.Tensor) -> torch.Tensor:
+            pad = values.new_zeros((1,) + values.shape[1:])
+            return torch.cat([values, pad])[idx]
+
+        ts = gather(hist_ts.long())
+        latest = torch.where(lengths > 0, ts[:, 0], torch.full_like(ts[:, 0], -1))
+        t_bucket = log2_bucket(latest[:, None] - ts, self.cfg.time_buckets)
+        x = torch.cat([gather(emb[k].values()) for k in HISTORY_KEYS] + [self.time_emb(t_bucket)], dim=-1)
+        tokens = (self.seq_proj(x) + self.pos_emb(r)[None]) * valid[..., None]
+        return History(tokens=tokens, valid=valid, ts=ts * valid, lengths=lengths, latest_ts=latest)
+
+    def user_token(self, emb: dict[str, JaggedTensor]) -> torch.Tensor:
+        return self.user_proj(emb["user_id"].values())  # (B, d)
+
+    def candidate_tokens(self, item: torch.Tensor, category: torch.Tensor, request_ts: torch.Tensor,
+                         latest_ts: torch.Tensor) -> torch.Tensor:
+        """(B, N, 2, d): the target item token and the request-context token of each candidate."""
+        target = self.target_proj(torch.cat([item, category], -1))
+        gap = torch.where(latest_ts >= 0, log2_bucket(request_ts - latest_ts, self.cfg.time_buckets),
+                          torch.full_like(latest_ts, self.cfg.time_buckets))
+        hour = torch.remainder(torch.div(request_ts, 3600, rounding_mode="floor"), 24)
+        context = self.context_proj(torch.cat([self.gap_emb(gap), self.hour_emb(hour)], -1))  # (B, d)
+        return torch.stack([target, context[:, None].expand_as(target)], dim=2)
+
+    def candidate_embeddings(self, cands: Candidates) -> tuple[torch.Tensor, torch.Tensor]:
+        """Look up (B, N, e) item and category embeddings through the same EmbeddingCollection."""
+        B, N = cands.item_id.shape
+        n = B * N
+        dev = cands.item_id.device
+        values, lengths = [], []
+        for k in FEATURE_KEYS:
+            if k == "item_id":
+                values.append(cands.item_id.reshape(-1))
+            elif k == "category_id":
+                values.append(cands.category_id.reshape(-1))
+            lengths.append(torch.full((n,), int(k in CANDIDATE_KEYS), dtype=torch.long, device=dev))
+        kjt = KeyedJaggedTensor(keys=list(FEATURE_KEYS), values=torch.cat(values).long(),
+                                lengths=torch.cat(lengths))
+        emb = self.embed(kjt)
+        return emb["item_id"].values().view(B, N, -1), emb["category_id"].values().view(B, N, -1)
+
+
+class Head(nn.Module):
+    """logit = MLP([user vector, target token, context token]), each normalised first."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.norms = nn.ModuleList([RMSNorm(d) for _ in range(3)])
+        self.mlp = nn.Sequential(nn.Linear(3 * d, d), nn.GELU(), nn.Linear(d, 1))
+
+    def forward(self, user: torch.Tensor, target: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        user = user[:, None].expand_as(target) if user.dim() < target.dim() else user
+        x = torch.cat([n(t) for n, t in zip(self.norms, (user, target, context))], -1)
+        return self.mlp(x).squeeze(-1).float()
+
+
+class FFN(nn.Module):
+    def __init__(self, d: int, mult: int):
+        super().__init__()
+        self.up, self.down = nn.Linear(d, mult * d), nn.Linear(mult * d, d)
+
+    def forward(self, x):
+        return self.down(F.gelu(self.up(x)))

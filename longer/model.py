@@ -1,0 +1,306 @@
+"""LONGER (arXiv 2505.04421) with HybridNorm blocks and PHD candidate copies.
+
+Tokens (per user b; DESIGN.md "Model interface"):
+
+    user side       G_u = [CLS, user token]                            global, see everything user-side
+                    S   = history tokens in recency order (r = 0 is the latest event)
+                    M   = TokenMerge(S): groups of K adjacent tokens → one token (§3.3)
+                    Q_s = the k query tokens: the k most recent of S (or k uniform, or k learnable)
+    candidate side  C   = [target item, request context] × R PHD copies
+
+Layer 1, CrossCausalAttention (§3.4): queries [G_u; Q_s; C], keys/values [G_u; M; C].
+Layers 2..N, SelfCausal: queries = keys = [G_u; Q_s; C]. Masks:
+  * a sequence query at recency r sees only history at or before its own event: merged groups
+    whose newest event has recency >= r (a group holding a later event is hidden), and in
+    self layers the queries with recency >= r; in layer 1 it also sees G_u (whose layer-1 keys
+    hold no sequence information); never a candidate token;
+  * G_u and learnable queries see every valid user-side token, never a candidate token;
+  * candidate tokens see every valid user-side token, and copies <= j of their own
+    candidate's tokens (PHD: copy j refines copy j-1; only the last copy feeds the head).
+So no user-side value depends on a candidate: `encode_user` computes it once into a
+`UserState` (per layer user-side K/V + the CLS output) and `score` runs only the candidate
+tokens against it. `forward_reference` runs the same layers over all tokens jointly with one
+mask per layer: the tests check that the two agree.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import ModelConfig
+from .features import FFN, Candidates, Features, Head, History, RMSNorm, UserState
+
+N_GLOBAL = 2  # CLS + user token
+
+
+class Attention(nn.Module):
+    """Multi-head attention through SDPA, with HybridNorm's optional per-head QKV RMSNorm."""
+
+    def __init__(self, d: int, heads: int, qkv_norm: bool):
+        super().__init__()
+        self.h, self.dh = heads, d // heads
+        self.q_proj, self.kv_proj, self.o_proj = nn.Linear(d, d), nn.Linear(d, 2 * d), nn.Linear(d, d)
+        self.qkv_norm = nn.ModuleList([RMSNorm(self.dh) for _ in range(3)]) if qkv_norm else None
+
+    def _heads(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        x = x.unflatten(-1, (self.h, self.dh))
+        if self.qkv_norm is not None:
+            x = self.qkv_norm[i](x)
+        return x.transpose(1, 2)  # (B, H, T, dh)
+
+    def q(self, x: torch.Tensor) -> torch.Tensor:
+        return self._heads(self.q_proj(x), 0)
+
+    def kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self.kv_proj(x).chunk(2, dim=-1)
+        return self._heads(k, 1), self._heads(v, 2)
+
+    def forward(self, q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
+        if mask is not None:
+            mask = mask[:, None]  # (B, 1, Tq, Tk): one mask for every head
+        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
+        return self.o_proj(out.transpose(1, 2).flatten(2))
+
+
+class Block(nn.Module):
+    """One attention + FFN block. `mode` places the norms:
+
+    pre          Y = X + Attn(N1(X));        X+ = Y + FFN(N2(Y))
+    post         Y = N1(X + Attn(X));        X+ = N2(Y + FFN(Y))
+    hybrid       Y = X + Attn_qkvnorm(X);    X+ = FFN(N2(Y)) + N2(Y)     (HybridNorm)
+    hybrid_first Y = X + Attn_qkvnorm(N1(X)); X+ = Y + FFN(N2(Y))        (HybridNorm*'s first block)
+    """
+
+    def __init__(self, cfg: ModelConfig, mode: str):
+        super().__init__()
+        d = cfg.d_model
+        self.mode = mode
+        self.attn = Attention(d, cfg.n_heads, qkv_norm=mode in ("hybrid", "hybrid_first"))
+        self.norm1 = RMSNorm(d) if mode != "hybrid" else None
+        self.norm2 = RMSNorm(d)
+        self.ffn = FFN(d, cfg.ffn_mult)
+
+    def _in(self, x):
+        return self.norm1(x) if self.mode in ("pre", "hybrid_first") else x
+
+    def kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.attn.kv(self._in(x))
+
+    def forward(self, x, k, v, mask) -> torch.Tensor:
+        y = x + self.attn(self.attn.q(self._in(x)), k, v, mask)
+        if self.mode == "post":
+            y = self.norm1(y)
+            return self.norm2(y + self.ffn(y))
+        if self.mode == "hybrid":
+            z = self.norm2(y)
+            return z + self.ffn(z)
+        return y + self.ffn(self.norm2(y))
+
+
+def block_modes(cfg: ModelConfig) -> list[str]:
+    if cfg.norm == "hybrid_star":
+        return ["hybrid_first"] + ["hybrid"] * (cfg.n_layers - 1)
+    return [cfg.norm] * cfg.n_layers
+
+
+class InnerTrans(nn.Module):
+    """A small transformer inside each merge group (§3.3), full attention over its K tokens."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.blocks = nn.ModuleList([Block(cfg, "pre") for _ in range(cfg.inner_layers)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B·G, K, d)
+        for blk in self.blocks:
+            k, v = blk.kv(x)
+            x = blk(x, k, v, None)
+        return x
+
+
+class TokenMerge(nn.Module):
+    """K adjacent tokens → one: `concat` (→ Linear) or `inner_trans` (InnerTrans, then concat → Linear).
+
+    Attention cost against L/K merged keys instead of L; the paper's ratio for the layer is
+    (6dK + L/K) / (6d + L)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.k = cfg.merge_k
+        self.inner = InnerTrans(cfg) if cfg.merge == "inner_trans" and self.k > 1 else None
+        self.proj = nn.Linear(self.k * cfg.d_model, cfg.d_model) if self.k > 1 else None
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, L, d) → (B, L/K, d)
+        if self.k == 1:
+            return tokens
+        B, L, d = tokens.shape
+        groups = tokens.reshape(B * (L // self.k), self.k, d)
+        if self.inner is not None:
+            groups = self.inner(groups)
+        return self.proj(groups.reshape(B, L // self.k, self.k * d))
+
+
+class Longer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg = cfg.effective
+        d = cfg.d_model
+        self.features = Features(cfg)
+        self.cls = nn.Parameter(torch.randn(d) * 0.02)  # GlobalTokens: learned CLS (+ user token)
+        self.merge = TokenMerge(cfg)
+        self.learned_queries = (nn.Parameter(torch.randn(cfg.query_k, d) * 0.02)
+                                if cfg.query_select == "learnable" else None)
+        self.copy_emb = nn.Parameter(torch.zeros(cfg.phd_copies, d)) if cfg.phd_copies > 1 else None
+        self.blocks = nn.ModuleList([Block(cfg, m) for m in block_modes(cfg)])
+        self.final_norm = RMSNorm(d)
+        self.head = Head(cfg)
+
+    # --- user side ------------------------------------------------------------------------------
+    def _query_offsets(self, L: int, device) -> torch.Tensor:
+        """Recency offsets of the sequence-token queries (empty for learnable queries)."""
+        cfg = self.cfg
+        if cfg.query_select == "recent":
+            return torch.arange(min(cfg.query_k, L), device=device)
+        if cfg.query_select == "uniform":
+            r = torch.div(torch.arange(cfg.query_k, device=device) * cfg.max_len, cfg.query_k, rounding_mode="floor")
+            return r[r < L]
+        return torch.zeros(0, dtype=torch.long, device=device)
+
+    def _user_tokens(self, batch, emb) -> dict:
+        hist: History = self.features.history(emb, batch.hist_ts, pad_multiple=self.cfg.merge_k)
+        B, L, d = hist.tokens.shape
+        dev = hist.tokens.device
+        glob = torch.stack([self.cls.expand(B, d), self.features.user_token(emb)], dim=1)
+        if self.learned_queries is not None:
+            glob = torch.cat([glob, self.learned_queries.expand(B, -1, -1)], dim=1)
+        n_glob = glob.shape[1]
+        r_q = self._query_offsets(L, dev)
+        queries = torch.cat([glob, hist.tokens[:, r_q]], dim=1)
+        merged = self.merge(hist.tokens)
+        K = self.cfg.merge_k
+        r_m = torch.arange(merged.shape[1], device=dev) * K  # newest event of each group
+        true = torch.ones(B, n_glob, dtype=torch.bool, device=dev)
+        return {
+            "hist": hist, "queries": queries, "kv1": torch.cat([glob, merged], dim=1),
+            # per token: is it global, its recency (globals: -1), is it valid
+            "q_attr": self._attr(n_glob, r_q, torch.cat([true, hist.valid[:, r_q]], 1)),
+            "kv1_attr": self._attr(n_glob, r_m, torch.cat([true, hist.valid[:, r_m]], 1)),
+        }
+
+    @staticmethod
+    def _attr(n_glob: int, r: torch.Tensor, valid: torch.Tensor) -> tuple:
+        is_glob = torch.cat([torch.ones(n_glob, dtype=torch.bool, device=r.device),
+                             torch.zeros(len(r), dtype=torch.bool, device=r.device)])
+        rec = torch.cat([torch.full((n_glob,), -1, dtype=torch.long, device=r.device), r])
+        return is_glob, rec, valid
+
+    @staticmethod
+    def _user_mask(q_attr, k_attr, first_layer: bool) -> torch.Tensor:
+        """(B, Tq, Tk) visibility among user-side tokens (see the module docstring)."""
+        qg, qr, _ = q_attr
+        kg, kr, kv = k_attr
+        causal = ~kg[None, :] & (kr[None, :] >= qr[:, None])  # history at or before the query's event
+        if first_layer:
+            causal = causal | kg[None, :]
+        see = qg[:, None] | causal
+        mask = kv[:, None, :] & see[None]
+        if not first_layer:  # a query always sees itself (padding queries would see nothing)
+            mask = mask | torch.eye(len(qr), dtype=torch.bool, device=qr.device)[None]
+        return mask
+
+    def _run(self, i: int, x, k, v, mask):
+        blk = self.blocks[i]
+        if self.cfg.checkpoint and self.training and torch.is_grad_enabled():
+            return checkpoint(blk, x, k, v, mask, use_reentrant=False)
+        return blk(x, k, v, mask)
+
+    def _encode(self, batch, emb) -> UserState:
+        u = self._user_tokens(batch, emb)
+        state = UserState({"latest_ts": u["hist"].latest_ts})
+        x, kv_tokens, k_attr = u["queries"], u["kv1"], u["kv1_attr"]
+        for i, blk in enumerate(self.blocks):
+            k, v = blk.kv(kv_tokens)
+            mask = self._user_mask(u["q_attr"], k_attr, first_layer=i == 0)
+            x = self._run(i, x, k, v, mask)
+            state[f"k{i}"], state[f"v{i}"], state[f"valid{i}"] = k, v, k_attr[2]
+            kv_tokens, k_attr = x, u["q_attr"]
+        state["cls"] = x[:, 0]
+        return state
+
+    def encode_user(self, batch) -> UserState:
+        return self._encode(batch, self.features.embed(batch.sparse))
+
+    # --- candidate side -------------------------------------------------------------------------
+    def _copies(self, cand: torch.Tensor) -> torch.Tensor:
+        """(B, N, 2, d) → (B, N, 2R, d), copy-major: token t of copy j at index 2j + t."""
+        R = self.cfg.phd_copies
+        if R == 1:
+            return cand
+        x = cand[:, :, None] + self.copy_emb[None, None, :, None, :]
+        return x.flatten(2, 3)
+
+    def _copy_mask(self, n_cand: int, device) -> torch.Tensor:
+        """Within one candidate, token (j, t) sees (j', t') iff j' <= j; candidates never see each other."""
+        T = 2 * self.cfg.phd_copies
+        copy = torch.arange(T, device=device) // 2
+        within = copy[None, :] <= copy[:, None]
+        return torch.block_diag(*[within] * n_cand) if n_cand > 1 else within
+
+    def _score(self, state: UserState, cand: torch.Tensor) -> torch.Tensor:
+        """cand (B, N, 2, d) candidate tokens → logits (B, N), against the cached user state."""
+        B, N = cand.shape[:2]
+        chunk = min(N, self.cfg.cand_chunk)
+        n_chunks = -(-N // chunk)
+        if n_chunks * chunk != N:  # pad with copies of the last candidate, dropped at the end
+            cand = torch.cat([cand, cand[:, -1:].expand(B, n_chunks * chunk - N, -1, -1)], dim=1)
+        x = self._copies(cand).reshape(B * n_chunks, -1, self.cfg.d_model)  # (B·chunks, chunk·T, d)
+        own = self._copy_mask(chunk, x.device)
+        rows = torch.arange(B, device=x.device).repeat_interleave(n_chunks)
+        for i, blk in enumerate(self.blocks):
+            kc, vc = blk.kv(x)
+            k = torch.cat([state[f"k{i}"][rows], kc], dim=2)
+            v = torch.cat([state[f"v{i}"][rows], vc], dim=2)
+            user_valid = state[f"valid{i}"][rows][:, None, :].expand(-1, x.shape[1], -1)
+            mask = torch.cat([user_valid, own[None].expand(len(rows), -1, -1)], dim=2)
+            x = self._run(i, x, k, v, mask)
+        return self._head(state["cls"], x.reshape(B, n_chunks * chunk, -1, self.cfg.d_model)[:, :N])
+
+    def _head(self, cls: torch.Tensor, cand_out: torch.Tensor) -> torch.Tensor:
+        last = cand_out[:, :, -2:]  # the last copy's [target, context]
+        return self.head(self.final_norm(cls), self.final_norm(last[:, :, 0]), self.final_norm(last[:, :, 1]))
+
+    def score(self, state: UserState, cands: Candidates) -> torch.Tensor:
+        """Logits (B, N) for N candidates per user, attending to the cached user-side K/V."""
+        item, cat = self.features.candidate_embeddings(cands)
+        tokens = self.features.candidate_tokens(item, cat, cands.ts, state["latest_ts"])
+        return self._score(state, tokens)
+
+    def _batch_candidates(self, batch, emb, latest_ts) -> torch.Tensor:
+        item, cat = emb["item_id"].values()[:, None], emb["category_id"].values()[:, None]
+        return self.features.candidate_tokens(item, cat, batch.ts, latest_ts)  # (B, 1, 2, d)
+
+    def forward(self, batch) -> torch.Tensor:
+        """Training/eval: one candidate per sample; = score(encode_user(batch), its candidate)."""
+        emb = self.features.embed(batch.sparse)
+        state = self._encode(batch, emb)
+        return self._score(state, self._batch_candidates(batch, emb, state["latest_ts"]))[:, 0]
+
+    # --- the unsplit reference ------------------------------------------------------------------
+    def forward_reference(self, batch) -> torch.Tensor:
+        """All tokens through every layer jointly, one mask per layer (no cache, no split)."""
+        emb = self.features.embed(batch.sparse)
+        u = self._user_tokens(batch, emb)
+        c = self._copies(self._batch_candidates(batch, emb, u["hist"].latest_ts))[:, 0]  # (B, T, d)
+        B, T = c.shape[:2]
+        own = self._copy_mask(1, c.device)
+        x, kv_tokens, k_attr = torch.cat([u["queries"], c], 1), torch.cat([u["kv1"], c], 1), u["kv1_attr"]
+        for i, blk in enumerate(self.blocks):
+            uu = self._user_mask(u["q_attr"], k_attr, first_layer=i == 0)
+            top = torch.cat([uu, uu.new_zeros(B, uu.shape[1], T)], 2)  # user side never sees candidates
+            bottom = torch.cat([k_attr[2][:, None, :].expand(-1, T, -1), own[None].expand(B, -1, -1)], 2)
+            k, v = blk.kv(kv_tokens)
+            x = blk(x, k, v, torch.cat([top, bottom], 1))
+            kv_tokens, k_attr = x, u["q_attr"]
+        return self._head(x[:, 0], x[:, None, -T:])[:, 0]
