@@ -223,3 +223,37 @@ class FFN(nn.Module):
 
     def forward(self, x):
         return self.down(F.gelu(self.up(x)))
+
+
+class RecModel(nn.Module):
+    """The interface every model implements (DESIGN.md "Model interface").
+
+    Subclasses define `_encode(batch, emb) -> UserState` (candidate-independent work) and
+    `_score(state, cand_tokens) -> logits (B, N)` (candidate-dependent work only).
+    """
+
+    features: Features
+
+    def _encode(self, batch, emb: dict[str, JaggedTensor]) -> UserState:
+        raise NotImplementedError
+
+    def _score(self, state: UserState, cand: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode_user(self, batch) -> UserState:
+        return self._encode(batch, self.features.embed(batch.sparse))
+
+    def score(self, state: UserState, cands: Candidates) -> torch.Tensor:
+        """Logits (B, N) for N candidates per user, from the cached user state."""
+        item, cat = self.features.candidate_embeddings(cands)
+        return self._score(state, self.features.candidate_tokens(item, cat, cands.ts, state["latest_ts"]))
+
+    def _batch_candidates(self, batch, emb, latest_ts) -> torch.Tensor:
+        item, cat = emb["item_id"].values()[:, None], emb["category_id"].values()[:, None]
+        return self.features.candidate_tokens(item, cat, batch.ts, latest_ts)  # (B, 1, 2, d)
+
+    def forward(self, batch) -> torch.Tensor:
+        """Training/eval: one candidate per sample; equals score(encode_user(batch), its candidate)."""
+        emb = self.features.embed(batch.sparse)
+        state = self._encode(batch, emb)
+        return self._score(state, self._batch_candidates(batch, emb, state["latest_ts"]))[:, 0]

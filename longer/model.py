@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
-from .features import FFN, Candidates, Features, Head, History, RMSNorm, UserState
+from .features import FFN, Features, Head, History, RecModel, RMSNorm, UserState
 
 N_GLOBAL = 2  # CLS + user token
 
@@ -142,7 +142,7 @@ class TokenMerge(nn.Module):
         return self.proj(groups.reshape(B, L // self.k, self.k * d))
 
 
-class Longer(nn.Module):
+class Longer(RecModel):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg = cfg.effective
@@ -229,9 +229,6 @@ class Longer(nn.Module):
         state["cls"] = x[:, 0]
         return state
 
-    def encode_user(self, batch) -> UserState:
-        return self._encode(batch, self.features.embed(batch.sparse))
-
     # --- candidate side -------------------------------------------------------------------------
     def _copies(self, cand: torch.Tensor) -> torch.Tensor:
         """(B, N, 2, d) → (B, N, 2R, d), copy-major: token t of copy j at index 2j + t."""
@@ -270,22 +267,6 @@ class Longer(nn.Module):
     def _head(self, cls: torch.Tensor, cand_out: torch.Tensor) -> torch.Tensor:
         last = cand_out[:, :, -2:]  # the last copy's [target, context]
         return self.head(self.final_norm(cls), self.final_norm(last[:, :, 0]), self.final_norm(last[:, :, 1]))
-
-    def score(self, state: UserState, cands: Candidates) -> torch.Tensor:
-        """Logits (B, N) for N candidates per user, attending to the cached user-side K/V."""
-        item, cat = self.features.candidate_embeddings(cands)
-        tokens = self.features.candidate_tokens(item, cat, cands.ts, state["latest_ts"])
-        return self._score(state, tokens)
-
-    def _batch_candidates(self, batch, emb, latest_ts) -> torch.Tensor:
-        item, cat = emb["item_id"].values()[:, None], emb["category_id"].values()[:, None]
-        return self.features.candidate_tokens(item, cat, batch.ts, latest_ts)  # (B, 1, 2, d)
-
-    def forward(self, batch) -> torch.Tensor:
-        """Training/eval: one candidate per sample; = score(encode_user(batch), its candidate)."""
-        emb = self.features.embed(batch.sparse)
-        state = self._encode(batch, emb)
-        return self._score(state, self._batch_candidates(batch, emb, state["latest_ts"]))[:, 0]
 
     # --- the unsplit reference ------------------------------------------------------------------
     def forward_reference(self, batch) -> torch.Tensor:

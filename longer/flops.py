@@ -1,0 +1,96 @@
+"""Analytic forward FLOPs per sample (one user, one candidate, a full history of max_len).
+
+Counted as torch's FlopCounterMode counts: 2·m·n·k for every matmul (linear layers,
+attention QKᵀ and AV computed densely over the masked shapes); lookups, norms and
+elementwise ops are free. `tests/test_flops.py` checks each formula against FlopCounterMode.
+"""
+
+from __future__ import annotations
+
+from .config import ModelConfig
+
+DIN_HIDDEN = 32
+
+
+def _block(d: int, f: int, n_q: int, n_kv: int, kv_tokens: int | None = None) -> int:
+    """One attention+FFN block: queries n_q, attention over n_kv keys, K/V projected for kv_tokens."""
+    kv_tokens = n_kv if kv_tokens is None else kv_tokens
+    return (2 * n_q * d * d + 2 * kv_tokens * 2 * d * d + 4 * n_q * n_kv * d + 2 * n_q * d * d
+            + 4 * n_q * f * d * d)
+
+
+def _common(cfg: ModelConfig, L: int) -> int:
+    d, e = cfg.d_model, cfg.emb_dim
+    tokens = 2 * L * 4 * e * d + 2 * 2 * e * d + 2 * 2 * e * d + 2 * e * d  # sequence, target, context, user
+    head = 2 * 3 * d * d + 2 * d
+    return tokens + head
+
+
+def longer_flops(cfg: ModelConfig) -> int:
+    cfg = cfg.effective
+    L, d, f, K = cfg.max_len, cfg.d_model, cfg.ffn_mult, cfg.merge_k
+    G = L // K
+    n_g = 2 + (cfg.query_k if cfg.query_select == "learnable" else 0)
+    q = 0 if cfg.query_select == "learnable" else min(cfg.query_k, L)
+    T = 2 * cfg.phd_copies
+    total = _common(cfg, L)
+    if K > 1:
+        total += 2 * G * K * d * d  # merge projection
+        if cfg.merge == "inner_trans":
+            total += cfg.inner_layers * G * _block(d, f, K, K)
+    for i in range(cfg.n_layers):
+        n_u_kv = n_g + (G if i == 0 else q)
+        n_u_q = n_g + q
+        total += _block(d, f, n_u_q, n_u_kv)  # user side
+        total += _block(d, f, T, n_u_kv + T, kv_tokens=T)  # candidate side against the cached K/V
+    return total
+
+
+def sumpool_flops(cfg: ModelConfig) -> int:
+    return _common(cfg, cfg.max_len)
+
+
+def din_flops(cfg: ModelConfig, recent: int | None = None) -> int:
+    L, d, h = (recent or cfg.max_len), cfg.d_model, DIN_HIDDEN
+    return _common(cfg, L) + 2 * L * d * h + 2 * d * h + 2 * L * d * h + 2 * L * h + 2 * L * d
+
+
+def hstu_flops(cfg: ModelConfig) -> int:
+    L, d, T = cfg.max_len, cfg.d_model, 2
+    per_layer = lambda n_q, n_kv: 2 * n_q * d * 4 * d + 4 * n_q * n_kv * d + 2 * n_q * d * d  # noqa: E731
+    return _common(cfg, L) + cfg.n_layers * (per_layer(L, L) + per_layer(T, L + T))
+
+
+def forward_flops(cfg: ModelConfig) -> int:
+    """FLOPs of one forward pass for one (user, candidate) sample with a full history."""
+    if cfg.model in ("longer", "transformer"):
+        return longer_flops(cfg)
+    if cfg.model == "sumpool":
+        return sumpool_flops(cfg)
+    if cfg.model == "din":
+        return din_flops(cfg)
+    if cfg.model == "din_recent50":
+        return din_flops(cfg, recent=min(cfg.din_recent, cfg.max_len))
+    if cfg.model == "hstu":
+        return hstu_flops(cfg)
+    raise ValueError(cfg.model)
+
+
+def paper_merge_ratio(cfg: ModelConfig) -> float:
+    """The paper's FLOPs ratio of token merge for one attention layer: (6dK + L/K) / (6d + L)."""
+    d, K, L = cfg.d_model, cfg.merge_k, cfg.max_len
+    return (6 * d * K + L / K) / (6 * d + L)
+
+
+def measured_flops(model, batch) -> float:
+    """Forward FLOPs per sample measured by FlopCounterMode (with CPU SDPA kernels counted too)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    def cpu_sdpa(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_sdpa}
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        model(batch)
+    return counter.get_total_flops() / batch.batch_size
