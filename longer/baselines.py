@@ -122,7 +122,7 @@ class HSTU(RecModel):
             u, v, q, k = layer.project(x)
             x = layer.attend(x, u, q, k, v, layer.rab(hist.ts, hist.ts, r, r), mask)
             state[f"k{i}"], state[f"v{i}"] = k, v
-        state["user"] = self.final_norm(x[:, 0]) * hist.valid[:, :1]
+        state["user"] = self.final_norm(x[:, 0]) * hist.valid[:, :1] + self.features.user_token(emb)
         return state
 
     def _score(self, state, cand):
