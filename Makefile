@@ -10,7 +10,7 @@ DEVICE ?= cpu
 DEMO   ?= demo
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench-data clean
+.PHONY: setup demo test bench-data bench-train clean
 
 setup:
 	@DEVICE=$(DEVICE) bash scripts/setup.sh
@@ -23,6 +23,9 @@ test: setup
 
 bench-data: setup
 	$(LONGER) bench data --out bench-out/data.json
+
+bench-train: setup
+	$(LONGER) bench train --out bench-out/train.json
 
 clean:
 	rm -rf $(DEMO) bench-out .pytest_cache

@@ -31,8 +31,8 @@ def _build(a):
 
 
 def _bench(a):
-    from bench import data
-    return {"data": data.main}[a.what](quick=a.quick, out=a.out, workdir=a.workdir)
+    import importlib
+    return importlib.import_module(f"bench.{a.what}").main(quick=a.quick, out=a.out, workdir=a.workdir)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -74,7 +74,7 @@ def parser() -> argparse.ArgumentParser:
     output(s)
 
     s = add("bench", _bench, "run a benchmark and print JSON")
-    s.add_argument("what", choices=["data"])
+    s.add_argument("what", choices=["data", "train"])
     s.add_argument("--quick", action="store_true", help="small sizes (about a minute)")
     s.add_argument("--out", required=True, help="JSON file to write")
     s.add_argument("--workdir", help="scratch directory (default: a temporary one)")

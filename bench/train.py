@@ -1,0 +1,104 @@
+"""`longer bench train`: forward+backward samples/s and peak memory, `longer` vs `transformer`.
+
+Each (model, L) runs in its own fresh process (so its peak RSS is its own), one after the
+other in one invocation, on identical random batches of full-length histories. The config is
+the paper's shape (K = 8 with InnerTrans, 100 recent queries) at d_model 64.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+LENGTHS = (512, 2000, 8000)
+TOKENS_PER_BATCH = 16_000  # batch size = max(1, TOKENS_PER_BATCH // L), the same for both models
+BASE = dict(d_model=64, n_heads=4, n_layers=2, emb_dim=32, merge_k=8, merge="inner_trans", query_k=100,
+            query_select="recent", norm="hybrid", item_buckets=100_003, user_buckets=100_003)
+
+
+def config(model: str, L: int):
+    from longer.config import ModelConfig
+
+    return ModelConfig(model=model, max_len=L, **BASE)
+
+
+def worker(model: str, L: int, steps: int, seconds: float) -> dict:
+    import torch
+
+    from feature_store.batch import make_batch
+    from longer.baselines import build_model
+    from longer.flops import forward_flops
+
+    torch.manual_seed(0)
+    cfg = config(model, L)
+    m = build_model(cfg).train()
+    B = max(1, TOKENS_PER_BATCH // L)
+    batch = make_batch([L] * B, seed=0, items=100_000, categories=500)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    def step():
+        m.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(m(batch), batch.labels)
+        loss.backward()
+
+    step()  # warm-up
+    times = []
+    t_end = time.perf_counter() + seconds
+    while len(times) < steps or (time.perf_counter() < t_end and len(times) < 10 * steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    median = times[len(times) // 2]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"model": model, "L": L, "batch_size": B, "steps": len(times), "ms_per_step": round(median * 1e3, 1),
+            "samples_per_s": round(B / median, 2), "gflops_fwd_per_sample": round(forward_flops(cfg) / 1e9, 3),
+            "peak_rss_mib": round(peak / 1024), "step_extra_rss_mib": round((peak - rss0) / 1024),
+            "torch_threads": torch.get_num_threads()}
+
+
+def main(quick: bool = False, out: str | None = None, workdir: str | None = None) -> dict:
+    steps, seconds = (2, 5.0) if quick else (5, 30.0)
+    rows = []
+    for L in LENGTHS:
+        for model in ("longer", "transformer"):
+            r = subprocess.run([sys.executable, "-m", "bench.train", "--worker", model, str(L), str(steps), str(seconds)],
+                               capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+            if r.returncode:
+                raise RuntimeError(f"bench train worker {model} L={L} failed:\n{r.stderr[-3000:]}")
+            rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
+            print(json.dumps(rows[-1]), file=sys.stderr)
+    by = {(r["model"], r["L"]): r for r in rows}
+    result = {
+        "benchmark": "train", "quick": quick, "config": BASE,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "results": rows,
+        "longer_over_transformer_samples_per_s": {
+            str(L): round(by["longer", L]["samples_per_s"] / by["transformer", L]["samples_per_s"], 2) for L in LENGTHS},
+        "transformer_over_longer_flops": {
+            str(L): round(by["transformer", L]["gflops_fwd_per_sample"] / by["longer", L]["gflops_fwd_per_sample"], 2)
+            for L in LENGTHS},
+    }
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("--worker", nargs=4, metavar=("MODEL", "L", "STEPS", "SECONDS"))
+    p.add_argument("--quick", action="store_true")
+    a = p.parse_args()
+    if a.worker:
+        model, L, steps, seconds = a.worker
+        print(json.dumps(worker(model, int(L), int(steps), float(seconds))))
+    else:
+        print(json.dumps(main(quick=a.quick), indent=2))
