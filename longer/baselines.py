@@ -37,13 +37,16 @@ class SumPool(RecModel):
         return self.head(state["user"], cand[:, :, 0], cand[:, :, 1])
 
 
+DIN_HIDDEN = 32  # width of DIN's activation unit
+
+
 class DIN(RecModel):
     """Target attention. The activation unit's first layer W·[h, t, h−t, h⊙t] is computed as
     A·h + B·t + W₄·(h⊙t), so nothing of size (candidates × L × 4d) is ever materialised."""
 
-    def __init__(self, cfg: ModelConfig, recent: int | None = None, hidden: int = 32):
+    def __init__(self, cfg: ModelConfig, hidden: int = DIN_HIDDEN):
         super().__init__()
-        self.cfg, self.recent = cfg, recent
+        self.cfg = cfg
         d = cfg.d_model
         self.features = Features(cfg)
         self.w_h = nn.Linear(d, hidden)  # (W1 + W3) h, with the bias
@@ -53,7 +56,7 @@ class DIN(RecModel):
         self.head = Head(cfg)
 
     def _encode(self, batch, emb) -> UserState:
-        hist = self.features.history(emb, batch.hist_ts, max_len=self.recent)
+        hist = self.features.history(emb, batch.hist_ts, max_len=self.cfg.history_window)
         return UserState({"latest_ts": hist.latest_ts, "user": self.features.user_token(emb), "hist": hist.tokens,
                           "valid": hist.valid, "hist_h": self.w_h(hist.tokens)})
 
@@ -152,14 +155,6 @@ def build_model(cfg: ModelConfig) -> RecModel:
     """The model a config names."""
     from .model import Longer
 
-    if cfg.model in ("longer", "transformer"):
-        return Longer(cfg)
-    if cfg.model == "sumpool":
-        return SumPool(cfg)
-    if cfg.model == "din":
-        return DIN(cfg)
-    if cfg.model == "din_recent50":
-        return DIN(cfg, recent=min(cfg.din_recent, cfg.max_len))
-    if cfg.model == "hstu":
-        return HSTU(cfg)
-    raise ValueError(f"unknown model {cfg.model!r}")
+    constructors = {"longer": Longer, "transformer": Longer, "sumpool": SumPool, "hstu": HSTU, "din": DIN,
+                    "din_recent50": DIN}
+    return constructors[cfg.model](cfg)

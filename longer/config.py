@@ -76,6 +76,11 @@ class ModelConfig:
             return dataclasses.replace(self, merge_k=1, query_k=self.max_len, query_select="recent")
         return self
 
+    @property
+    def history_window(self) -> int:
+        """How many recent events the model reads (din_recent50 reads only `din_recent`)."""
+        return min(self.din_recent, self.max_len) if self.model == "din_recent50" else self.max_len
+
     @classmethod
     def from_dict(cls, d: dict, where: str = "model config") -> "ModelConfig":
         known = {f.name for f in dataclasses.fields(cls)}

@@ -7,9 +7,8 @@ elementwise ops are free. `tests/test_flops.py` checks each formula against Flop
 
 from __future__ import annotations
 
+from .baselines import DIN_HIDDEN
 from .config import ModelConfig
-
-DIN_HIDDEN = 32
 
 
 def _block(d: int, f: int, n_q: int, n_kv: int, kv_tokens: int | None = None) -> int:
@@ -50,8 +49,8 @@ def sumpool_flops(cfg: ModelConfig) -> int:
     return _common(cfg, cfg.max_len)
 
 
-def din_flops(cfg: ModelConfig, recent: int | None = None) -> int:
-    L, d, h = (recent or cfg.max_len), cfg.d_model, DIN_HIDDEN
+def din_flops(cfg: ModelConfig) -> int:
+    L, d, h = cfg.history_window, cfg.d_model, DIN_HIDDEN
     return _common(cfg, L) + 2 * L * d * h + 2 * d * h + 2 * L * d * h + 2 * L * h + 2 * L * d
 
 
@@ -63,17 +62,9 @@ def hstu_flops(cfg: ModelConfig) -> int:
 
 def forward_flops(cfg: ModelConfig) -> int:
     """FLOPs of one forward pass for one (user, candidate) sample with a full history."""
-    if cfg.model in ("longer", "transformer"):
-        return longer_flops(cfg)
-    if cfg.model == "sumpool":
-        return sumpool_flops(cfg)
-    if cfg.model == "din":
-        return din_flops(cfg)
-    if cfg.model == "din_recent50":
-        return din_flops(cfg, recent=min(cfg.din_recent, cfg.max_len))
-    if cfg.model == "hstu":
-        return hstu_flops(cfg)
-    raise ValueError(cfg.model)
+    by_model = {"longer": longer_flops, "transformer": longer_flops, "sumpool": sumpool_flops, "hstu": hstu_flops,
+                "din": din_flops, "din_recent50": din_flops}
+    return by_model[cfg.model](cfg)
 
 
 def paper_merge_ratio(cfg: ModelConfig) -> float:
