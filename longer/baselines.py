@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .features import Features, Head, History, RecModel, RMSNorm, UserState, log2_bucket
+from .features import DenseNet, Features, Head, History, RecModel, RMSNorm, UserState, log2_bucket
 
 
-class SumPool(RecModel):
+class SumPool(DenseNet):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -40,7 +40,7 @@ class SumPool(RecModel):
 DIN_HIDDEN = 32  # width of DIN's activation unit
 
 
-class DIN(RecModel):
+class DIN(DenseNet):
     """Target attention. The activation unit's first layer W·[h, t, h−t, h⊙t] is computed as
     A·h + B·t + W₄·(h⊙t), so nothing of size (candidates × L × 4d) is ever materialised."""
 
@@ -104,7 +104,7 @@ class HSTULayer(nn.Module):
         return x + self.f2(self.norm_av(av) * u)
 
 
-class HSTU(RecModel):
+class HSTU(DenseNet):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -155,6 +155,6 @@ def build_model(cfg: ModelConfig) -> RecModel:
     """The model a config names."""
     from .model import Longer
 
-    constructors = {"longer": Longer, "transformer": Longer, "sumpool": SumPool, "hstu": HSTU, "din": DIN,
-                    "din_recent50": DIN}
-    return constructors[cfg.model](cfg)
+    nets = {"longer": Longer, "transformer": Longer, "sumpool": SumPool, "hstu": HSTU, "din": DIN,
+            "din_recent50": DIN}
+    return RecModel(nets[cfg.model](cfg))

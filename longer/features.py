@@ -121,18 +121,48 @@ class Candidates:
     ts: torch.Tensor  # (B,) request time, unix seconds
 
 
+class SparseEmbedding(nn.Module):
+    """The sparse part: id hashing + one TorchRec EmbeddingCollection (what DMP shards).
+
+    Kept apart from everything dense so TorchRec's train pipeline can trace the model as
+    `net(batch, embedding(batch.sparse))`, with IdHash as a parameter-free postproc module."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        sizes = table_sizes(cfg)
+        self.hash = IdHash(cfg)
+        self.ec = EmbeddingCollection(tables=[
+            EmbeddingConfig(name=t, embedding_dim=cfg.emb_dim, num_embeddings=sizes[t], feature_names=list(feats))
+            for t, feats in TABLES.items()])
+
+    def forward(self, kjt: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
+        return self.ec(self.hash(kjt))
+
+    def candidates(self, cands: Candidates) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, N, e) item and category embeddings of the candidates, through the same tables."""
+        B, N = cands.item_id.shape
+        n = B * N
+        dev = cands.item_id.device
+        values, lengths = [], []
+        for k in FEATURE_KEYS:
+            if k == "item_id":
+                values.append(cands.item_id.reshape(-1))
+            elif k == "category_id":
+                values.append(cands.category_id.reshape(-1))
+            lengths.append(torch.full((n,), int(k in CANDIDATE_KEYS), dtype=torch.long, device=dev))
+        kjt = KeyedJaggedTensor(keys=list(FEATURE_KEYS), values=torch.cat(values).long(),
+                                lengths=torch.cat(lengths))
+        emb = self(kjt)
+        return emb["item_id"].values().view(B, N, -1), emb["category_id"].values().view(B, N, -1)
+
+
 class Features(nn.Module):
-    """TorchRec embeddings + the tokens every model is built from."""
+    """The tokens every model is built from (dense: reads the SparseEmbedding's output)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         e, d = cfg.emb_dim, cfg.d_model
-        sizes = table_sizes(cfg)
-        self.hash = IdHash(cfg)
-        self.ec = EmbeddingCollection(tables=[
-            EmbeddingConfig(name=t, embedding_dim=e, num_embeddings=sizes[t], feature_names=list(feats))
-            for t, feats in TABLES.items()])
         self.time_emb = nn.Embedding(cfg.time_buckets, e)  # history: seconds before the latest event
         self.pos_emb = nn.Embedding(cfg.max_len, d)  # learned absolute position, 0 = most recent
         self.seq_proj = nn.Linear(4 * e, d)  # [item, category, action, time] → token
@@ -141,9 +171,6 @@ class Features(nn.Module):
         self.hour_emb = nn.Embedding(24, e)
         self.context_proj = nn.Linear(2 * e, d)  # [gap since latest event, hour] → context token
         self.user_proj = nn.Linear(e, d)
-
-    def embed(self, kjt: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
-        return self.ec(self.hash(kjt))
 
     def history(self, emb: dict[str, JaggedTensor], hist_ts: torch.Tensor, pad_multiple: int = 1,
                 max_len: int | None = None) -> History:
@@ -183,23 +210,6 @@ class Features(nn.Module):
         context = self.context_proj(torch.cat([self.gap_emb(gap), self.hour_emb(hour)], -1))  # (B, d)
         return torch.stack([target, context[:, None].expand_as(target)], dim=2)
 
-    def candidate_embeddings(self, cands: Candidates) -> tuple[torch.Tensor, torch.Tensor]:
-        """Look up (B, N, e) item and category embeddings through the same EmbeddingCollection."""
-        B, N = cands.item_id.shape
-        n = B * N
-        dev = cands.item_id.device
-        values, lengths = [], []
-        for k in FEATURE_KEYS:
-            if k == "item_id":
-                values.append(cands.item_id.reshape(-1))
-            elif k == "category_id":
-                values.append(cands.category_id.reshape(-1))
-            lengths.append(torch.full((n,), int(k in CANDIDATE_KEYS), dtype=torch.long, device=dev))
-        kjt = KeyedJaggedTensor(keys=list(FEATURE_KEYS), values=torch.cat(values).long(),
-                                lengths=torch.cat(lengths))
-        emb = self.embed(kjt)
-        return emb["item_id"].values().view(B, N, -1), emb["category_id"].values().view(B, N, -1)
-
 
 class Head(nn.Module):
     """logit = MLP([user vector, target token, context token]), each normalised first."""
@@ -225,13 +235,12 @@ class FFN(nn.Module):
         return self.down(F.gelu(self.up(x)))
 
 
-class RecModel(nn.Module):
-    """The interface every model implements (DESIGN.md "Model interface").
+class DenseNet(nn.Module):
+    """Everything after the embedding lookup. Subclasses define `_encode(batch, emb) -> UserState`
+    (candidate-independent work) and `_score(state, cand_tokens (B, N, 2, d)) -> logits (B, N)`
+    (candidate-dependent work only)."""
 
-    Subclasses define `_encode(batch, emb) -> UserState` (candidate-independent work) and
-    `_score(state, cand_tokens) -> logits (B, N)` (candidate-dependent work only).
-    """
-
+    cfg: ModelConfig
     features: Features
 
     def _encode(self, batch, emb: dict[str, JaggedTensor]) -> UserState:
@@ -240,20 +249,40 @@ class RecModel(nn.Module):
     def _score(self, state: UserState, cand: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def score_embedded(self, state: UserState, item: torch.Tensor, category: torch.Tensor,
+                       request_ts: torch.Tensor) -> torch.Tensor:
+        return self._score(state, self.features.candidate_tokens(item, category, request_ts, state["latest_ts"]))
+
+    def forward(self, batch, emb: dict[str, JaggedTensor]) -> torch.Tensor:
+        """One candidate per sample (training/eval): logits (B,)."""
+        state = self._encode(batch, emb)
+        item, cat = emb["item_id"].values()[:, None], emb["category_id"].values()[:, None]
+        return self.score_embedded(state, item, cat, batch.ts)[:, 0]
+
+
+class RecModel(nn.Module):
+    """A model = SparseEmbedding (sharded by TorchRec) + a DenseNet (data-parallel).
+
+    The interface of DESIGN.md "Model interface": `encode_user(batch) -> UserState`,
+    `score(state, candidates) -> logits (B, N)`, and `forward(batch)` = the two composed for one
+    candidate per sample."""
+
+    def __init__(self, net: DenseNet):
+        super().__init__()
+        self.cfg = net.cfg
+        self.embedding = SparseEmbedding(net.cfg)
+        self.net = net
+
+    def forward(self, batch) -> torch.Tensor:
+        return self.net(batch, self.embedding(batch.sparse))
+
     def encode_user(self, batch) -> UserState:
-        return self._encode(batch, self.features.embed(batch.sparse))
+        return self.net._encode(batch, self.embedding(batch.sparse))
 
     def score(self, state: UserState, cands: Candidates) -> torch.Tensor:
         """Logits (B, N) for N candidates per user, from the cached user state."""
-        item, cat = self.features.candidate_embeddings(cands)
-        return self._score(state, self.features.candidate_tokens(item, cat, cands.ts, state["latest_ts"]))
+        return self.net.score_embedded(state, *self.embedding.candidates(cands), cands.ts)
 
-    def _batch_candidates(self, batch, emb, latest_ts) -> torch.Tensor:
-        item, cat = emb["item_id"].values()[:, None], emb["category_id"].values()[:, None]
-        return self.features.candidate_tokens(item, cat, batch.ts, latest_ts)  # (B, 1, 2, d)
-
-    def forward(self, batch) -> torch.Tensor:
-        """Training/eval: one candidate per sample; equals score(encode_user(batch), its candidate)."""
-        emb = self.features.embed(batch.sparse)
-        state = self._encode(batch, emb)
-        return self._score(state, self._batch_candidates(batch, emb, state["latest_ts"]))[:, 0]
+    def forward_reference(self, batch) -> torch.Tensor:
+        """The unsplit computation, where the net has one (LONGER): for tests."""
+        return self.net.reference(batch, self.embedding(batch.sparse))

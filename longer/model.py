@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
-from .features import FFN, Features, Head, History, RecModel, RMSNorm, UserState
+from .features import FFN, DenseNet, Features, Head, History, RMSNorm, UserState
 
 N_GLOBAL = 2  # CLS + user token
 
@@ -142,7 +142,7 @@ class TokenMerge(nn.Module):
         return self.proj(groups.reshape(B, L // self.k, self.k * d))
 
 
-class Longer(RecModel):
+class Longer(DenseNet):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg = cfg.effective
@@ -269,11 +269,11 @@ class Longer(RecModel):
         return self.head(self.final_norm(cls), self.final_norm(last[:, :, 0]), self.final_norm(last[:, :, 1]))
 
     # --- the unsplit reference ------------------------------------------------------------------
-    def forward_reference(self, batch) -> torch.Tensor:
+    def reference(self, batch, emb) -> torch.Tensor:
         """All tokens through every layer jointly, one mask per layer (no cache, no split)."""
-        emb = self.features.embed(batch.sparse)
         u = self._user_tokens(batch, emb)
-        c = self._copies(self._batch_candidates(batch, emb, u["hist"].latest_ts))[:, 0]  # (B, T, d)
+        item, cat = emb["item_id"].values()[:, None], emb["category_id"].values()[:, None]
+        c = self._copies(self.features.candidate_tokens(item, cat, batch.ts, u["hist"].latest_ts))[:, 0]  # (B, T, d)
         B, T = c.shape[:2]
         own = self._copy_mask(1, c.device)
         x, kv_tokens, k_attr = torch.cat([u["queries"], c], 1), torch.cat([u["kv1"], c], 1), u["kv1_attr"]

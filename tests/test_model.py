@@ -87,13 +87,13 @@ def test_queries_never_see_later_events(kw):
     outs = []
     for batch in (b, b2):
         captured = []
-        hooks = [blk.register_forward_hook(lambda mod, a, out: captured.append(out)) for blk in m.blocks]
+        hooks = [blk.register_forward_hook(lambda mod, a, out: captured.append(out)) for blk in m.net.blocks]
         with torch.no_grad():
             m.encode_user(batch)
         for h in hooks:
             h.remove()
         outs.append(captured)
-    r_q = m._query_offsets(L, "cpu")
+    r_q = m.net._query_offsets(L, "cpu")
     n_glob = 2
     older = n_glob + torch.nonzero(r_q >= r).flatten()
     newer = n_glob + torch.nonzero(r_q < r).flatten()
@@ -208,7 +208,7 @@ def test_toml_configs_load_and_unknown_keys_are_refused(tmp_path):
 
 def test_transformer_is_longer_without_merge_or_query_sampling():
     m = model(model="transformer")
-    assert isinstance(m, Longer) and m.cfg.merge_k == 1 and m.cfg.query_k == TINY.max_len
+    assert isinstance(m.net, Longer) and m.cfg.merge_k == 1 and m.cfg.query_k == TINY.max_len
 
 
 def test_phd_copy_j_never_sees_later_copies():
@@ -217,9 +217,9 @@ def test_phd_copy_j_never_sees_later_copies():
     outs = []
     for bump in (0.0, 1.0):
         with torch.no_grad():
-            m.copy_emb[2] += bump
+            m.net.copy_emb[2] += bump
             captured = []
-            hooks = [blk.register_forward_hook(lambda mod, a, out: captured.append(out)) for blk in m.blocks]
+            hooks = [blk.register_forward_hook(lambda mod, a, out: captured.append(out)) for blk in m.net.blocks]
             m.eval()(b)
             for h in hooks:
                 h.remove()
