@@ -100,7 +100,7 @@ class BatchLoader:
         shuffle_window: int = 8,
         rank: int = 0,
         world_size: int = 1,
-        drop_last: bool = False,
+        drop_last: bool = False,  # True: every rank gets the same number of full batches
         history_features: Sequence[str] = DEFAULT_HISTORY_FEATURES,
         candidate_features: Sequence[str] = DEFAULT_CANDIDATE_FEATURES,
         dense_features: Sequence[str] | None = None,
@@ -174,6 +174,10 @@ class BatchLoader:
             raise ValueError(f"loader state position {state['position']} outside [0, {self.num_rows}]")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
+    def rewind(self) -> None:
+        """Back to the start of the current epoch (e.g. before another pass over eval data)."""
+        self.position = 0
+
     def rank_samples(self, start: int | None = None) -> int:
         """Samples this rank gets from epoch position `start` (default: the current one) to the end."""
         start = self.position if start is None else start
@@ -181,8 +185,9 @@ class BatchLoader:
         return max(0, (n - self.rank + self.world_size - 1) // self.world_size)
 
     def __len__(self) -> int:
-        n = self.rank_samples()
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        if self.drop_last:  # every rank the same number of full batches (synchronous training)
+            return (self.num_rows - self.position) // (self.world_size * self.batch_size)
+        return -(-self.rank_samples() // self.batch_size)
 
     # --- iteration ----------------------------------------------------------------------------
     def _windows(self, epoch: int) -> list[tuple[list[int], np.random.Generator | None]]:
@@ -221,10 +226,13 @@ class BatchLoader:
         """(batch, rank samples consumed so far) pairs, carrying rows across windows."""
         pending: list[dict[str, np.ndarray]] = []
         have, consumed = 0, 0
+        full_batches = (self.num_rows - start) // (self.world_size * self.batch_size)
         for part in self._samples(epoch, start):
             pending.append(part)
             have += len(part["user_id"])
             while have >= self.batch_size:
+                if self.drop_last and consumed == full_batches * self.batch_size:
+                    return
                 cols = {c: np.concatenate([p[c] for p in pending]) for c in pending[0]}
                 b = self.batch_size
                 consumed += b

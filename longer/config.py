@@ -83,11 +83,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "model config") -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, where)
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "ModelConfig":
@@ -105,3 +101,21 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def dataclass_from_dict(cls, d: dict, where: str):
+    """Build a config dataclass from a TOML table: unknown keys and wrong types are refused by name."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - fields)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(fields))})")
+    defaults = cls()
+    values = {}
+    for k, v in d.items():
+        want = type(getattr(defaults, k))
+        if want is float and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+        elif not isinstance(v, want) or (want is int and isinstance(v, bool)):
+            raise ConfigError(f"{where}: {k} must be {want.__name__}, got {v!r}")
+        values[k] = v
+    return cls(**values)

@@ -30,6 +30,22 @@ def _build(a):
     return build(a.log, a.out, cfg, overwrite=a.overwrite, progress=not a.quiet)
 
 
+def _train(a):
+    from trainer.config import RunConfig
+    from trainer.distributed import shutdown
+    from trainer.train import train
+    try:
+        return train(RunConfig.load(a.config, a.overrides), a.data, a.out, resume=a.resume, progress=not a.quiet)
+    finally:
+        shutdown()
+
+
+def _eval(a):
+    from trainer.evaluate import eval_bundle
+    return eval_bundle(a.model, a.data, predictions=a.predictions, batch_size=a.batch_size, split=a.split,
+                       progress=not a.quiet)
+
+
 def _bench(a):
     import importlib
     return importlib.import_module(f"bench.{a.what}").main(quick=a.quick, out=a.out, workdir=a.workdir)
@@ -73,6 +89,22 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--bucket-rows", type=int, default=4_000_000, help="events per user bucket (memory bound)")
     output(s)
 
+    s = add("train", _train, "train a model (one process; `torchrun -m trainer` for several)")
+    s.add_argument("--config", required=True, help="TOML file with [model] and [train] tables")
+    s.add_argument("--data", required=True, help="dataset directory from `longer build`")
+    s.add_argument("--out", required=True, help="run directory: checkpoints, metrics.jsonl, tb/, export/")
+    s.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. model.merge_k=4 train.lr=1e-3")
+
+    s = add("eval", _eval, "evaluate a model bundle on a dataset split; prints metrics JSON")
+    s.add_argument("--model", required=True, help="bundle directory (RUN/export)")
+    s.add_argument("--data", required=True, help="dataset directory")
+    s.add_argument("--predictions", help="write per-sample predictions to this parquet file")
+    s.add_argument("--split", default="eval", choices=["eval", "train"])
+    s.add_argument("--batch-size", type=int, default=1024)
+    s.add_argument("--quiet", action="store_true")
+
     s = add("bench", _bench, "run a benchmark and print JSON")
     s.add_argument("what", choices=["data", "train"])
     s.add_argument("--quick", action="store_true", help="small sizes (about a minute)")
@@ -90,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     except (LogError, OutputExistsError, ValueError, FileNotFoundError) as e:
         print(f"longer {args.command}: error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(result, indent=2, default=str))
+    if result is not None:  # None: a non-zero rank of a distributed run
+        print(json.dumps(result, indent=2, default=str))
     return 0
 
 

@@ -191,3 +191,14 @@ def test_batch_feeds_an_embedding_collection(synth_dataset):
         assert torch.equal(out["hist_item_id"].values()[j], out["item_id"].values()[0])
     out["item_id"].values().sum().backward()
     assert batch.dense["p_true"].shape == (32,) and batch.labels.dtype == torch.float32
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_drop_last_gives_every_rank_the_same_number_of_full_batches(synth_dataset, world):
+    loaders = [BatchLoader(synth_dataset, batch_size=96, seed=1, rank=r, world_size=world, drop_last=True)
+               for r in range(world)]
+    counts = {len(ld) for ld in loaders}
+    batches = [row_ids(ld) for ld in loaders]
+    assert {len(b) for b in batches} == counts == {loaders[0].num_rows // (96 * world)}
+    assert all(len(b) == 96 for rank in batches for b in rank)
+    assert {str(ld.state_dict()) for ld in loaders} == {str({**loaders[0].state_dict()})}

@@ -1,0 +1,116 @@
+"""Run configuration: the `[model]` and `[train]` tables of a TOML file, plus command-line
+overrides `section.key=value` (the value is read as TOML, else as a string)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from longer.config import ConfigError, ModelConfig, dataclass_from_dict
+
+EMB_OPTIMIZERS = ("rowwise_adagrad", "adam")
+DECAYS = ("cosine", "linear", "none")
+SHARDINGS = ("auto", "row_wise", "table_wise")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000  # optimizer steps in the whole run (each = one batch on every rank)
+    batch_size: int = 256  # per rank
+    eval_batch_size: int = 1024
+    eval_every: int = 0  # steps between evals (0: only at the end)
+    checkpoint_every: int = 0  # steps between checkpoints (0: only at the end)
+    log_every: int = 20
+    lr: float = 1e-3  # dense AdamW peak learning rate
+    weight_decay: float = 0.01
+    warmup_steps: int = 50
+    decay: str = "cosine"
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0  # max global norm of dense gradients (0: off)
+    emb_optimizer: str = "rowwise_adagrad"  # fused into the backward pass by TorchRec
+    emb_lr: float = 0.05
+    sharding: str = "auto"  # the planner decides; row_wise / table_wise force every table
+    bf16: bool = False  # autocast the forward pass
+    seed: int = 0
+    shuffle_window: int = 8
+    deterministic: bool = False
+    prefetch: int = 1  # loader thread prefetch depth
+
+    def __post_init__(self):
+        def need(cond, msg):
+            if not cond:
+                raise ConfigError(f"train config: {msg}")
+
+        for name in ("steps", "batch_size", "eval_batch_size", "log_every", "shuffle_window"):
+            need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every", "checkpoint_every", "warmup_steps", "prefetch"):
+            need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("lr", "emb_lr"):
+            need(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+        need(self.weight_decay >= 0 and self.grad_clip >= 0, "weight_decay and grad_clip must be >= 0")
+        need(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        need(self.decay in DECAYS, f"decay must be one of {DECAYS}, got {self.decay!r}")
+        need(self.emb_optimizer in EMB_OPTIMIZERS, f"emb_optimizer must be one of {EMB_OPTIMIZERS}, "
+                                                   f"got {self.emb_optimizer!r}")
+        need(self.sharding in SHARDINGS, f"sharding must be one of {SHARDINGS}, got {self.sharding!r}")
+
+    def lr_at(self, step: int) -> float:
+        """Dense learning rate for 0-based `step`: linear warm-up, then the chosen decay."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        if self.decay == "none" or self.steps <= self.warmup_steps:
+            return self.lr
+        t = min(1.0, (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps))
+        shape = 0.5 * (1 + math.cos(math.pi * t)) if self.decay == "cosine" else 1 - t
+        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * shape)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return {"model": dataclasses.asdict(self.model), "train": dataclasses.asdict(self.train)}
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "config") -> "RunConfig":
+        unknown = sorted(set(d) - {"model", "train"})
+        if unknown:
+            raise ConfigError(f"{where}: unknown table [{unknown[0]}] (expected [model] and [train])")
+        return cls(model=ModelConfig.from_dict(d.get("model", {}), f"{where} [model]"),
+                   train=dataclass_from_dict(TrainConfig, d.get("train", {}), f"{where} [train]"))
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: list[str] = ()) -> "RunConfig":
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"{path}: {e}") from e
+        for o in overrides:
+            section, key, value = parse_override(o)
+            data.setdefault(section, {})[key] = value
+        return cls.from_dict(data, str(path))
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def parse_override(text: str) -> tuple[str, str, object]:
+    """`model.merge_k=4` → ("model", "merge_k", 4); `model.norm=pre` → ("model", "norm", "pre")."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"override {text!r}: expected section.key=value, e.g. train.lr=1e-3")
+    lhs, raw = text.split("=", 1)
+    section, key = lhs.split(".", 1)
+    if section not in ("model", "train"):
+        raise ConfigError(f"override {text!r}: section must be 'model' or 'train', got {section!r}")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return section, key, value

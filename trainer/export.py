@@ -1,0 +1,116 @@
+"""The serving bundle (`RUN/export/`): what `longer eval` and `longer serve` load, with no
+process group and no TorchRec sharding.
+
+    config.json           the run config ({"model": ..., "train": ...}) and "model_version"
+    feature_schema.json   the KJT keys and features the model reads, table sizes, and the
+                          dataset's schema (columns, cardinalities, split)
+    model.safetensors     every weight, unsharded, under the RecModel's own parameter names
+
+model_version = the first 16 hex digits of sha256(config + every tensor's name, dtype, shape
+and bytes): two bundles with the same version score identically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from feature_store.io import atomic_dir
+from longer.baselines import build_model
+from longer.features import FEATURE_KEYS, RecModel, table_sizes
+
+from .config import RunConfig
+
+FILES = ("config.json", "feature_schema.json", "model.safetensors")
+
+
+def content_version(tensors: dict[str, torch.Tensor], config: dict) -> str:
+    h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def feature_schema(cfg: RunConfig, data_meta: dict) -> dict:
+    return {
+        "keys": list(FEATURE_KEYS),
+        "history_features": ["item_id", "category_id", "action"],
+        "candidate_features": ["item_id", "category_id"],
+        "max_len": cfg.model.max_len,
+        "tables": table_sizes(cfg.model),
+        "dataset": {k: data_meta.get(k) for k in ("schema_version", "columns", "cardinalities", "split", "max_len")},
+    }
+
+
+def write_bundle(out: str | Path, tensors: dict[str, torch.Tensor], cfg: RunConfig, data_meta: dict) -> str:
+    """Write a bundle atomically (replacing an older one); returns its model version."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    config = cfg.to_dict()
+    version = content_version(tensors, config)
+    with atomic_dir(out, overwrite=True) as tmp:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"model_version": version})
+        (tmp / "config.json").write_text(json.dumps({**config, "model_version": version}, indent=2) + "\n")
+        (tmp / "feature_schema.json").write_text(json.dumps(feature_schema(cfg, data_meta), indent=2) + "\n")
+    return version
+
+
+@dataclass
+class Bundle:
+    model: RecModel
+    config: RunConfig
+    schema: dict
+    version: str
+    path: Path
+
+
+class BundleError(ValueError):
+    pass
+
+
+def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
+    """Load a bundle into an unsharded RecModel in eval mode, checking its content hash."""
+    path = Path(path)
+    for f in FILES:
+        if not (path / f).is_file():
+            raise BundleError(f"{path}: not a model bundle (missing {f})")
+    try:
+        raw = json.loads((path / "config.json").read_text())
+        schema = json.loads((path / "feature_schema.json").read_text())
+        version = raw.pop("model_version")
+        cfg = RunConfig.from_dict(raw, str(path / "config.json"))
+        tensors = load_file(str(path / "model.safetensors"))
+    except (OSError, ValueError, KeyError) as e:
+        raise BundleError(f"{path}: unreadable bundle ({e})") from e
+    if verify and content_version(tensors, cfg.to_dict()) != version:
+        raise BundleError(f"{path}: content does not match model_version {version} (corrupt or edited bundle)")
+    model = build_model(cfg.model)
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        raise BundleError(f"{path}: weights do not fit the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return Bundle(model.eval(), cfg, schema, version, path)
+
+
+def gather_unsharded(dmp) -> dict[str, torch.Tensor] | None:
+    """Every weight of a DistributedModelParallel-wrapped TrainModule, whole, on rank 0 (a
+    collective: every rank calls it). Names are the RecModel's own (`model.` stripped)."""
+    import torch.distributed as dist
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    main = dist.get_rank() == 0
+    out = {}
+    for name, value in dmp.state_dict().items():
+        key = name.removeprefix("model.")
+        if isinstance(value, ShardedTensor):
+            full = torch.empty(value.size(), dtype=value.dtype) if main else None
+            value.gather(dst=0, out=full)
+            value = full
+        if main:
+            out[key] = value.detach().cpu()
+    return out if main else None

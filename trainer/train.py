@@ -1,0 +1,199 @@
+"""The training loop: `longer train` (one process) and `torchrun -m trainer` (several).
+
+Each step runs TorchRec's TrainPipelineSparseDist: the next batch's embedding ids travel to
+their shards while the current batch computes; the fused embedding optimizer updates rows in
+backward and AdamW the dense weights in the same step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from feature_store.builder import read_meta
+from feature_store.loader import BatchLoader
+from longer.baselines import build_model
+from longer.flops import forward_flops
+
+from . import checkpoint as ckpt
+from .config import ConfigError, RunConfig
+from .distributed import broadcast, init_distributed
+from .evaluate import metrics_of, predict_split, write_predictions
+from .export import write_bundle
+from .sharding import plan_table, shard
+
+# Settings a resumed run may change; everything else must match the checkpoint.
+RESUMABLE_CHANGES = {"steps", "eval_every", "checkpoint_every", "log_every", "prefetch", "eval_batch_size"}
+
+
+class _TrainBatches:
+    """Endless batches over epochs, remembering the loader state after each batch."""
+
+    def __init__(self, loader: BatchLoader):
+        self.loader, self.count, self.states = loader, 0, {}
+
+    def __iter__(self):
+        while True:
+            if len(self.loader) == 0:
+                raise ValueError(f"{self.loader.data_dir}: train split smaller than one global batch "
+                                 f"({self.loader.world_size} ranks × {self.loader.batch_size})")
+            for batch in self.loader:
+                self.count += 1
+                self.states[self.count] = self.loader.state_dict()
+                yield batch
+
+    def state_after(self, n_batches: int) -> dict:
+        state = self.states[n_batches]
+        for k in [k for k in self.states if k < n_batches]:
+            del self.states[k]
+        return state
+
+
+def _check_resume(saved: dict, cfg: RunConfig) -> None:
+    now = cfg.to_dict()
+    if saved["model"] != now["model"]:
+        diff = sorted(k for k in now["model"] if saved["model"].get(k) != now["model"][k])
+        raise ConfigError(f"--resume: model config differs from the checkpoint's ({', '.join(diff)})")
+    diff = sorted(k for k in now["train"] if saved["train"].get(k) != now["train"][k] and k not in RESUMABLE_CHANGES)
+    if diff:
+        raise ConfigError(f"--resume: train config differs from the checkpoint's in {', '.join(diff)} "
+                          f"(only {', '.join(sorted(RESUMABLE_CHANGES))} may change)")
+
+
+def _seed(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True)
+
+
+def train(cfg: RunConfig, data: str | Path, out: str | Path, resume: bool = False,
+          progress: bool = True) -> dict | None:
+    """Train, evaluate, checkpoint and export; returns a summary on rank 0 (None elsewhere)."""
+    ctx = init_distributed()
+    data, run = Path(data), Path(out)
+    tc = cfg.train
+    meta = read_meta(data)
+    if cfg.model.max_len > meta["max_len"]:
+        raise ConfigError(f"model.max_len={cfg.model.max_len} exceeds the dataset's --max-len {meta['max_len']}")
+    if ctx.device.type == "cpu":  # TorchRec warns about CUDA streams that a CPU run does not have
+        logging.getLogger("torchrec.distributed.train_pipeline.postproc").setLevel(logging.ERROR)
+    # Deprecation notices inside TorchRec 1.8 itself (DDP's broadcast_buffers, ShardedTensor): not ours to act on.
+    warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*deprecating ShardedTensor.*", category=FutureWarning)
+
+    latest = ckpt.latest_checkpoint(run) if resume else None
+    if ctx.is_main:
+        if not resume and run.exists() and any(run.iterdir()):
+            err = f"{run}: run directory exists and is not empty (pass --resume to continue it)"
+        elif resume and latest is None:
+            err = f"{run}: --resume, but no complete checkpoint in {run}/checkpoints"
+        else:
+            err = None
+            run.mkdir(parents=True, exist_ok=True)
+            if latest is not None:
+                try:
+                    _check_resume(json.loads((latest / ckpt.STATE_FILE).read_text())["config"], cfg)
+                except ConfigError as e:
+                    err = str(e)
+    else:
+        err = None
+    err = broadcast(err)
+    if err:
+        raise ConfigError(err)
+
+    _seed(tc.seed, tc.deterministic)
+    model = build_model(cfg.model)
+    dmp, optimizer, dense_opt, plan = shard(model, tc, ctx)
+    loader = BatchLoader(data, "train", batch_size=tc.batch_size, max_len=cfg.model.max_len, seed=tc.seed,
+                         shuffle_window=tc.shuffle_window, rank=ctx.rank, world_size=ctx.world_size,
+                         drop_last=True, prefetch=tc.prefetch)
+    eval_loader = BatchLoader(data, "eval", batch_size=tc.eval_batch_size, max_len=cfg.model.max_len,
+                              rank=ctx.rank, world_size=ctx.world_size, sequences=loader.sequences)
+    step = 0
+    if latest is not None:
+        state = ckpt.load_checkpoint(latest, dmp, optimizer)
+        step = state["step"]
+        loader.load_state_dict(state["loader"])
+
+    writer = None
+    if ctx.is_main:
+        (run / "config.json").write_text(cfg.dumps() + "\n")
+        (run / "plan.txt").write_text(plan_table(plan) + "\n")
+        print(f"sharding plan ({ctx.world_size} rank{'s' * (ctx.world_size > 1)}):\n{plan_table(plan)}", flush=True)
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(log_dir=str(run / "tb"))
+
+    from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+    pipe = TrainPipelineSparseDist(dmp, optimizer, ctx.device, pipeline_postproc=True)
+    batches = _TrainBatches(loader)
+    it = iter(batches)
+    global_batch = tc.batch_size * ctx.world_size
+    last_eval: dict = {}
+
+    def run_eval(at_step: int, final: bool) -> dict:
+        pipe.detach()
+        dmp.eval()
+        pred = predict_split(lambda b: dmp(b)[1][1], eval_loader, ctx.device, progress=progress and ctx.is_main)
+        dmp.train()
+        pipe.attach()
+        result = {}
+        if ctx.is_main:
+            result = {"step": at_step, "split": "eval", **metrics_of(pred), "time": time.time()}
+            if final:
+                write_predictions(pred, run / "predictions.parquet")
+            with open(run / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(result) + "\n")
+            for k in ("auc", "gauc", "logloss", "calibration"):
+                writer.add_scalar(f"eval/{k}", result[k], at_step)
+        return result
+
+    bar = tqdm(total=tc.steps, initial=step, desc="train", unit="step", disable=not (progress and ctx.is_main))
+    s0, loss_sum, loss_n, train_seconds = step, 0.0, 0, 0.0  # train_seconds: steps only, not evals
+    dmp.train()
+    while step < tc.steps:
+        dense_opt.set_lr(tc.lr_at(step))
+        t = time.perf_counter()
+        loss, _, _ = pipe.progress(it)
+        loss_sum, loss_n = loss_sum + float(loss), loss_n + 1
+        train_seconds += time.perf_counter() - t
+        step += 1
+        if step % tc.log_every == 0 or step == tc.steps:
+            rate = global_batch * (step - s0) / train_seconds
+            bar.set_postfix(loss=f"{loss_sum / loss_n:.4f}", samples_s=f"{rate:,.0f}")
+            if writer:
+                writer.add_scalar("train/loss", loss_sum / loss_n, step)
+                writer.add_scalar("train/lr", tc.lr_at(step - 1), step)
+                writer.add_scalar("train/samples_per_s", rate, step)
+            loss_sum, loss_n = 0.0, 0
+        bar.update(1)
+        if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < tc.steps:
+            ckpt.save_checkpoint(run, step, dmp, optimizer, batches.state_after(step), cfg.to_dict())
+        if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
+            last_eval = run_eval(step, final=False)
+    bar.close()
+    samples_per_s = global_batch * (step - s0) / max(train_seconds, 1e-9)
+    final_state = batches.state_after(step) if step > s0 else loader.state_dict()
+    ckpt.save_checkpoint(run, step, dmp, optimizer, final_state, cfg.to_dict())
+    last_eval = run_eval(step, final=True)
+
+    from .export import gather_unsharded
+    tensors = gather_unsharded(dmp)
+    version = write_bundle(run / "export", tensors, cfg, meta) if ctx.is_main else None
+    if writer:
+        writer.close()
+    summary = {"run": str(run), "steps": step, "world_size": ctx.world_size, "train_samples_per_s": round(samples_per_s, 1),
+               "gflops_fwd_per_sample": round(forward_flops(cfg.model) / 1e9, 4), "model_version": version,
+               "eval": last_eval}
+    return summary if ctx.is_main else None
