@@ -38,8 +38,9 @@ RESUMABLE_CHANGES = {"steps", "eval_every", "checkpoint_every", "log_every", "pr
 class _TrainBatches:
     """Endless batches over epochs, remembering the loader state after each batch."""
 
-    def __init__(self, loader: BatchLoader):
-        self.loader, self.count, self.states = loader, 0, {}
+    def __init__(self, loader: BatchLoader, count: int = 0):
+        self.loader, self.count = loader, count
+        self.states = {count: loader.state_dict()}
 
     def __iter__(self):
         while True:
@@ -136,18 +137,29 @@ def train(cfg: RunConfig, data: str | Path, out: str | Path, resume: bool = Fals
 
     from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
-    pipe = TrainPipelineSparseDist(dmp, optimizer, ctx.device, pipeline_postproc=True)
-    batches = _TrainBatches(loader)
-    it = iter(batches)
+    def start_pipeline(at_step: int):
+        """A fresh pipeline whose first batch is the one after `at_step` trained batches."""
+        feed = _TrainBatches(loader, count=at_step)
+        return TrainPipelineSparseDist(dmp, optimizer, ctx.device, pipeline_postproc=True), feed, iter(feed)
+
+    pipe, batches, it = start_pipeline(step)
     global_batch = tc.batch_size * ctx.world_size
     last_eval: dict = {}
 
     def run_eval(at_step: int, final: bool) -> dict:
+        # The pipeline has batches in flight (their ids already sent to the shards): set it
+        # aside, evaluate through the plain sharded model, and restart it afterwards from the
+        # loader state after the last trained batch, so no batch is skipped or repeated.
+        nonlocal pipe, batches, it
+        resume_at = batches.state_after(at_step)
         pipe.detach()
+        it.close()
         dmp.eval()
         pred = predict_split(lambda b: dmp(b)[1][1], eval_loader, ctx.device, progress=progress and ctx.is_main)
         dmp.train()
-        pipe.attach()
+        if not final:
+            loader.load_state_dict(resume_at)
+            pipe, batches, it = start_pipeline(at_step)
         result = {}
         if ctx.is_main:
             result = {"step": at_step, "split": "eval", **metrics_of(pred), "time": time.time()}
@@ -184,8 +196,7 @@ def train(cfg: RunConfig, data: str | Path, out: str | Path, resume: bool = Fals
             last_eval = run_eval(step, final=False)
     bar.close()
     samples_per_s = global_batch * (step - s0) / max(train_seconds, 1e-9)
-    final_state = batches.state_after(step) if step > s0 else loader.state_dict()
-    ckpt.save_checkpoint(run, step, dmp, optimizer, final_state, cfg.to_dict())
+    ckpt.save_checkpoint(run, step, dmp, optimizer, batches.state_after(step), cfg.to_dict())
     last_eval = run_eval(step, final=True)
 
     from .export import gather_unsharded
