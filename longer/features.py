@@ -121,6 +121,14 @@ class Candidates:
     ts: torch.Tensor  # (B,) request time, unix seconds
 
 
+def init_embedding(weight: torch.Tensor) -> None:
+    """N(0, 1) for every embedding table, TorchRec's and ours alike, so that the item, category,
+    action and time parts of a token start on one scale (TorchRec's default, U(±1/√rows), would
+    make a 200k-row item table 400× smaller than the time embedding and drown it)."""
+    with torch.no_grad():
+        weight.normal_(0.0, 1.0)
+
+
 class SparseEmbedding(nn.Module):
     """The sparse part: id hashing + one TorchRec EmbeddingCollection (what DMP shards).
 
@@ -132,7 +140,8 @@ class SparseEmbedding(nn.Module):
         sizes = table_sizes(cfg)
         self.hash = IdHash(cfg)
         self.ec = EmbeddingCollection(tables=[
-            EmbeddingConfig(name=t, embedding_dim=cfg.emb_dim, num_embeddings=sizes[t], feature_names=list(feats))
+            EmbeddingConfig(name=t, embedding_dim=cfg.emb_dim, num_embeddings=sizes[t], feature_names=list(feats),
+                            init_fn=init_embedding)
             for t, feats in TABLES.items()])
 
     def forward(self, kjt: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
@@ -165,6 +174,7 @@ class Features(nn.Module):
         e, d = cfg.emb_dim, cfg.d_model
         self.time_emb = nn.Embedding(cfg.time_buckets, e)  # history: seconds before the latest event
         self.pos_emb = nn.Embedding(cfg.max_len, d)  # learned absolute position, 0 = most recent
+        nn.init.normal_(self.pos_emb.weight, std=0.1)  # a small offset to content, not a rival
         self.seq_proj = nn.Linear(4 * e, d)  # [item, category, action, time] → token
         self.target_proj = nn.Linear(2 * e, d)  # [item, category] → target item token
         self.gap_emb = nn.Embedding(cfg.time_buckets + 1, e)  # last bucket: no history

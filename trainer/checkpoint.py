@@ -2,14 +2,14 @@
 
 `RUN/checkpoints/step-00000100/` holds the DCP shards of {"model": sharded embeddings + dense
 weights, "optim": the fused embedding optimizer's and AdamW's states} written by every rank,
-plus `trainer_state.json` (step, the loader's world-size-independent state, RNG) written last.
+plus the RNG state and `trainer_state.json` (step, the loader's world-size-independent state,
+the run config), written last.
 DCP reshards on load, so a run saved with N processes resumes with M. A checkpoint directory
 appears under its final name only when complete.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import shutil
 from pathlib import Path
@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 STATE_FILE = "trainer_state.json"
+RNG_FILE = "rng_state.bin"
 
 
 def checkpoint_dir(run: Path, step: int) -> Path:
@@ -40,9 +41,8 @@ def save_checkpoint(run: Path, step: int, dmp, optimizer, loader_state: dict, co
     dcp.save({"model": dmp.state_dict(), "optim": optimizer.state_dict()}, checkpoint_id=str(tmp))
     dist.barrier()
     if dist.get_rank() == 0:
-        rng = base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()
-        state = {"step": step, "loader": loader_state, "rng": rng, "world_size": dist.get_world_size(),
-                 "config": config}
+        (tmp / RNG_FILE).write_bytes(torch.get_rng_state().numpy().tobytes())
+        state = {"step": step, "loader": loader_state, "world_size": dist.get_world_size(), "config": config}
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
         if final.exists():
             shutil.rmtree(final)
@@ -59,6 +59,5 @@ def load_checkpoint(path: Path, dmp, optimizer) -> dict:
     dcp.load(target, checkpoint_id=str(path))
     dmp.load_state_dict(target["model"])
     optimizer.load_state_dict(target["optim"])
-    rng = torch.frombuffer(bytearray(base64.b64decode(state["rng"])), dtype=torch.uint8)
-    torch.set_rng_state(rng)
+    torch.set_rng_state(torch.frombuffer(bytearray((path / RNG_FILE).read_bytes()), dtype=torch.uint8))
     return state

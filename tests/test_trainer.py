@@ -1,0 +1,156 @@
+"""The trainer end to end, in subprocesses (one process, and torchrun with 2 gloo processes)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from safetensors.torch import load_file
+
+from feature_store.builder import BuildConfig, build
+from feature_store.synth import SynthConfig, synthesize
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+TINY_RUN = """
+[model]
+max_len = 64
+d_model = 32
+n_heads = 4
+n_layers = 2
+emb_dim = 16
+merge_k = 4
+query_k = 16
+item_buckets = 1009
+category_buckets = 64
+user_buckets = 1009
+
+[train]
+steps = 16
+batch_size = 64
+eval_batch_size = 512
+log_every = 4
+warmup_steps = 4
+prefetch = 0
+"""
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trainer")
+    synthesize(SynthConfig(users=120, items=600, events_per_user=120, seed=5), root / "log", progress=False)
+    build(root / "log", root / "data", BuildConfig(max_len=64, test_days=5), progress=False)
+    (root / "run.toml").write_text(TINY_RUN)
+    return root
+
+
+def run(args, world=1, check=True):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    if world == 1:
+        cmd = [sys.executable, "-m", "longer_cli", *map(str, args)]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
+               "-m", "trainer", *map(str, args[1:])]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
+    if check:
+        assert r.returncode == 0, r.stderr[-4000:]
+    return r
+
+
+def train(small, out, *overrides, world=1, resume=False, check=True):
+    args = ["train", "--config", small / "run.toml", "--data", small / "data", "--out", out, "--quiet", *overrides]
+    if resume:
+        args.append("--resume")
+    return run(args, world=world, check=check)
+
+
+def weights(run_dir):
+    return load_file(str(run_dir / "export" / "model.safetensors"))
+
+
+def last_metrics(run_dir):
+    return json.loads((run_dir / "metrics.jsonl").read_text().strip().splitlines()[-1])
+
+
+def test_two_processes_shard_a_table_and_match_the_bundle_eval(small, tmp_path):
+    out = tmp_path / "run"
+    train(small, out, "train.sharding=row_wise", "train.eval_every=8", world=2)
+    plan = (out / "plan.txt").read_text()
+    assert "rank 0 rows" in plan and "rank 1 rows" in plan  # a table split across both ranks
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2  # step 8 and the end
+    trained = last_metrics(out)
+    evaluated = json.loads(run(["eval", "--model", out / "export", "--data", small / "data", "--quiet",
+                                "--predictions", tmp_path / "p.parquet"]).stdout)
+    for k in ("auc", "gauc"):
+        assert abs(trained[k] - evaluated[k]) < 1e-9, k
+    for k in ("logloss", "calibration"):
+        assert abs(trained[k] - evaluated[k]) < 1e-6, k
+    assert trained["n"] == evaluated["n"] == pq.read_metadata(tmp_path / "p.parquet").num_rows
+    a = pq.read_table(out / "predictions.parquet").to_pydict()
+    b = pq.read_table(tmp_path / "p.parquet").to_pydict()
+    assert a["row_id"] == b["row_id"]
+    assert np.abs(np.array(a["logit"]) - np.array(b["logit"])).max() < 1e-5
+    assert (out / "tb").is_dir() and any((out / "tb").iterdir())
+
+
+def test_resume_equals_uninterrupted(small, tmp_path):
+    """A run killed after its step-8 checkpoint and resumed ends with the uninterrupted run's weights."""
+    full = tmp_path / "full"
+    flags = ("train.deterministic=true", "train.checkpoint_every=8", "train.eval_every=0")
+    train(small, full, *flags)
+    cut = tmp_path / "cut"
+    shutil.copytree(full, cut)
+    shutil.rmtree(cut / "checkpoints" / "step-00000016")
+    shutil.rmtree(cut / "export")
+    summary = json.loads(train(small, cut, *flags, resume=True).stdout)
+    assert summary["steps"] == 16
+    a, b = weights(full), weights(cut)
+    assert a.keys() == b.keys()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+    state = json.loads((cut / "checkpoints" / "step-00000016" / "trainer_state.json").read_text())
+    assert state["loader"]["position"] == 16 * 64
+
+
+def test_resume_across_world_sizes(small, tmp_path):
+    out = tmp_path / "run"
+    train(small, out, "train.steps=6", "train.sharding=row_wise", world=2)
+    summary = json.loads(train(small, out, "train.steps=10", "train.sharding=row_wise", resume=True).stdout)
+    assert summary["steps"] == 10 and summary["world_size"] == 1
+    state = json.loads((out / "checkpoints" / "step-00000010" / "trainer_state.json").read_text())
+    assert state["loader"]["position"] == 6 * 2 * 64 + 4 * 64  # no sample skipped or repeated
+    train(small, out, "train.steps=12", "train.sharding=row_wise", world=2, resume=True)
+    state = json.loads((out / "checkpoints" / "step-00000012" / "trainer_state.json").read_text())
+    assert state["loader"]["position"] == 6 * 2 * 64 + 4 * 64 + 2 * 2 * 64
+    assert all(np.isfinite(t.numpy()).all() for t in weights(out).values())
+
+
+def test_user_errors(small, tmp_path):
+    out = tmp_path / "run"
+    r = train(small, out, "train.lr=fast", check=False)
+    assert r.returncode == 2 and "lr must be float" in r.stderr
+    r = train(small, out, "model.max_len=128", check=False)
+    assert r.returncode == 2 and "exceeds the dataset's --max-len 64" in r.stderr
+    r = train(small, out, resume=True, check=False)
+    assert r.returncode == 2 and "no complete checkpoint" in r.stderr
+    train(small, out, "train.steps=2")
+    r = train(small, out, "train.steps=2", check=False)
+    assert r.returncode == 2 and "--resume" in r.stderr
+    r = train(small, out, "model.d_model=64", resume=True, check=False)
+    assert r.returncode == 2 and "model config differs" in r.stderr and "d_model" in r.stderr
+    r = run(["eval", "--model", small, "--data", small / "data"], check=False)
+    assert r.returncode == 2 and "not a model bundle" in r.stderr
+
+
+def test_corrupt_bundle_is_refused(small, tmp_path):
+    out = tmp_path / "run"
+    train(small, out, "train.steps=2")
+    cfg = json.loads((out / "export" / "config.json").read_text())
+    cfg["model_version"] = "0" * 16
+    (out / "export" / "config.json").write_text(json.dumps(cfg))
+    r = run(["eval", "--model", out / "export", "--data", small / "data"], check=False)
+    assert r.returncode == 2 and "does not match model_version" in r.stderr
