@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -131,7 +132,8 @@ def train(cfg: RunConfig, data: str | Path, out: str | Path, resume: bool = Fals
     if ctx.is_main:
         (run / "config.json").write_text(cfg.dumps() + "\n")
         (run / "plan.txt").write_text(plan_table(plan) + "\n")
-        print(f"sharding plan ({ctx.world_size} rank{'s' * (ctx.world_size > 1)}):\n{plan_table(plan)}", flush=True)
+        print(f"sharding plan ({ctx.world_size} rank{'s' * (ctx.world_size > 1)}):\n{plan_table(plan)}",
+              file=sys.stderr, flush=True)  # stdout carries only the summary JSON
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(log_dir=str(run / "tb"))
 
