@@ -1,4 +1,5 @@
-"""`longer bench train`: forward+backward samples/s and peak memory, `longer` vs `transformer`.
+"""`longer bench train`: forward+backward samples/s and peak memory, `longer` vs `transformer`,
+and the trainer end to end with 1 and 2 processes.
 
 Each (model, L) runs in its own fresh process (so its peak RSS is its own), one after the
 other in one invocation, on identical random batches of full-length histories. The config is
@@ -14,6 +15,7 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -64,6 +66,59 @@ def worker(model: str, L: int, steps: int, seconds: float) -> dict:
             "torch_threads": torch.get_num_threads()}
 
 
+E2E_RUN = """
+[model]
+max_len = 256
+d_model = 64
+n_heads = 4
+n_layers = 2
+emb_dim = 32
+merge_k = 8
+query_k = 64
+item_buckets = 100003
+category_buckets = 512
+user_buckets = 100003
+
+[train]
+steps = {steps}
+batch_size = {batch}
+eval_batch_size = 2048
+log_every = 10
+"""
+
+
+def end_to_end(work: Path, quick: bool) -> list[dict]:
+    """`longer train` on a synthetic dataset with 1 process and with 2 (torchrun, gloo): the
+    trainer's own samples/s (pipeline, sharded embeddings, fused optimizer, all included)."""
+    from feature_store.builder import BuildConfig, build
+    from feature_store.synth import SynthConfig, synthesize
+
+    synthesize(SynthConfig(users=200 if quick else 1000, items=20_000, events_per_user=600, seed=0), work / "log",
+               progress=False)
+    build(work / "log", work / "data", BuildConfig(max_len=256, test_days=2), progress=False)
+    steps = 20 if quick else 100
+    rows = []
+    for procs in (1, 2):
+        batch = 256 // procs  # the same global batch
+        (work / "run.toml").write_text(E2E_RUN.format(steps=steps, batch=batch))
+        args = ["--config", str(work / "run.toml"), "--data", str(work / "data"), "--out", str(work / f"run{procs}"),
+                "--quiet", "train.sharding=row_wise"]
+        cmd = ([sys.executable, "-m", "longer_cli", "train", *args] if procs == 1 else
+               [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
+                "-m", "trainer", *args])
+        threads = max(1, (os.cpu_count() or 1) // procs)
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1])
+        if r.returncode:
+            raise RuntimeError(f"end-to-end train with {procs} process(es) failed:\n{r.stderr[-3000:]}")
+        summary = json.loads(r.stdout)
+        rows.append({"processes": procs, "threads_per_process": threads, "global_batch": batch * procs,
+                     "steps": steps, "train_samples_per_s": summary["train_samples_per_s"],
+                     "eval_auc": round(summary["eval"]["auc"], 4)})
+        print(json.dumps(rows[-1]), file=sys.stderr)
+    return rows
+
+
 def main(quick: bool = False, out: str | None = None, workdir: str | None = None) -> dict:
     steps, seconds = (2, 5.0) if quick else (5, 30.0)
     rows = []
@@ -75,11 +130,14 @@ def main(quick: bool = False, out: str | None = None, workdir: str | None = None
                 raise RuntimeError(f"bench train worker {model} L={L} failed:\n{r.stderr[-3000:]}")
             rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
             print(json.dumps(rows[-1]), file=sys.stderr)
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        e2e = end_to_end(Path(tmp), quick)
     by = {(r["model"], r["L"]): r for r in rows}
     result = {
         "benchmark": "train", "quick": quick, "config": BASE,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
         "results": rows,
+        "trainer_end_to_end": e2e,
         "longer_over_transformer_samples_per_s": {
             str(L): round(by["longer", L]["samples_per_s"] / by["transformer", L]["samples_per_s"], 2) for L in LENGTHS},
         "transformer_over_longer_flops": {
