@@ -11,34 +11,15 @@ from feature_store.importers import import_movielens
 from feature_store.synth import SynthConfig, synthesize
 from tests.conftest import shared_dataset
 from tests.metrics_ref import auc
-from tests.test_trainer import run
+from tests.test_trainer import run, run_toml
 
 pytestmark = pytest.mark.slow
 
-MODEL = """
-[model]
-max_len = {max_len}
-d_model = 32
-n_heads = 4
-n_layers = 2
-emb_dim = 16
-merge_k = 4
-query_k = 16
-item_buckets = 200003
-category_buckets = 64
-user_buckets = 1009
-
-[train]
-steps = {steps}
-batch_size = {batch}
-lr = 5e-3
-warmup_steps = 20
-emb_lr = 0.2
-"""
+FAST_LEARNING = "lr = 5e-3\nwarmup_steps = 20\nemb_lr = 0.2"
 
 
 def train_and_eval(tmp_path, data, **fmt) -> dict:
-    (tmp_path / "run.toml").write_text(MODEL.format(**fmt))
+    (tmp_path / "run.toml").write_text(run_toml(**fmt, train_extra=FAST_LEARNING))
     summary = json.loads(run(["train", "--config", tmp_path / "run.toml", "--data", data,
                               "--out", tmp_path / "run", "--quiet"]).stdout)
     return summary["eval"]

@@ -17,27 +17,31 @@ from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
 
-TINY_RUN = """
+def run_toml(max_len=64, steps=16, batch=64, train_extra="") -> str:
+    """A small run config: the model shape every trainer test uses, and its [train] table."""
+    return f"""
 [model]
-max_len = 64
+max_len = {max_len}
 d_model = 32
 n_heads = 4
 n_layers = 2
 emb_dim = 16
 merge_k = 4
 query_k = 16
-item_buckets = 1009
+item_buckets = 200003
 category_buckets = 64
 user_buckets = 1009
 
 [train]
-steps = 16
-batch_size = 64
+steps = {steps}
+batch_size = {batch}
 eval_batch_size = 512
 log_every = 4
-warmup_steps = 4
-prefetch = 0
+{train_extra}
 """
+
+
+TINY_RUN = run_toml(train_extra="warmup_steps = 4\nprefetch = 0")
 
 
 @pytest.fixture(scope="module")
