@@ -49,9 +49,13 @@ def _eval(a):
 def _store_load(a):
     from feature_store.builder import read_meta
     from feature_store.online import OnlineStore, connect
+    import redis
     max_len = a.max_len or read_meta(a.data)["max_len"]
-    store = OnlineStore(connect(a.redis), max_len=max_len, prefix=a.prefix)
-    return {**store.load_sequences(a.data, progress=not a.quiet), "max_len": max_len}
+    try:
+        store = OnlineStore(connect(a.redis), max_len=max_len, prefix=a.prefix)
+        return {**store.load_sequences(a.data, progress=not a.quiet), "max_len": max_len}
+    except redis.RedisError as e:
+        raise ValueError(f"Redis at {a.redis or 'REDIS_URL/embedded'}: {e}") from e
 
 
 def _bench(a):
