@@ -44,6 +44,7 @@ class Service:
 
     def __init__(self, settings: Settings, runtime: ModelRuntime | None = None, store: OnlineStore | None = None):
         self.settings = settings
+        self.reload_lock = asyncio.Lock()
         self.runtime = runtime or ModelRuntime(settings.model, settings.threads, settings.state_precision)
         self.store = store or OnlineStore(connect(settings.redis_url or None),
                                           max_len=settings.store_max_len or self.runtime.max_len,
@@ -57,6 +58,20 @@ class Service:
     async def run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
+    async def reload(self) -> dict:
+        """Load the bundle directory again and swap it in if its version changed. Requests in
+        flight finish on the model they started with; cached states are keyed per version."""
+        async with self.reload_lock:
+            current = self.runtime
+            version = bundle_version(self.settings.model)
+            if version == current.version:
+                return {"model_version": current.version, "reloaded": False}
+            new = await self.run(ModelRuntime, self.settings.model, self.settings.threads, self.settings.state_precision)
+            self.runtime = new
+            self.metrics.model.clear()
+            self.metrics.model.labels(new.version).set(1)
+            return {"model_version": new.version, "previous": current.version, "reloaded": True}
+
     async def redis(self, fn, *args):
         try:
             out = await self.run(fn, *args)
@@ -67,15 +82,15 @@ class Service:
             self.redis_ok = False
             raise
 
-    async def encode_once(self, key: tuple, user_id: int, events: np.ndarray):
-        """Concurrent misses for the same (user, sequence) compute the state once."""
+    async def encode_once(self, rt: ModelRuntime, key: tuple, user_id: int, events: np.ndarray):
+        """Concurrent misses for the same (model, user, sequence) compute the state once."""
         fut = self.inflight.get(key)
         if fut is not None:
             return await asyncio.shield(fut)
         fut = asyncio.get_running_loop().create_future()
         self.inflight[key] = fut
         try:
-            state = await self.run(self.runtime.encode, user_id, events)
+            state = await self.run(rt.encode, user_id, events)
             fut.set_result(state)
             return state
         except BaseException as e:
@@ -83,6 +98,25 @@ class Service:
             raise
         finally:
             del self.inflight[key]
+
+
+def bundle_version(path: str) -> str | None:
+    """The model_version a bundle directory declares now (None while unreadable)."""
+    import json
+    from pathlib import Path
+    try:
+        return json.loads((Path(path) / "config.json").read_text())["model_version"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+async def watch_bundle(svc: Service, every_s: float) -> None:
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            await svc.reload()
+        except Exception:  # a half-copied or bad bundle: keep serving the current one, try again later
+            pass
 
 
 def service(request: Request) -> Service:
@@ -98,8 +132,12 @@ def require_token(request: Request, svc: Service = Depends(service)) -> None:
 def create_app(settings: Settings, runtime: ModelRuntime | None = None, store: OnlineStore | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        svc = app.state.service
+        watcher = asyncio.create_task(watch_bundle(svc, settings.watch_s)) if settings.watch_s > 0 else None
         yield
-        app.state.service.pool.shutdown(wait=False)
+        if watcher:
+            watcher.cancel()
+        svc.pool.shutdown(wait=False)
 
     app = FastAPI(title="LONGER scoring service", version="1", lifespan=lifespan,
                   description="Scores candidates for a user against the user's cached sequence state "
@@ -133,19 +171,19 @@ def create_app(settings: Settings, runtime: ModelRuntime | None = None, store: O
                             EVENT_DTYPE)
             hist = hist[np.lexsort((hist["item_id"], hist["ts"]))]
             state = await svc.run(rt.encode, req.user_id, hist[hist["ts"] < ts])
-            return await respond(svc, state, items, cats, ts, "bypass")
+            return await respond(svc, rt, state, items, cats, ts, "bypass")
         used = events[events["ts"] < ts]  # point in time: strictly earlier events only
         tag = {"seq_version": version, "n_events": int(len(used))}
         state = rt.loads(blob, tag)
         if state is not None:
             try:
-                return await respond(svc, state, items, cats, ts, "hit")
+                return await respond(svc, rt, state, items, cats, ts, "hit")
             except Exception:  # a well-formed but unusable cached value: recompute it
                 state = None
-        state = await svc.encode_once((req.user_id, version, len(used)), req.user_id, used)
+        state = await svc.encode_once(rt, (rt.version, req.user_id, version, len(used)), req.user_id, used)
         if len(used) == len(events) and version >= 0:  # the state of the whole current sequence: cache it
-            background.add_task(write_state, svc, req.user_id, state, tag)
-        return await respond(svc, state, items, cats, ts, "miss")
+            background.add_task(write_state, svc, rt, req.user_id, state, tag)
+        return await respond(svc, rt, state, items, cats, ts, "miss")
 
     @app.post("/v1/events", response_model=EventsResponse, dependencies=[Depends(require_token)],
               summary="append user events (idempotent per event_id)")
@@ -159,6 +197,14 @@ def create_app(settings: Settings, runtime: ModelRuntime | None = None, store: O
             raise HTTPException(503, f"online store unavailable: {e}") from e
         svc.metrics.events.inc(len(evs))
         return EventsResponse(appended=len(evs), versions={str(u): v for u, v in versions.items()})
+
+    @app.post("/v1/admin/reload", dependencies=[Depends(require_token)],
+              summary="reload the bundle directory; swaps the model atomically if its version changed")
+    async def reload(svc: Service = Depends(service)):
+        try:
+            return await svc.reload()
+        except ValueError as e:  # BundleError: the directory holds no valid bundle now
+            raise HTTPException(409, f"bundle not loadable, still serving the old model: {e}") from e
 
     @app.get("/healthz", summary="the process is alive")
     async def healthz():
@@ -185,15 +231,15 @@ def create_app(settings: Settings, runtime: ModelRuntime | None = None, store: O
     return app
 
 
-async def respond(svc: Service, state, items, cats, ts, outcome: str) -> ScoreResponse:
-    scores = await svc.run(svc.runtime.score, state, items, cats, ts)
+async def respond(svc: Service, rt: ModelRuntime, state, items, cats, ts, outcome: str) -> ScoreResponse:
+    scores = await svc.run(rt.score, state, items, cats, ts)
     svc.metrics.user_state.labels(outcome).inc()
     svc.metrics.candidates.inc(len(items))
-    return ScoreResponse(model_version=svc.runtime.version, scores=scores, user_state=outcome)
+    return ScoreResponse(model_version=rt.version, scores=scores, user_state=outcome)
 
 
-async def write_state(svc: Service, user_id: int, state, tag: dict) -> None:
+async def write_state(svc: Service, rt: ModelRuntime, user_id: int, state, tag: dict) -> None:
     try:
-        await svc.redis(svc.store.write_state, user_id, svc.runtime.version, svc.runtime.dumps(state, tag))
+        await svc.redis(svc.store.write_state, user_id, rt.version, rt.dumps(state, tag))
     except redis.RedisError:
         pass  # the next request recomputes it; counted in longer_redis_errors_total

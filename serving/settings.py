@@ -17,6 +17,7 @@ ENV = {
     "state_ttl_s": "LONGER_STATE_TTL_S",
     "store_max_len": "LONGER_STORE_MAX_LEN",
     "key_prefix": "LONGER_KEY_PREFIX",
+    "watch_s": "LONGER_WATCH_S",
 }
 
 
@@ -33,6 +34,7 @@ class Settings:
     state_ttl_s: int = 24 * 3600
     store_max_len: int = 0  # events kept per user (0: the bundle's max_len)
     key_prefix: str = "lg"
+    watch_s: float = 0.0  # poll the bundle directory every N seconds and reload on change (0: off)
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":

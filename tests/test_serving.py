@@ -181,3 +181,64 @@ def test_redis_down_means_bypass_then_hits_resume(trained, tmp_path):
             assert "longer_user_state_total" in client.get("/metrics").text
     finally:
         proc.terminate()
+
+
+def perturbed_bundle(src, dst, delta=0.05):
+    from trainer.export import load_bundle, write_bundle
+    b = load_bundle(src)
+    tensors = {k: v + delta if k.endswith("head.mlp.2.bias") else v for k, v in b.model.state_dict().items()}
+    return write_bundle(dst, tensors, b.config, {})
+
+
+def test_reload_and_watch_swap_the_model(trained, tmp_path):
+    bundle, data, _ = trained
+    live = tmp_path / "live"
+    shutil.copytree(bundle, live)
+    store = OnlineStore(redis_client(), max_len=1000, prefix=f"t{uuid.uuid4().hex[:8]}")
+    store.load_sequences(data, progress=False)
+    app = create_app(Settings(model=str(live), token="t", watch_s=0.2), store=store)
+    user = pq.read_table(data / "sequences", columns=["user_id"]).column("user_id")[0].as_py()
+    body = {"user_id": user, "candidates": [{"item_id": 1}]}
+    with TestClient(app) as client:
+        before = client.post("/v1/score", json=body).json()
+        assert client.post("/v1/admin/reload").status_code == 401
+        assert client.post("/v1/admin/reload", headers={"Authorization": "Bearer t"}).json()["reloaded"] is False
+        new_version = perturbed_bundle(bundle, live)  # atomic directory swap, as the trainer's export does
+        for _ in range(100):  # the watcher picks it up
+            if client.get("/v1/model").json()["model_version"] == new_version:
+                break
+            time.sleep(0.05)
+        after = client.post("/v1/score", json=body).json()
+        assert after["model_version"] == new_version != before["model_version"]
+        assert after["user_state"] == "miss"  # states are cached per model version
+        assert after["scores"] != before["scores"]
+        assert f'model_version="{new_version}"' in client.get("/metrics").text
+
+
+def test_concurrent_misses_for_one_user_encode_once(app_and_store):
+    import asyncio
+
+    import httpx
+
+    app, store = app_and_store
+    svc = app.state.service
+    calls = []
+    encode = svc.runtime.encode
+
+    def counting(*a):
+        calls.append(1)
+        time.sleep(0.2)  # hold the first computation so the others arrive while it runs
+        return encode(*a)
+
+    svc.runtime.encode = counting
+    user = int(store.r.keys(f"{store.prefix}:*:seq")[0].decode().split("{u")[1].split("}")[0])
+
+    async def burst():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            rs = await asyncio.gather(*[c.post("/v1/score", json={"user_id": user, "candidates": [{"item_id": i}]})
+                                        for i in range(8)])
+        return [r.json() for r in rs]
+
+    out = asyncio.run(burst())
+    assert all(r["user_state"] == "miss" for r in out) and len(calls) == 1
