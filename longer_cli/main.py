@@ -148,7 +148,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, help="torch threads for model compute (default: $LONGER_THREADS or 2)")
 
     s = add("bench", _bench, "run a benchmark and print JSON")
-    s.add_argument("what", choices=["data", "train"])
+    s.add_argument("what", choices=["data", "train", "serve"])
     s.add_argument("--quick", action="store_true", help="small sizes (about a minute)")
     s.add_argument("--out", required=True, help="JSON file to write")
     s.add_argument("--workdir", help="scratch directory (default: a temporary one)")

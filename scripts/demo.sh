@@ -1,20 +1,20 @@
 #!/usr/bin/env bash
 # `make demo`: the main job end to end on embedded defaults.
 # Synthesize a behaviour log, build point-in-time training data, show what was built, train
-# LONGER with TorchRec for a short run, and evaluate the exported serving bundle.
-# (Serving and replay join here with their issues.)
+# LONGER with TorchRec for a short run, evaluate the exported bundle, then load the online
+# store (an embedded Redis), start the server, post an event, score candidates, and stop.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-demo}"
 LONGER=.venv/bin/longer
 
-echo "== 1/5 synthesize a behaviour log ($OUT/log)"
+echo "== 1/7 synthesize a behaviour log ($OUT/log)"
 $LONGER synth --users 400 --items 5000 --events-per-user 600 --seed 0 --out "$OUT/log" --overwrite >/dev/null
-echo "== 2/5 build training data ($OUT/data)"
+echo "== 2/7 build training data ($OUT/data)"
 $LONGER build --log "$OUT/log" --out "$OUT/data" --max-len 256 --test-days 3 --overwrite >/dev/null
-echo "== 3/5 what was built"
+echo "== 3/7 what was built"
 .venv/bin/python -m feature_store.describe "$OUT/data"
-echo "== 4/5 train (configs/demo.toml → $OUT/run)"
+echo "== 4/7 train (configs/demo.toml → $OUT/run)"
 rm -rf "$OUT/run"
 $LONGER train --config configs/demo.toml --data "$OUT/data" --out "$OUT/run" > "$OUT/train-summary.json"
 .venv/bin/python - "$OUT" <<'PY'
@@ -24,5 +24,47 @@ e = s["eval"]
 print(f"trained {s['steps']} steps at {s['train_samples_per_s']:,.0f} samples/s; bundle {s['model_version']}")
 print(f"eval: AUC {e['auc']:.4f}  GAUC {e['gauc']:.4f}  LogLoss {e['logloss']:.4f}  calibration {e['calibration']:.3f}  (n={e['n']:,})")
 PY
-echo "== 5/5 evaluate the exported bundle without any process group"
+echo "== 5/7 evaluate the exported bundle without any process group"
 $LONGER eval --model "$OUT/run/export" --data "$OUT/data" --quiet
+
+echo "== 6/7 load the online store (embedded Redis in $OUT/redis) and start the server"
+export LONGER_REDIS_DIR="$PWD/$OUT/redis"
+unset REDIS_URL
+rm -rf "$LONGER_REDIS_DIR"
+$LONGER store load --data "$OUT/data" --quiet >/dev/null
+PORT="${DEMO_PORT:-8765}"
+$LONGER serve --model "$OUT/run/export" --port "$PORT" &
+SERVER=$!
+trap 'kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null || true' EXIT
+echo "== 7/7 score, post an event, score again"
+.venv/bin/python - "$PORT" "$OUT" <<'PY'
+import json, sys, time
+import httpx
+import pyarrow.parquet as pq
+
+base = f"http://127.0.0.1:{sys.argv[1]}"
+for _ in range(600):
+    try:
+        if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+            break
+    except httpx.TransportError:
+        pass
+    time.sleep(0.1)
+else:
+    sys.exit("server did not become ready")
+print("ready:", httpx.get(f"{base}/readyz").json())
+user = pq.read_table(f"{sys.argv[2]}/data/sequences", columns=["user_id"]).column("user_id")[0].as_py()
+body = {"user_id": user, "candidates": [{"item_id": i, "category_id": i % 50} for i in (11, 42, 314, 2718)]}
+show = lambda tag, r: print(f"{tag:<28} {r['user_state']:<6} {[round(s, 4) for s in r['scores']]}")
+show("score (cold cache)", httpx.post(f"{base}/v1/score", json=body).json())
+show("score again", httpx.post(f"{base}/v1/score", json=body).json())
+ev = {"events": [{"user_id": user, "item_id": 42, "category_id": 42, "action": 3, "label": 1,
+                  "ts": int(time.time()) - 1, "event_id": "demo-1"}]}
+print("post event:", httpx.post(f"{base}/v1/events", json=ev).json())
+show("score after the event", httpx.post(f"{base}/v1/score", json=body).json())
+print("model:", httpx.get(f"{base}/v1/model").json()["model_version"])
+PY
+kill "$SERVER"
+wait "$SERVER" 2>/dev/null || true
+trap - EXIT
+echo "== done: server stopped"
