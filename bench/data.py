@@ -9,13 +9,14 @@ max_len 100, 1000, 4000 over users with ~8,000 events, so long histories are rea
 from __future__ import annotations
 
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench import finish, machine
+
 
 FULL = {"users": 1250, "items": 50_000, "events_per_user": 8000, "bucket_rows": 2_000_000}
 QUICK = {"users": 150, "items": 20_000, "events_per_user": 8000, "bucket_rows": 400_000}
@@ -86,16 +87,13 @@ def main(quick: bool = False, out: str | None = None, workdir: str | None = None
             b.pop("data_dir")
     result = {
         "benchmark": "data", "quick": quick,
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "machine": machine(),
         "builder": [small, big],
         "builder_rss_growth": round(big["build_peak_rss_mib"] / max(small["build_peak_rss_mib"], 1), 2),
         "builder_log_growth": round(big["events"] / small["events"], 2),
         "loader_one_core": loader,
     }
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return finish(result, out)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -15,8 +14,11 @@ import time
 import uuid
 from pathlib import Path
 
+
 import numpy as np
 import torch
+
+from bench import finish, machine
 
 SHAPE = dict(d_model=64, n_heads=4, n_layers=2, emb_dim=32, merge_k=8, merge="inner_trans", query_k=100,
              item_buckets=100_003, category_buckets=512, user_buckets=100_003)
@@ -114,11 +116,8 @@ def main(quick: bool = False, out: str | None = None, workdir: str | None = None
         for L in (1000, 2000):
             rows += bench_length(Path(tmp), L, (100, 500), reps, naive_reps)
     result = {"benchmark": "serve", "quick": quick, "model": SHAPE, "torch_threads": os.cpu_count(),
-              "machine": {"cpus": os.cpu_count(), "python": platform.python_version()}, "results": rows}
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(result, indent=2) + "\n")
-    return result
+              "machine": machine(), "results": rows}
+    return finish(result, out)
 
 
 if __name__ == "__main__":

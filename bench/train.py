@@ -11,13 +11,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench import finish, machine
+
 
 LENGTHS = (512, 2000, 8000)
 TOKENS_PER_BATCH = 16_000  # batch size = max(1, TOKENS_PER_BATCH // L), the same for both models
@@ -135,7 +137,7 @@ def main(quick: bool = False, out: str | None = None, workdir: str | None = None
     by = {(r["model"], r["L"]): r for r in rows}
     result = {
         "benchmark": "train", "quick": quick, "config": BASE,
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "machine": machine(),
         "results": rows,
         "trainer_end_to_end": e2e,
         "longer_over_transformer_samples_per_s": {
@@ -144,10 +146,7 @@ def main(quick: bool = False, out: str | None = None, workdir: str | None = None
             str(L): round(by["transformer", L]["gflops_fwd_per_sample"] / by["longer", L]["gflops_fwd_per_sample"], 2)
             for L in LENGTHS},
     }
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return finish(result, out)
 
 
 if __name__ == "__main__":

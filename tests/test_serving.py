@@ -1,6 +1,5 @@
 """The scoring service against a real Redis (127.0.0.1:6379 in CI) and a trained bundle."""
 
-import json
 import shutil
 import socket
 import subprocess
