@@ -29,9 +29,9 @@ def _store(max_len: int):
 
     from feature_store.online import OnlineStore, connect
 
-    for url in (os.environ.get("REDIS_URL"), "redis://127.0.0.1:6379/13", None):
+    for url in (os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/13", None):  # None: embedded
         try:
-            client = connect(url) if url else connect(None)
+            client = connect(url)
             client.ping()
             return OnlineStore(client, max_len=max_len, prefix=f"bench{uuid.uuid4().hex[:6]}"), url or "embedded"
         except redis.RedisError:
