@@ -9,9 +9,11 @@ sent. Redis unreachable: answer from the history in the request, `user_state: "b
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import numpy as np
 import redis
@@ -53,7 +55,6 @@ class Service:
         self.metrics = Metrics()
         self.metrics.model.labels(self.runtime.version).set(1)
         self.inflight: dict[tuple, asyncio.Future] = {}
-        self.redis_ok = True
 
     async def run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
@@ -74,12 +75,9 @@ class Service:
 
     async def redis(self, fn, *args):
         try:
-            out = await self.run(fn, *args)
-            self.redis_ok = True
-            return out
+            return await self.run(fn, *args)
         except redis.RedisError:
             self.metrics.redis_errors.inc()
-            self.redis_ok = False
             raise
 
     async def encode_once(self, rt: ModelRuntime, key: tuple, user_id: int, events: np.ndarray):
@@ -102,8 +100,6 @@ class Service:
 
 def bundle_version(path: str) -> str | None:
     """The model_version a bundle directory declares now (None while unreadable)."""
-    import json
-    from pathlib import Path
     try:
         return json.loads((Path(path) / "config.json").read_text())["model_version"]
     except (OSError, ValueError, KeyError):
