@@ -105,14 +105,14 @@ class OnlineStore:
         by_user: dict[int, list[Event]] = {}
         for e in events:
             by_user.setdefault(int(e.user_id), []).append(e)
-        out = {}
+        p = self.r.pipeline(transaction=False)  # one round trip; each user's script is atomic
         for user, evs in by_user.items():
             argv: list = [self.max_len, len(evs)]
             for e, packed in zip(evs, pack_events(evs)):
                 argv += [e.event_id or "", packed]
-            out[user] = int(self._append(keys=[self._key(user, "seq"), self._key(user, "ver"),
-                                                self._key(user, "ids")], args=argv))
-        return out
+            self._append(keys=[self._key(user, "seq"), self._key(user, "ver"), self._key(user, "ids")], args=argv,
+                         client=p)
+        return {user: int(v) for user, v in zip(by_user, p.execute())}
 
     def read(self, user: int, model_version: str | None = None) -> tuple[np.ndarray, int, bytes | None]:
         """(events sorted by (ts, item_id), sequence version, cached state bytes or None) in one round trip."""

