@@ -32,7 +32,7 @@ def history_batch(user_id: int, events: np.ndarray, max_len: int) -> HistoryBatc
     values, lengths = [], []
     for key in DEFAULT_KEYS:
         if key.startswith("hist_"):
-            values.append(np.ascontiguousarray(ev[key.removeprefix("hist_")], np.int64))
+            values.append(np.array(ev[key.removeprefix("hist_")], dtype=np.int64))  # a packed copy
             lengths.append(n)
         elif key == "user_id":
             values.append(np.array([user_id], np.int64))
@@ -42,7 +42,7 @@ def history_batch(user_id: int, events: np.ndarray, max_len: int) -> HistoryBatc
             lengths.append(1)
     kjt = KeyedJaggedTensor(keys=list(DEFAULT_KEYS), values=torch.from_numpy(np.concatenate(values)),
                             lengths=torch.tensor(lengths, dtype=torch.long))
-    return HistoryBatch(kjt, torch.from_numpy(np.ascontiguousarray(ev["ts"], np.int64)))
+    return HistoryBatch(kjt, torch.from_numpy(np.array(ev["ts"], dtype=np.int64)))
 
 
 class ModelRuntime:

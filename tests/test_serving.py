@@ -241,3 +241,14 @@ def test_concurrent_misses_for_one_user_encode_once(app_and_store):
 
     out = asyncio.run(burst())
     assert all(r["user_state"] == "miss" for r in out) and len(calls) == 1
+
+
+def test_users_without_history_are_scored(app_and_store):
+    app, _ = app_and_store
+    with TestClient(app) as client:
+        for user in (10**12, 0):
+            r = client.post("/v1/score", json={"user_id": user, "candidates": [{"item_id": 1}], "ts": 5})
+            assert r.status_code == 200 and r.json()["user_state"] in ("miss", "hit"), r.text
+        r = client.post("/v1/score", json={"user_id": 7, "candidates": [{"item_id": 1}], "ts": 1_700_000_000,
+                                           "history": [{"item_id": 3, "ts": 1_600_000_000}]})
+        assert r.status_code == 200

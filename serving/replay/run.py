@@ -56,7 +56,8 @@ def offline_arm(name: str, bundle: str, log: str | Path, before_ts: int, workdir
         except Exception:  # already gone
             pass
 
-    return Arm(name, httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://offline"),
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)  # a crash is a 500, counted
+    return Arm(name, httpx.AsyncClient(transport=transport, base_url="http://offline"),
                on_close=[stop_redis])
 
 
