@@ -2,19 +2,20 @@
 # `make demo`: the main job end to end on embedded defaults.
 # Synthesize a behaviour log, build point-in-time training data, show what was built, train
 # LONGER with TorchRec for a short run, evaluate the exported bundle, then load the online
-# store (an embedded Redis), start the server, post an event, score candidates, and stop.
+# store (an embedded Redis), start the server, post an event, score candidates, stop it, and
+# replay the last logged day against the bundle and a shorter-trained one (an offline A/B).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-demo}"
 LONGER=.venv/bin/longer
 
-echo "== 1/7 synthesize a behaviour log ($OUT/log)"
+echo "== 1/8 synthesize a behaviour log ($OUT/log)"
 $LONGER synth --users 400 --items 5000 --events-per-user 600 --seed 0 --out "$OUT/log" --overwrite >/dev/null
-echo "== 2/7 build training data ($OUT/data)"
+echo "== 2/8 build training data ($OUT/data)"
 $LONGER build --log "$OUT/log" --out "$OUT/data" --max-len 256 --test-days 3 --overwrite >/dev/null
-echo "== 3/7 what was built"
+echo "== 3/8 what was built"
 .venv/bin/python -m feature_store.describe "$OUT/data"
-echo "== 4/7 train (configs/demo.toml → $OUT/run)"
+echo "== 4/8 train (configs/demo.toml → $OUT/run)"
 rm -rf "$OUT/run"
 $LONGER train --config configs/demo.toml --data "$OUT/data" --out "$OUT/run" > "$OUT/train-summary.json"
 .venv/bin/python - "$OUT" <<'PY'
@@ -24,10 +25,10 @@ e = s["eval"]
 print(f"trained {s['steps']} steps at {s['train_samples_per_s']:,.0f} samples/s; bundle {s['model_version']}")
 print(f"eval: AUC {e['auc']:.4f}  GAUC {e['gauc']:.4f}  LogLoss {e['logloss']:.4f}  calibration {e['calibration']:.3f}  (n={e['n']:,})")
 PY
-echo "== 5/7 evaluate the exported bundle without any process group"
+echo "== 5/8 evaluate the exported bundle without any process group"
 $LONGER eval --model "$OUT/run/export" --data "$OUT/data" --quiet
 
-echo "== 6/7 load the online store (embedded Redis in $OUT/redis) and start the server"
+echo "== 6/8 load the online store (embedded Redis in $OUT/redis) and start the server"
 export LONGER_REDIS_DIR="$PWD/$OUT/redis"
 unset REDIS_URL
 rm -rf "$LONGER_REDIS_DIR"
@@ -36,7 +37,7 @@ PORT="${DEMO_PORT:-8765}"
 $LONGER serve --model "$OUT/run/export" --port "$PORT" &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null || true' EXIT
-echo "== 7/7 score, post an event, score again"
+echo "== 7/8 score, post an event, score again"
 .venv/bin/python - "$PORT" "$OUT" <<'PY'
 import json, sys, time
 import httpx
@@ -67,4 +68,14 @@ PY
 kill "$SERVER"
 wait "$SERVER" 2>/dev/null || true
 trap - EXIT
-echo "== done: server stopped"
+echo "== server stopped"
+
+echo "== 8/8 replay the held-back day: a 60-step bundle (A) against the 200-step one (B)"
+rm -rf "$OUT/run-short"
+$LONGER train --config configs/demo.toml --data "$OUT/data" --out "$OUT/run-short" --quiet \
+  train.steps=60 train.eval_every=0 > /dev/null 2>&1
+SPLIT=$(.venv/bin/python -c "import json,sys; print(json.load(open(sys.argv[1]))['split']['split_ts'])" "$OUT/data/meta.json")
+$LONGER replay --log "$OUT/log" --bundle A="$OUT/run-short/export" --bundle B="$OUT/run/export" --all-arms \
+  --start "$SPLIT" --limit 300 --out "$OUT/replay" --quiet > /dev/null
+cat "$OUT/replay/report.md"
+echo "== done (report and plots in $OUT/replay/)"
