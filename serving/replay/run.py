@@ -11,23 +11,19 @@ import httpx
 import numpy as np
 
 from feature_store.online import Event, OnlineStore
-from feature_store.schema import read_log
 
 from .driver import Arm, replay
 from .report import summarize, write_report
-from .traffic import assign_arm, requests_from_log
+from .traffic import assign_arm, log_columns, requests_from_log
 
 
 def bootstrap_store(store: OnlineStore, log: str | Path, before_ts: int, chunk: int = 2000) -> int:
     """Load every logged event earlier than `before_ts` into the store (the state of the world
     when the replay window opens). Returns the number of events."""
-    t = read_log(log)
-    cols = {c: t.column(c).to_numpy() for c in t.column_names}
-    n = len(cols["user_id"])
+    cols = log_columns(log)
     keep = np.flatnonzero(cols["ts"] < before_ts)
     keep = keep[np.lexsort((cols["item_id"][keep], cols["ts"][keep], cols["user_id"][keep]))]
-    zeros = np.zeros(n, np.int64)
-    cat, act = cols.get("category_id", zeros), cols.get("action", zeros)
+    cat, act = cols["category_id"], cols["action"]
     for lo in range(0, len(keep), chunk):
         rows = keep[lo:lo + chunk]
         store.append([Event(int(cols["user_id"][i]), int(cols["item_id"][i]), int(cols["ts"][i]), int(cat[i]),

@@ -24,6 +24,15 @@ class Request:
     event_ts: tuple[int, ...]
 
 
+def log_columns(log: str | Path) -> dict[str, np.ndarray]:
+    """A log's columns as arrays, with `category_id` and `action` = 0 where the log has none."""
+    t = read_log(log)
+    cols = {c: t.column(c).to_numpy() for c in t.column_names}
+    for c in ("category_id", "action"):
+        cols.setdefault(c, np.zeros(len(cols["user_id"]), np.int64))
+    return cols
+
+
 def requests_from_log(log: str | Path, window_s: int = 1, start: int | None = None,
                       end: int | None = None) -> list[Request]:
     """Group each user's events into requests: a request starts at an event and holds that
@@ -31,12 +40,9 @@ def requests_from_log(log: str | Path, window_s: int = 1, start: int | None = No
     (ts, user_id) order; only events with start <= ts < end are replayed."""
     if window_s < 1:
         raise ValueError(f"window_s must be >= 1, got {window_s}")
-    t = read_log(log)
-    cols = {c: t.column(c).to_numpy() for c in t.column_names}
-    n = len(cols["user_id"])
-    cat = cols.get("category_id", np.zeros(n, np.int64))
-    act = cols.get("action", np.zeros(n, np.int64))
-    keep = np.ones(n, bool)
+    cols = log_columns(log)
+    cat, act = cols["category_id"], cols["action"]
+    keep = np.ones(len(cols["user_id"]), bool)
     if start is not None:
         keep &= cols["ts"] >= start
     if end is not None:
