@@ -62,11 +62,15 @@ def pack_events(events: Iterable[Event]) -> list[bytes]:
     return [np.array([(e.ts, e.item_id, e.category_id, e.action, e.label)], EVENT_DTYPE).tobytes() for e in events]
 
 
+def sort_events(arr: np.ndarray) -> np.ndarray:
+    """Events in sequence order: by (ts, item_id), as the offline builder sorts them."""
+    return arr[np.lexsort((arr["item_id"], arr["ts"]))]
+
+
 def unpack_events(raw: Sequence[bytes]) -> np.ndarray:
     """Packed list items → a structured array sorted by (ts, item_id). Malformed items are dropped."""
     good = [r for r in raw if isinstance(r, bytes) and len(r) == EVENT_DTYPE.itemsize]
-    arr = np.frombuffer(b"".join(good), dtype=EVENT_DTYPE) if good else np.zeros(0, EVENT_DTYPE)
-    return arr[np.lexsort((arr["item_id"], arr["ts"]))]
+    return sort_events(np.frombuffer(b"".join(good), dtype=EVENT_DTYPE) if good else np.zeros(0, EVENT_DTYPE))
 
 
 def connect(url: str | None = None):

@@ -21,7 +21,7 @@ from fastapi import BackgroundTasks, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from feature_store.online import EVENT_DTYPE, Event as StoreEvent, OnlineStore, connect
+from feature_store.online import EVENT_DTYPE, Event as StoreEvent, OnlineStore, connect, sort_events
 
 from .runtime import ModelRuntime
 from .schemas import EventsRequest, EventsResponse, ModelInfo, ScoreRequest, ScoreResponse
@@ -163,9 +163,8 @@ def create_app(settings: Settings, runtime: ModelRuntime | None = None, store: O
         try:
             events, version, blob = await svc.redis(svc.store.read, req.user_id, rt.version)
         except redis.RedisError:
-            hist = np.array([(e.ts, e.item_id, e.category_id, e.action, e.label) for e in (req.history or [])],
-                            EVENT_DTYPE)
-            hist = hist[np.lexsort((hist["item_id"], hist["ts"]))]
+            hist = sort_events(np.array([(e.ts, e.item_id, e.category_id, e.action, e.label)
+                                         for e in (req.history or [])], EVENT_DTYPE))
             state = await svc.run(rt.encode, req.user_id, hist[hist["ts"] < ts])
             return await respond(svc, rt, state, items, cats, ts, "bypass")
         used = events[events["ts"] < ts]  # point in time: strictly earlier events only

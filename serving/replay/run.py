@@ -14,15 +14,14 @@ from feature_store.online import Event, OnlineStore
 
 from .driver import Arm, replay
 from .report import summarize, write_report
-from .traffic import assign_arm, log_columns, requests_from_log
+from .traffic import assign_arm, by_user_then_time, log_columns, requests_from_log
 
 
 def bootstrap_store(store: OnlineStore, log: str | Path, before_ts: int, chunk: int = 2000) -> int:
     """Load every logged event earlier than `before_ts` into the store (the state of the world
     when the replay window opens). Returns the number of events."""
     cols = log_columns(log)
-    keep = np.flatnonzero(cols["ts"] < before_ts)
-    keep = keep[np.lexsort((cols["item_id"][keep], cols["ts"][keep], cols["user_id"][keep]))]
+    keep = by_user_then_time(cols, np.flatnonzero(cols["ts"] < before_ts))
     cat, act = cols["category_id"], cols["action"]
     for lo in range(0, len(keep), chunk):
         rows = keep[lo:lo + chunk]

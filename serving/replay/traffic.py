@@ -33,6 +33,11 @@ def log_columns(log: str | Path) -> dict[str, np.ndarray]:
     return cols
 
 
+def by_user_then_time(cols: dict[str, np.ndarray], rows: np.ndarray) -> np.ndarray:
+    """`rows` reordered by (user_id, ts, item_id)."""
+    return rows[np.lexsort((cols["item_id"][rows], cols["ts"][rows], cols["user_id"][rows]))]
+
+
 def requests_from_log(log: str | Path, window_s: int = 1, start: int | None = None,
                       end: int | None = None) -> list[Request]:
     """Group each user's events into requests: a request starts at an event and holds that
@@ -48,7 +53,7 @@ def requests_from_log(log: str | Path, window_s: int = 1, start: int | None = No
     if end is not None:
         keep &= cols["ts"] < end
     idx = np.flatnonzero(keep)
-    order = idx[np.lexsort((cols["item_id"][idx], cols["ts"][idx], cols["user_id"][idx]))]
+    order = by_user_then_time(cols, idx)
     out: list[Request] = []
     i = 0
     while i < len(order):
