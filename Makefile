@@ -10,7 +10,7 @@ DEVICE ?= cpu
 DEMO   ?= demo
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench-data bench-train clean
+.PHONY: setup demo test bench-data bench-train bench-quality bench-quality-quick clean
 
 setup:
 	@DEVICE=$(DEVICE) bash scripts/setup.sh
@@ -26,6 +26,12 @@ bench-data: setup
 
 bench-train: setup
 	$(LONGER) bench train --out bench-out/train.json
+
+bench-quality: setup
+	@bash scripts/quality.sh bench-out/quality
+
+bench-quality-quick: setup
+	@bash scripts/quality.sh bench-out/quality --quick
 
 clean:
 	rm -rf $(DEMO) bench-out .pytest_cache

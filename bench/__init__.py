@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import time
 from pathlib import Path
 
 
@@ -18,3 +19,17 @@ def finish(result: dict, out: str | None) -> dict:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def median_seconds(fn, steps: int, seconds: float) -> float:
+    """Median wall time of `fn()` after one warm-up call: at least `steps` calls, more while
+    `seconds` last (at most 10 × steps)."""
+    fn()
+    times = []
+    t_end = time.perf_counter() + seconds
+    while len(times) < steps or (time.perf_counter() < t_end and len(times) < 10 * steps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]

@@ -15,10 +15,9 @@ import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from bench import finish, machine
+from bench import finish, machine, median_seconds
 
 
 LENGTHS = (512, 2000, 8000)
@@ -52,17 +51,9 @@ def worker(model: str, L: int, steps: int, seconds: float) -> dict:
         loss = torch.nn.functional.binary_cross_entropy_with_logits(m(batch), batch.labels)
         loss.backward()
 
-    step()  # warm-up
-    times = []
-    t_end = time.perf_counter() + seconds
-    while len(times) < steps or (time.perf_counter() < t_end and len(times) < 10 * steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    median = times[len(times) // 2]
+    median = median_seconds(step, steps, seconds)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"model": model, "L": L, "batch_size": B, "steps": len(times), "ms_per_step": round(median * 1e3, 1),
+    return {"model": model, "L": L, "batch_size": B, "ms_per_step": round(median * 1e3, 1),
             "samples_per_s": round(B / median, 2), "gflops_fwd_per_sample": round(forward_flops(cfg) / 1e9, 3),
             "peak_rss_mib": round(peak / 1024), "step_extra_rss_mib": round((peak - rss0) / 1024),
             "torch_threads": torch.get_num_threads()}

@@ -35,7 +35,8 @@ def _train(a):
     from trainer.distributed import shutdown
     from trainer.train import train
     try:
-        return train(RunConfig.load(a.config, a.overrides), a.data, a.out, resume=a.resume, progress=not a.quiet)
+        return train(RunConfig.load(a.config, a.overrides), a.data, a.out, resume=a.resume, progress=not a.quiet,
+                     auto_resume=a.auto_resume)
     finally:
         shutdown()
 
@@ -83,6 +84,19 @@ def _bench(a):
     return importlib.import_module(f"bench.{a.what}").main(quick=a.quick, out=a.out, workdir=a.workdir)
 
 
+def _bench_quality(a):
+    from bench.quality import main
+    return main(a.data, a.config, a.out, quick=a.quick, seeds=a.seeds, jobs=a.jobs, lengths=a.lengths,
+                tables=a.tables, device=a.device, progress=not a.quiet, command=" ".join(["longer", *sys.argv[1:]]))
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="longer", description="LONGER: long-sequence recommender — data, "
                                 "training, serving and replay.")
@@ -126,6 +140,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True, help="dataset directory from `longer build`")
     s.add_argument("--out", required=True, help="run directory: checkpoints, metrics.jsonl, tb/, export/")
     s.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    s.add_argument("--auto-resume", action="store_true", help="resume if the run has a complete checkpoint, else "
+                   "start from step 0 (also over a start of the same config that died before its first "
+                   "checkpoint): for restarts with the original arguments, e.g. torchrun elastic")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. model.merge_k=4 train.lr=1e-3")
 
@@ -176,11 +193,29 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--salt", default="longer", help="salt of the user → arm hash")
     s.add_argument("--quiet", action="store_true")
 
-    s = add("bench", _bench, "run a benchmark and print JSON")
-    s.add_argument("what", choices=["data", "train", "serve"])
-    s.add_argument("--quick", action="store_true", help="small sizes (about a minute)")
-    s.add_argument("--out", required=True, help="JSON file to write")
-    s.add_argument("--workdir", help="scratch directory (default: a temporary one)")
+    s = add("bench", None, "run a benchmark and print JSON")
+    bench = s.add_subparsers(dest="what", required=True, metavar="BENCHMARK")
+    for what, help_ in (("data", "builder and loader throughput"), ("train", "training samples/s, LONGER vs "
+                        "transformer, and the trainer end to end"), ("serve", "/v1/score latency: hit, miss, naive")):
+        b = bench.add_parser(what, help=help_, description=help_)
+        b.set_defaults(fn=_bench)
+        b.add_argument("--quick", action="store_true", help="small sizes (about a minute)")
+        b.add_argument("--out", required=True, help="JSON file to write")
+        b.add_argument("--workdir", help="scratch directory (default: a temporary one)")
+    help_ = "the paper's tables on a built dataset: baselines, merge, queries, norms, PHD, scaling"
+    b = bench.add_parser("quality", help=help_, description=help_)
+    b.set_defaults(fn=_bench_quality)
+    b.add_argument("--data", required=True, help="a dataset made by `longer build`")
+    b.add_argument("--config", required=True, help="TOML with the base LONGER [model] and the shared [train]")
+    b.add_argument("--out", required=True, help="directory for results.json, results.md, PNGs and the run journal")
+    b.add_argument("--quick", action="store_true", help="fewer variants, one seed, short runs (CI-sized)")
+    b.add_argument("--seeds", type=int, help="seeds per variant (default 3; 1 with --quick)")
+    b.add_argument("--jobs", type=int, help="training runs in parallel (default: one per CPU, 1 on a GPU)")
+    b.add_argument("--lengths", type=_int_list, help="max_len values of the scaling table, e.g. 64,256,1024")
+    b.add_argument("--tables", type=lambda t: t.split(","), help="a subset of baselines,merge,queries,norms,phd,"
+                   "scaling")
+    b.add_argument("--device", help="device for the throughput columns (default cuda if present, else cpu)")
+    b.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
 
