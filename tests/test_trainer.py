@@ -150,6 +150,26 @@ def test_user_errors(small, tmp_path):
     assert r.returncode == 2 and "not a model bundle" in r.stderr
 
 
+def test_auto_resume_restarts_what_an_elastic_restart_finds(small, tmp_path):
+    """--auto-resume: step 0 in a fresh directory or over a same-config attempt that died before
+    its first checkpoint; the latest checkpoint when there is one; never over another run."""
+    out = tmp_path / "run"
+    flags = ["train.steps=4", "--auto-resume"]
+    train(small, out, *flags)
+    reference = weights(out)
+    shutil.rmtree(out / "checkpoints")
+    shutil.rmtree(out / "export")
+    (out / "metrics.jsonl").write_text('{"step": 2, "auc": 0.1}\n')  # the dead attempt's
+    summary = json.loads(train(small, out, *flags).stdout)
+    assert summary["steps"] == 4 and len((out / "metrics.jsonl").read_text().splitlines()) == 1
+    assert all(np.allclose(reference[k].numpy(), v.numpy(), atol=1e-6) for k, v in weights(out).items())
+    r = train(small, out, "train.steps=4", "train.lr=0.1", "--auto-resume", check=False)  # another config
+    assert r.returncode == 2 and "differs from the checkpoint" in r.stderr
+    shutil.rmtree(out / "checkpoints")
+    r = train(small, out, "train.steps=4", "train.lr=0.1", "--auto-resume", check=False)
+    assert r.returncode == 2 and "not empty" in r.stderr
+
+
 def test_corrupt_bundle_is_refused(small, tmp_path):
     out = tmp_path / "run"
     train(small, out, "train.steps=2")

@@ -78,9 +78,22 @@ def _seed(seed: int, deterministic: bool) -> None:
         torch.use_deterministic_algorithms(True)
 
 
+def _restartable(run: Path, cfg: RunConfig) -> bool:
+    """A run directory that this very run started and left before its first checkpoint: it holds
+    no complete checkpoint and a config.json equal to `cfg` (what an elastic restart finds)."""
+    try:
+        return ckpt.latest_checkpoint(run) is None and json.loads((run / "config.json").read_text()) == cfg.to_dict()
+    except (OSError, ValueError):
+        return False
+
+
 def train(cfg: RunConfig, data: str | Path, out: str | Path, resume: bool = False,
-          progress: bool = True) -> dict | None:
-    """Train, evaluate, checkpoint and export; returns a summary on rank 0 (None elsewhere)."""
+          progress: bool = True, auto_resume: bool = False) -> dict | None:
+    """Train, evaluate, checkpoint and export; returns a summary on rank 0 (None elsewhere).
+
+    `auto_resume` (for schedulers that restart a job with its original arguments, e.g. torchrun
+    elastic): resume when the run has a complete checkpoint, else start from step 0 — also in a
+    run directory that the same config left before its first checkpoint."""
     ctx = init_distributed()
     data, run = Path(data), Path(out)
     tc = cfg.train
@@ -93,16 +106,19 @@ def train(cfg: RunConfig, data: str | Path, out: str | Path, resume: bool = Fals
     warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*deprecating ShardedTensor.*", category=FutureWarning)
 
-    latest = ckpt.latest_checkpoint(run) if resume else None
+    latest = ckpt.latest_checkpoint(run) if resume or auto_resume else None
+    resume = resume or latest is not None
     if ctx.is_main:
-        if not resume and run.exists() and any(run.iterdir()):
+        if not resume and run.exists() and any(run.iterdir()) and not (auto_resume and _restartable(run, cfg)):
             err = f"{run}: run directory exists and is not empty (pass --resume to continue it)"
         elif resume and latest is None:
             err = f"{run}: --resume, but no complete checkpoint in {run}/checkpoints"
         else:
             err = None
             run.mkdir(parents=True, exist_ok=True)
-            if latest is not None:
+            if latest is None:  # from step 0: metrics of an attempt that died are not this run's
+                (run / "metrics.jsonl").unlink(missing_ok=True)
+            else:
                 try:
                     _check_resume(json.loads((latest / ckpt.STATE_FILE).read_text())["config"], cfg)
                 except ConfigError as e:
