@@ -383,7 +383,10 @@ def markdown(result: dict) -> str:
 
 
 def _log_axes(ax, xlabel: str, title: str) -> None:
+    from matplotlib.ticker import NullFormatter
+
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set(xlabel=xlabel, ylabel="eval AUC", title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -468,7 +471,7 @@ QUICK_STEPS = 60  # --quick: at most this many training steps per run
 
 def main(data: str, config: str, out: str, quick: bool = False, seeds: int | None = None, jobs: int | None = None,
          lengths: list[int] | None = None, tables: list[str] | None = None, device: str | None = None,
-         progress: bool = True, command: str = "") -> dict:
+         progress: bool = True, command: str = "", overrides: list[str] = ()) -> dict:
     import torch
 
     from feature_store.builder import read_meta
@@ -478,7 +481,7 @@ def main(data: str, config: str, out: str, quick: bool = False, seeds: int | Non
     t0 = time.time()
     data, out = Path(data), Path(out)
     meta = read_meta(data)
-    cfg = RunConfig.load(config)
+    cfg = RunConfig.load(config, list(overrides))
     base = cfg.model
     if base.model != "longer":
         raise ConfigError(f"{config}: bench quality needs a LONGER base config (model = \"longer\"), "
@@ -538,7 +541,7 @@ def main(data: str, config: str, out: str, quick: bool = False, seeds: int | Non
     hl = meta.get("hist_len", {})
     result = {
         "benchmark": "quality", "quick": quick, "command": command or f"longer bench quality --data {data} "
-        f"--config {config} --out {out}" + (" --quick" if quick else ""),
+        f"--config {config} --out {out}" + (" --quick" if quick else "") + "".join(f" {o}" for o in overrides),
         "dataset": {"name": data.name, "path": str(data), "users": meta["rows"]["users"],
                     "events": meta["rows"]["events"], "train": meta["rows"]["train"], "eval": meta["rows"]["eval"],
                     "split_ts": meta["split"]["split_ts"], "max_hist_len": hl.get("max", meta["max_len"])},

@@ -87,7 +87,8 @@ def _bench(a):
 def _bench_quality(a):
     from bench.quality import main
     return main(a.data, a.config, a.out, quick=a.quick, seeds=a.seeds, jobs=a.jobs, lengths=a.lengths,
-                tables=a.tables, device=a.device, progress=not a.quiet, command=" ".join(["longer", *sys.argv[1:]]))
+                tables=a.tables, device=a.device, progress=not a.quiet, command=" ".join(["longer", *sys.argv[1:]]),
+                overrides=a.overrides)
 
 
 def _int_list(text: str) -> list[int]:
@@ -216,6 +217,8 @@ def parser() -> argparse.ArgumentParser:
                    "scaling")
     b.add_argument("--device", help="device for the throughput columns (default cuda if present, else cpu)")
     b.add_argument("--quiet", action="store_true", help="no progress bars")
+    b.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="change the base config for every variant, e.g. train.steps=600 model.d_model=64")
     return p
 
 

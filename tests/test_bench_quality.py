@@ -143,10 +143,11 @@ def test_bench_quality_writes_tables_and_resumes_from_its_journal(tmp_path, synt
 @pytest.mark.slow
 def test_bench_quality_quick_covers_every_table(tmp_path, synth_dataset):
     out = tmp_path / "quick"
-    r = bench(tmp_path, synth_dataset, out, "--quick")
+    r = bench(tmp_path, synth_dataset, out, "--quick", "train.steps=3")
     summary = json.loads(r.stdout)
     res = json.loads((out / "results.json").read_text())
     assert res["quick"] and res["seeds"] == [0] and summary["rows"] == len(res["rows"])
+    assert res["train"]["steps"] == 3 and all(x["model"]["d_model"] == 16 for x in res["runs"])
     assert {r["table"] for r in res["rows"]} == {"baselines", "merge", "queries", "norms", "phd", "scaling"}
     assert all(r["auc_std"] is None for r in res["rows"])
     assert len(res["comparison"]) == 5
@@ -160,6 +161,7 @@ def test_bench_quality_quick_covers_every_table(tmp_path, synth_dataset):
     (["--tables", "baselines,tabel3"], "unknown table 'tabel3'"),
     (["--seeds", "0"], "--seeds must be >= 1"),
     (["--jobs", "0"], "--jobs must be >= 1"),
+    (["train.stepz=3"], "unknown key 'stepz'"),
 ])
 def test_bench_quality_refuses_bad_flags(tmp_path, synth_dataset, args, message):
     r = bench(tmp_path, synth_dataset, tmp_path / "bad", *args, check=False)
