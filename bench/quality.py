@@ -24,6 +24,7 @@ an interrupted bench resumes where it stopped and a rerun reuses what it has.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
@@ -414,7 +415,7 @@ def plots(result: dict, out: Path) -> list[str]:
     for table, mk in {"baselines": "o", "merge": "s", "queries": "^"}.items():
         tr = []
         for r in rows:
-            key = json.dumps(r["config"], sort_keys=True)
+            key = config_key(r["config"])
             if r["table"] == table and key not in seen:
                 seen.add(key)
                 tr.append(r)
@@ -512,7 +513,8 @@ def main(data: str, config: str, out: str, quick: bool = False, seeds: int | Non
 
     out.mkdir(parents=True, exist_ok=True)
     data_id = hashlib.sha1((data / "meta.json").read_bytes()).hexdigest()[:16]
-    shared = {k: v for k, v in RunConfig(train=train).to_dict()["train"].items() if k != "seed"}
+    train_table = dataclasses.asdict(train)
+    shared = {k: v for k, v in train_table.items() if k != "seed"}  # every run's [train], less its seed
 
     def key_of(v: Variant, seed: int) -> str:
         return run_key(data_id, v, shared, seed)
@@ -545,7 +547,7 @@ def main(data: str, config: str, out: str, quick: bool = False, seeds: int | Non
         "dataset": {"name": data.name, "path": str(data), "users": meta["rows"]["users"],
                     "events": meta["rows"]["events"], "train": meta["rows"]["train"], "eval": meta["rows"]["eval"],
                     "split_ts": meta["split"]["split_ts"], "max_hist_len": hl.get("max", meta["max_len"])},
-        "base_model": base.to_dict(), "train": RunConfig(train=train).to_dict()["train"], "seeds": seed_list,
+        "base_model": base.to_dict(), "train": train_table, "seeds": seed_list,
         "jobs": jobs, "throughput_device": device if device != "cuda" else torch.cuda.get_device_name(),
         "machine": machine(), "rows": rows, "scaling_fits": fits,
         "comparison": comparison(rows, base), "paper": PAPER,
