@@ -47,15 +47,15 @@ class BuildConfig:
 
     def __post_init__(self):
         if self.max_len < 1:
-            raise ValueError(f"build: --max-len must be >= 1, got {self.max_len}")
+            raise ValueError(f"--max-len must be >= 1, got {self.max_len}")
         if self.test_days is not None and self.split_ts is not None:
-            raise ValueError("build: give --test-days or --split-ts, not both")
+            raise ValueError("give --test-days or --split-ts, not both")
         if self.test_days is not None and not self.test_days > 0:
-            raise ValueError(f"build: --test-days must be > 0, got {self.test_days}")
+            raise ValueError(f"--test-days must be > 0, got {self.test_days}")
         if self.split_ts is not None and self.split_ts < 0:
-            raise ValueError(f"build: --split-ts must be >= 0, got {self.split_ts}")
+            raise ValueError(f"--split-ts must be >= 0, got {self.split_ts}")
         if self.bucket_rows < 1 or self.batch_rows < 1:
-            raise ValueError("build: bucket_rows and batch_rows must be >= 1")
+            raise ValueError("bucket_rows and batch_rows must be >= 1")
 
 
 def bucket_of(user_id: np.ndarray, n_buckets: int) -> np.ndarray:

@@ -14,6 +14,14 @@ class OutputExistsError(FileExistsError):
     pass
 
 
+def check_output(out: str | Path, overwrite: bool = False) -> None:
+    """OutputExistsError if `out` exists, is not an empty directory, and `overwrite` is off (a
+    command calls this first, to fail before its work rather than after it)."""
+    out = Path(out)
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
+        raise OutputExistsError(f"{out}: already exists and is not empty (pass --overwrite to replace it)")
+
+
 @contextmanager
 def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Write into a hidden sibling directory and rename it to `out` only on success.
@@ -22,8 +30,7 @@ def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     reader never sees a half-written dataset.
     """
     out = Path(out)
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
-        raise OutputExistsError(f"{out}: already exists and is not empty (pass --overwrite to replace it)")
+    check_output(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()

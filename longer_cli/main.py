@@ -36,7 +36,7 @@ def _train(a):
     from trainer.train import train
     try:
         return train(RunConfig.load(a.config, a.overrides), a.data, a.out, resume=a.resume, progress=not a.quiet,
-                     auto_resume=a.auto_resume)
+                     auto_resume=a.auto_resume, overwrite=a.overwrite)
     finally:
         shutdown()
 
@@ -60,14 +60,12 @@ def _store_load(a):
 
 
 def _serve(a):
-    import uvicorn
-
-    from serving.app import create_app
+    from serving.server import serve
     from serving.settings import Settings
     settings = Settings.from_env(model=a.model, redis_url=a.redis, threads=a.threads)
     if not settings.model:
         raise ValueError("--model (or LONGER_MODEL) is required")
-    uvicorn.run(create_app(settings), host=a.host, port=a.port, log_level="warning")
+    serve(settings, a.host, a.port)
     return None
 
 
@@ -75,7 +73,8 @@ def _replay(a):
     from serving.replay.run import run_replay
     res = run_replay(a.log, a.out, a.arm, a.bundle, split=a.split, all_arms=a.all_arms, start=a.start, end=a.end,
                      window_s=a.window, limit=a.limit, concurrency=a.concurrency, qps=a.qps, retries=a.retries,
-                     timeout_s=a.timeout, token=a.token or "", salt=a.salt, progress=not a.quiet)
+                     timeout_s=a.timeout, token=a.token or "", salt=a.salt, progress=not a.quiet,
+                     overwrite=a.overwrite)
     return {"out": res["out"], "requests": res["requests"], "arms": res["arms"], "deltas": res["deltas"]}
 
 
@@ -144,6 +143,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--auto-resume", action="store_true", help="resume if the run has a complete checkpoint, else "
                    "start from step 0 (also over a start of the same config that died before its first "
                    "checkpoint): for restarts with the original arguments, e.g. torchrun elastic")
+    s.add_argument("--overwrite", action="store_true", help="replace --out if it holds a run: the new run trains "
+                   "in a hidden sibling directory and replaces the old one only once it has finished")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. model.merge_k=4 train.lr=1e-3")
 
@@ -178,7 +179,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--arm", action="append", default=[], metavar="NAME=URL", help="an arm served over HTTP")
     s.add_argument("--bundle", action="append", default=[], metavar="NAME=PATH",
                    help="an arm scored in-process from a bundle (its own embedded Redis, bootstrapped from the log)")
-    s.add_argument("--out", required=True, help="report directory")
+    s.add_argument("--out", required=True, help="report directory (written atomically)")
+    s.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     group = s.add_mutually_exclusive_group()
     group.add_argument("--split", help="traffic weights per arm, e.g. 50,50 (default: equal)")
     group.add_argument("--all-arms", action="store_true", help="send every request to every arm (paired)")
@@ -222,6 +224,21 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def command_name(args) -> str:
+    """`longer store load`, `longer bench quality`, `longer train`: what the user typed."""
+    words = [args.command] + [getattr(args, k) for k in ("store_command", "what") if getattr(args, k, None)]
+    return " ".join(["longer", *words])
+
+
+def error_text(e: Exception, args) -> str:
+    """The message without a leading "build: " or "longer build: " that the line already says."""
+    text = str(e)
+    for prefix in (f"{command_name(args)}: ", f"{args.command}: "):
+        if text.startswith(prefix):
+            return text[len(prefix):]
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from feature_store.io import OutputExistsError
@@ -229,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = args.fn(args)
     except (LogError, OutputExistsError, ValueError, FileNotFoundError) as e:
-        print(f"longer {args.command}: error: {e}", file=sys.stderr)
+        print(f"{command_name(args)}: error: {error_text(e, args)}", file=sys.stderr)
         return 2
     if result is not None:  # None: a non-zero rank of a distributed run
         print(json.dumps(result, indent=2, default=str))

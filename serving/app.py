@@ -19,6 +19,7 @@ import numpy as np
 import redis
 from fastapi import BackgroundTasks, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from feature_store.online import EVENT_DTYPE, Event as StoreEvent, OnlineStore, connect, sort_events
@@ -135,9 +136,12 @@ def create_app(settings: Settings, runtime: ModelRuntime | None = None, store: O
             watcher.cancel()
         svc.pool.shutdown(wait=False)
 
-    app = FastAPI(title="LONGER scoring service", version="1", lifespan=lifespan,
-                  description="Scores candidates for a user against the user's cached sequence state "
-                              "(LONGER, arXiv 2505.04421). See DESIGN.md \"HTTP API\".")
+    # FastAPIOffline: /docs and /redoc load Swagger UI and ReDoc from the installed fastapi-offline
+    # package (under /static-offline-docs), never from a CDN; no online spec-validator badge either.
+    app = FastAPIOffline(title="LONGER scoring service", version="1", lifespan=lifespan,
+                         swagger_ui_parameters={"validatorUrl": None},
+                         description="Scores candidates for a user against the user's cached sequence state "
+                                     "(LONGER, arXiv 2505.04421). See DESIGN.md \"HTTP API\".")
     app.state.service = Service(settings, runtime, store)
 
     @app.middleware("http")

@@ -1,15 +1,167 @@
+"""Shared fixtures, and the suite's hygiene rules (`isolated_session`):
+
+* every test runs with its own embedded Redis directory (LONGER_REDIS_DIR under the session's
+  temp space) and without REDIS_URL, so nothing reaches the user's default store;
+* temp files (tempfile, TMPDIR for subprocesses) live under the session's temp space;
+* tests that use the shared Redis (127.0.0.1:6379 db 15) take their key prefixes from
+  `shared_redis`, which deletes the keys at teardown; the session fails if any are left;
+* the session fails if a process it started — a redis-server, `longer serve`/uvicorn, a
+  trainer — is still running when it ends (found by the session's environment marker, as
+  descendants of this process, or by a command line or working directory under its temp space,
+  which is what identifies a daemonized redis-server).
+"""
+
 from __future__ import annotations
 
 import os
+import tempfile
+import time
+import uuid
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("LONGER_SHARED_DATA", REPO.parent / "shared" / "data"))
+SHARED_REDIS_URL = "redis://127.0.0.1:6379/15"
+SESSION_MARK = "LONGER_TEST_SESSION"  # environment variable every process of the session inherits
+SESSION_ID = uuid.uuid4().hex[:12]
+
+
+def suite_processes(session_id: str, temp_root: Path) -> list[psutil.Process]:
+    """Running processes this test session started: they carry its environment marker, descend
+    from this process, or run with a command line or working directory under `temp_root`
+    (redis-server daemonizes — its parent is gone — and rewrites its environment block)."""
+    me = psutil.Process()
+    found = {p.pid: p for p in me.children(recursive=True)}
+    root = str(temp_root).rstrip(os.sep) + os.sep
+    for p in psutil.process_iter():
+        if p.pid == me.pid or p.pid in found:
+            continue
+        try:
+            if (p.environ().get(SESSION_MARK) == session_id or root in " ".join(p.cmdline())
+                    or (p.cwd() + os.sep).startswith(root)):
+                found[p.pid] = p
+        except (psutil.Error, OSError):
+            continue
+    alive = []
+    for p in found.values():
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(p)
+        except psutil.Error:
+            continue
+    return alive
+
+
+def _describe(p: psutil.Process) -> str:
+    try:
+        return f"pid {p.pid}: {' '.join(p.cmdline())[:200]} (cwd {p.cwd()})"
+    except psutil.Error:
+        return f"pid {p.pid}"
+
+
+def shared_redis_client():
+    """A client of the shared Redis (db 15), or None when none runs."""
+    import redis
+
+    c = redis.Redis.from_url(SHARED_REDIS_URL)
+    try:
+        c.ping()
+    except redis.ConnectionError:
+        return None
+    return c
+
+
+class SharedRedis:
+    """The shared Redis at 127.0.0.1:6379, db 15 (CI starts one; a test that uses it skips
+    without it). `prefix()` hands out a fresh key prefix; `delete_keys()` removes every key under
+    the prefixes handed out."""
+
+    def __init__(self, root: str):
+        self.root, self.prefixes, self._client = root, [], None
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = shared_redis_client()
+            if self._client is None:
+                pytest.skip("no Redis at 127.0.0.1:6379 (CI starts one)")
+        return self._client
+
+    def prefix(self) -> str:
+        p = f"{self.root}-{uuid.uuid4().hex[:8]}"
+        self.prefixes.append(p)
+        return p
+
+    def delete_keys(self) -> None:
+        if self._client is None:
+            return
+        for p in self.prefixes:
+            keys = list(self._client.scan_iter(match=f"{p}:*", count=1000))
+            if keys:
+                self._client.delete(*keys)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_session(tmp_path_factory):
+    temp_root = tmp_path_factory.getbasetemp()
+    scratch = tmp_path_factory.mktemp("tmp", numbered=False)
+    redis_dir = tmp_path_factory.mktemp("embedded-redis", numbered=False)
+    mp = pytest.MonkeyPatch()
+    mp.setenv(SESSION_MARK, SESSION_ID)
+    mp.setenv("LONGER_REDIS_DIR", str(redis_dir))
+    mp.delenv("REDIS_URL", raising=False)
+    mp.setenv("TMPDIR", str(scratch))
+    mp.setattr(tempfile, "tempdir", str(scratch))
+    try:
+        yield
+    finally:
+        mp.undo()
+    deadline = time.monotonic() + 10  # a server that is shutting down gets a moment
+    while (left := suite_processes(SESSION_ID, temp_root)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    described = [_describe(p) for p in left]
+    for p in left:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    if left:
+        pytest.fail("processes started by the test session outlived it (now killed):\n  " + "\n  ".join(described),
+                    pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def _shared_redis_root():
+    root = f"t{SESSION_ID}"
+    yield root
+    client = shared_redis_client()
+    left = list(client.scan_iter(match=f"{root}*", count=1000)) if client is not None else []
+    if left:
+        client.delete(*left)
+        pytest.fail(f"{len(left)} keys of this test session were left in the shared Redis (db 15), "
+                    f"e.g. {left[:3]} (now deleted)", pytrace=False)
+
+
+@pytest.fixture
+def shared_redis(_shared_redis_root):
+    """Per test: the keys under prefixes handed out here are deleted when the test ends."""
+    owner = SharedRedis(_shared_redis_root)
+    yield owner
+    owner.delete_keys()
+
+
+@pytest.fixture(scope="module")
+def shared_redis_module(_shared_redis_root):
+    """Per module (for module-scoped fixtures): the keys are deleted when the module ends."""
+    owner = SharedRedis(_shared_redis_root)
+    yield owner
+    owner.delete_keys()
 
 
 def shared_dataset(name: str) -> Path:

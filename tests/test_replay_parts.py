@@ -59,3 +59,114 @@ def test_bootstrap_ci_covers_a_known_difference_and_zero_for_identical_arms():
     assert res["ci_low"] < true_diff < res["ci_high"] and res["ci_low"] > 0
     same = bootstrap_diff(a, arm(users, labels, a["score"].copy()), auc_metric, n_boot=200)
     assert same["diff"] == 0 and same["ci_low"] <= 0 <= same["ci_high"]
+
+
+def outcome(arm, index, user, labels, scores, latency=5.0):
+    from serving.replay.driver import Outcome
+    return Outcome(arm, index, user, 1_700_000_000 + index, tuple(labels), list(scores), "miss", latency)
+
+
+def test_ndcg_counts_only_ranking_requests_and_is_not_judged_on_few():
+    from serving.replay.report import MIN_RANKING_REQUESTS, markdown, summarize
+
+    rng = np.random.default_rng(0)
+    outs = []
+    for i in range(200):  # one-candidate and all-equal requests: no ranking information
+        labels = [int(rng.integers(0, 2))] if i % 2 else [1, 1]
+        for arm in "AB":
+            outs.append(outcome(arm, i, i % 40, labels, rng.random(len(labels))))
+    ranking = [(200 + i, [1, 0, 0]) for i in range(MIN_RANKING_REQUESTS - 1)]
+    for i, labels in ranking:  # A ranks the positive last, B first
+        outs += [outcome("A", i, i % 40, labels, [0.1, 0.5, 0.9]), outcome("B", i, i % 40, labels, [0.9, 0.5, 0.1])]
+    s = summarize(outs, ["A", "B"], n_boot=50)
+    assert s["arms"]["A"]["ranking_requests"] == s["arms"]["B"]["ranking_requests"] == len(ranking)
+    assert s["arms"]["A"]["ndcg@10"] == pytest.approx(0.5) and s["arms"]["B"]["ndcg@10"] == 1.0
+    nd = s["deltas"]["B-A"]["ndcg@10"]
+    assert nd["ci_low"] is None and "too few ranking requests" in nd["verdict"]
+    text = markdown(s, {"log": "x", "requests": 1, "assignment": "paired"})
+    assert f"0.5000 ({len(ranking)})" in text and "too few ranking requests" in text
+    assert "invalidates the user's cached state" in text  # the hit rate is explained
+    i = 500  # one more ranking request: now judged, and B is better
+    outs += [outcome("A", i, 7, [1, 0], [0.1, 0.9]), outcome("B", i, 7, [1, 0], [0.9, 0.1])]
+    nd = summarize(outs, ["A", "B"], n_boot=50)["deltas"]["B-A"]["ndcg@10"]
+    assert nd["ci_low"] > 0 and nd["verdict"] == "B better"
+
+
+def test_verdicts_follow_each_metrics_direction():
+    from serving.replay.report import verdict
+    assert verdict("auc", 0.01, 0.02) == "B better" and verdict("logloss", 0.01, 0.02) == "B worse"
+    assert verdict("logloss", -0.02, -0.01) == "B better" and verdict("gauc", -0.01, 0.01) == "no clear difference"
+
+
+def _shown_tick_labels(fig, ax) -> list:
+    """The x tick labels (major and minor) that are drawn: non-empty and inside the view."""
+    fig.canvas.draw()
+    lo, hi = ax.get_xlim()
+    ticks = [*ax.xaxis.get_major_ticks(), *ax.xaxis.get_minor_ticks()]
+    return [t.label1 for t in ticks if t.label1.get_visible() and t.label1.get_text() and lo <= t.get_loc() <= hi]
+
+
+def _tick_labels_overlap(fig, ax) -> bool:
+    boxes = [t.get_window_extent() for t in _shown_tick_labels(fig, ax)]
+    boxes.sort(key=lambda b: b.x0)
+    return any(a.x1 > b.x0 for a, b in zip(boxes, boxes[1:]))
+
+
+@pytest.mark.parametrize("lo,hi", [(21.0, 34.0), (3.0, 40.0), (2.0, 300.0), (0.5, 4000.0), (0.05, 90000.0)])
+def test_latency_axis_labels_do_not_overlap(lo, hi):
+    import matplotlib.pyplot as plt
+
+    from serving.replay.plots import latency_figure
+
+    rng = np.random.default_rng(1)
+    fig = latency_figure({"A": np.exp(rng.uniform(np.log(lo), np.log(hi), 500)),
+                          "B": np.exp(rng.uniform(np.log(lo), np.log(hi), 500))})
+    ax = fig.axes[0]
+    assert len(_shown_tick_labels(fig, ax)) >= 2
+    assert not _tick_labels_overlap(fig, ax)
+    plt.close(fig)
+
+
+def test_deltas_plot_right_is_better_for_every_metric():
+    import matplotlib.pyplot as plt
+
+    from serving.replay.plots import deltas_figure
+
+    deltas = {"B-A": {"auc": {"diff": 0.01, "ci_low": 0.005, "ci_high": 0.02},
+                      "logloss": {"diff": -0.03, "ci_low": -0.04, "ci_high": -0.02},
+                      "ndcg@10": {"diff": None, "ci_low": None, "ci_high": None}}}
+    fig = deltas_figure(deltas)
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    x = ax.lines[0].get_xdata()
+    assert "sign flipped" in labels[1] and x[1] == pytest.approx(0.03)  # lower LogLoss plotted as a gain
+    assert x[0] == pytest.approx(0.01) and "not judged" in labels[2] and np.isnan(x[2])
+    assert "B better" in ax.get_xlabel()
+    plt.close(fig)
+
+
+def test_calibration_uses_quantile_bins_with_counts():
+    import matplotlib.pyplot as plt
+
+    from serving.replay.plots import MAX_CALIBRATION_BINS, calibration_figure
+
+    rng = np.random.default_rng(2)
+    p = rng.beta(2, 5, 3000)
+    rows = {"label": (rng.random(3000) < p).astype(int), "logit": np.log(p / (1 - p))}
+    fig = calibration_figure({"A": rows})
+    ax = fig.axes[0]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert f"A: {MAX_CALIBRATION_BINS} quantile bins, 200 candidates each" in legend
+    plt.close(fig)
+
+
+def test_replay_refuses_an_existing_report_before_sending_anything(tmp_path):
+    from feature_store.io import OutputExistsError
+    from serving.replay.run import run_replay
+
+    out = tmp_path / "rep"
+    out.mkdir()
+    (out / "report.md").write_text("an earlier report")
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        run_replay(str(tmp_path / "no-log"), str(out), arms_http=["A=http://127.0.0.1:9", "B=http://127.0.0.1:9"])
+    assert (out / "report.md").read_text() == "an earlier report"

@@ -1,12 +1,19 @@
 """The scoring service against a real Redis (127.0.0.1:6379 in CI) and a trained bundle."""
 
+import json
+import os
+import re
+import selectors
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time
-import uuid
 
+import httpx
 import numpy as np
+import psutil
 import pyarrow.parquet as pq
 import pytest
 from fastapi.testclient import TestClient
@@ -15,6 +22,7 @@ from feature_store.online import OnlineStore, connect
 from serving.app import create_app
 from serving.runtime import ModelRuntime
 from serving.settings import Settings
+from tests.conftest import REPO
 from tests.test_trainer import run, small  # noqa: F401  (the module fixture)
 
 pytestmark = pytest.mark.slow
@@ -30,20 +38,10 @@ def trained(small, tmp_path_factory):  # noqa: F811
     return out / "export", small / "data", preds
 
 
-def redis_client(url="redis://127.0.0.1:6379/15"):
-    import redis
-    c = connect(url)
-    try:
-        c.ping()
-    except redis.ConnectionError:
-        pytest.skip("no Redis at 127.0.0.1:6379 (CI starts one)")
-    return c
-
-
 @pytest.fixture
-def app_and_store(trained):
+def app_and_store(trained, shared_redis):
     bundle, data, _ = trained
-    store = OnlineStore(redis_client(), max_len=1000, prefix=f"t{uuid.uuid4().hex[:8]}")
+    store = OnlineStore(shared_redis.client, max_len=1000, prefix=shared_redis.prefix())
     store.load_sequences(data, progress=False)
     settings = Settings(model=str(bundle), max_candidates=50, token="s3cret")
     return create_app(settings, runtime=ModelRuntime(str(bundle)), store=store), store
@@ -180,6 +178,7 @@ def test_redis_down_means_bypass_then_hits_resume(trained, tmp_path):
             assert "longer_user_state_total" in client.get("/metrics").text
     finally:
         proc.terminate()
+        proc.wait(10)
 
 
 def perturbed_bundle(src, dst, delta=0.05):
@@ -189,11 +188,11 @@ def perturbed_bundle(src, dst, delta=0.05):
     return write_bundle(dst, tensors, b.config, {})
 
 
-def test_reload_and_watch_swap_the_model(trained, tmp_path):
+def test_reload_and_watch_swap_the_model(trained, tmp_path, shared_redis):
     bundle, data, _ = trained
     live = tmp_path / "live"
     shutil.copytree(bundle, live)
-    store = OnlineStore(redis_client(), max_len=1000, prefix=f"t{uuid.uuid4().hex[:8]}")
+    store = OnlineStore(shared_redis.client, max_len=1000, prefix=shared_redis.prefix())
     store.load_sequences(data, progress=False)
     app = create_app(Settings(model=str(live), token="t", watch_s=0.2), store=store)
     user = pq.read_table(data / "sequences", columns=["user_id"]).column("user_id")[0].as_py()
@@ -252,3 +251,80 @@ def test_users_without_history_are_scored(app_and_store):
         r = client.post("/v1/score", json={"user_id": 7, "candidates": [{"item_id": 1}], "ts": 1_700_000_000,
                                            "history": [{"item_id": 3, "ts": 1_600_000_000}]})
         assert r.status_code == 200
+
+
+def start_serve(bundle, redis_dir, *extra, timeout_s=120):
+    """`longer serve --port 0` in a subprocess with its own embedded store; returns the process
+    and its first stdout line (the listening line), or '' if it exited first."""
+    env = {**os.environ, "LONGER_REDIS_DIR": str(redis_dir), "PYTHONUNBUFFERED": "1"}
+    env.pop("REDIS_URL", None)
+    p = subprocess.Popen([sys.executable, "-m", "longer_cli", "serve", "--model", str(bundle), "--port", "0", *extra],
+                         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with selectors.DefaultSelector() as sel:
+        sel.register(p.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout_s):
+            p.kill()
+            p.wait()
+            raise AssertionError("longer serve printed nothing")
+    return p, p.stdout.readline()
+
+
+def embedded_servers(redis_dir) -> list[psutil.Process]:
+    out = []
+    for q in psutil.process_iter(["name"]):
+        try:
+            if "redis-server" in (q.info["name"] or "") and q.cwd() == str(redis_dir) and \
+                    q.status() != psutil.STATUS_ZOMBIE:
+                out.append(q)
+        except psutil.Error:
+            continue
+    return out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_serve_says_where_it_listens_and_a_stop_signal_stops_its_redis(trained, tmp_path, sig):
+    bundle = trained[0]
+    version = json.loads((bundle / "config.json").read_text())["model_version"]
+    redis_dir = tmp_path / "redis"
+    p, line = start_serve(bundle, redis_dir)
+    try:
+        m = re.fullmatch(r"longer serve: listening on http://127\.0\.0\.1:(\d+) \(model (\w+), redis embedded, "
+                         r"data in (.+)\)\n", line)
+        assert m, (line, p.stderr.read() if p.poll() is not None else "")
+        assert m.group(2) == version and m.group(3) == str(redis_dir / "store.rdb")
+        assert httpx.get(f"http://127.0.0.1:{m.group(1)}/readyz", timeout=10).json()["status"] == "ready"
+        servers = embedded_servers(redis_dir)
+        assert len(servers) == 1
+    finally:
+        p.send_signal(sig)
+        rc = p.wait(60)
+    assert rc == 0, p.stderr.read()
+    assert not embedded_servers(redis_dir)  # the embedded Redis stopped with it
+    assert (redis_dir / "store.rdb").is_file()  # ... after saving its data
+
+
+def test_serve_on_a_taken_port_is_a_one_line_error(trained, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        env = {**os.environ, "LONGER_REDIS_DIR": str(tmp_path / "redis")}
+        r = subprocess.run([sys.executable, "-m", "longer_cli", "serve", "--model", str(trained[0]), "--port",
+                            str(port)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip() == (f"longer serve: error: cannot listen on 127.0.0.1:{port}: "
+                                                      "Address already in use"), r.stderr
+    assert not (tmp_path / "redis").exists()  # refused before the store or the model was touched
+
+
+def test_docs_are_served_without_a_network(app_and_store):
+    app, _ = app_and_store
+    with TestClient(app) as client:
+        page = client.get("/docs")
+        assert page.status_code == 200
+        assets = re.findall(r"""(?:src|href)\s*=\s*['"]([^'"]+)['"]""", page.text)
+        assets += re.findall(r"""url:\s*['"]([^'"]+)['"]""", page.text)  # the OpenAPI URL in the page's script
+        assert assets and all(a.startswith("/") and not a.startswith("//") for a in assets), assets
+        for a in assets:
+            assert client.get(a).status_code == 200, a
+        assert "cdn" not in page.text.lower() and '"validatorUrl": null' in page.text  # no online validator badge
+        assert client.get("/redoc").status_code == 200

@@ -148,6 +148,25 @@ def test_user_errors(small, tmp_path):
     assert r.returncode == 2 and "model config differs" in r.stderr and "d_model" in r.stderr
     r = run(["eval", "--model", small, "--data", small / "data"], check=False)
     assert r.returncode == 2 and "not a model bundle" in r.stderr
+    r = run(["eval", "--model", out, "--data", small / "data"], check=False)
+    assert r.returncode == 2 and f"its bundle is {out / 'export'}" in r.stderr
+
+
+def test_overwrite_replaces_a_run_only_once_the_new_one_has_finished(small, tmp_path):
+    out = tmp_path / "run"
+    first = json.loads(train(small, out, "train.steps=2").stdout)
+    r = train(small, out, "train.steps=2", "--overwrite", resume=True, check=False)
+    assert r.returncode == 2 and "cannot be combined" in r.stderr
+    leftover = tmp_path / ".run.partial-overwrite"  # what an interrupted --overwrite leaves behind
+    leftover.mkdir()
+    (leftover / "config.json").write_text("{}")
+    r = train(small, out, "train.steps=3", "--overwrite")
+    assert "replaces" in r.stderr  # never silently
+    second = json.loads(r.stdout)
+    assert second["run"] == str(out) and second["steps"] == 3 and second["model_version"] != first["model_version"]
+    assert json.loads((out / "config.json").read_text())["train"]["steps"] == 3
+    assert json.loads((out / "export" / "config.json").read_text())["model_version"] == second["model_version"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no partial or old directory left
 
 
 def test_auto_resume_restarts_what_an_elastic_restart_finds(small, tmp_path):

@@ -79,7 +79,8 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
     path = Path(path)
     for f in FILES:
         if not (path / f).is_file():
-            raise BundleError(f"{path}: not a model bundle (missing {f})")
+            hint = f"; a run directory? its bundle is {path / 'export'}" if (path / "export" / f).is_file() else ""
+            raise BundleError(f"{path}: not a model bundle (missing {f}{hint})")
     try:
         raw = json.loads((path / "config.json").read_text())
         schema = json.loads((path / "feature_schema.json").read_text())

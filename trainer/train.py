@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
+import shutil
 import sys
 import time
+import uuid
 import warnings
 from pathlib import Path
 
@@ -87,15 +90,32 @@ def _restartable(run: Path, cfg: RunConfig) -> bool:
         return False
 
 
+def _replace_run(new: Path, old: Path) -> None:
+    """Put the finished run `new` where `old` is; `old` is deleted only after the swap."""
+    aside = old.parent / f".{old.name}.old-{uuid.uuid4().hex[:8]}"
+    os.replace(old, aside)
+    os.replace(new, old)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 def train(cfg: RunConfig, data: str | Path, out: str | Path, resume: bool = False,
-          progress: bool = True, auto_resume: bool = False) -> dict | None:
+          progress: bool = True, auto_resume: bool = False, overwrite: bool = False) -> dict | None:
     """Train, evaluate, checkpoint and export; returns a summary on rank 0 (None elsewhere).
 
     `auto_resume` (for schedulers that restart a job with its original arguments, e.g. torchrun
     elastic): resume when the run has a complete checkpoint, else start from step 0 — also in a
-    run directory that the same config left before its first checkpoint."""
+    run directory that the same config left before its first checkpoint.
+
+    `overwrite` with an existing run directory: train from step 0 in a hidden sibling directory
+    and swap it in for the old run only once it has finished (exported); an interrupted or
+    failed run leaves the old one untouched."""
     ctx = init_distributed()
     data, run = Path(data), Path(out)
+    if overwrite and (resume or auto_resume):
+        raise ConfigError("--overwrite starts a new run; it cannot be combined with --resume or --auto-resume")
+    final = run
+    if overwrite and run.is_dir() and any(run.iterdir()):
+        run = run.parent / f".{run.name}.partial-overwrite"  # the same name on every rank
     tc = cfg.train
     meta = read_meta(data)
     if cfg.model.max_len > meta["max_len"]:
@@ -109,8 +129,13 @@ def train(cfg: RunConfig, data: str | Path, out: str | Path, resume: bool = Fals
     latest = ckpt.latest_checkpoint(run) if resume or auto_resume else None
     resume = resume or latest is not None
     if ctx.is_main:
+        if run != final:  # --overwrite: a previous attempt's leftovers are not this run's
+            shutil.rmtree(run, ignore_errors=True)
+            print(f"train: --overwrite: training in {run}; it replaces {final} once it has finished",
+                  file=sys.stderr, flush=True)
         if not resume and run.exists() and any(run.iterdir()) and not (auto_resume and _restartable(run, cfg)):
-            err = f"{run}: run directory exists and is not empty (pass --resume to continue it)"
+            err = (f"{run}: run directory exists and is not empty (pass --resume to continue it, or --overwrite "
+                   "to replace it)")
         elif resume and latest is None:
             err = f"{run}: --resume, but no complete checkpoint in {run}/checkpoints"
         else:
@@ -221,7 +246,9 @@ def train(cfg: RunConfig, data: str | Path, out: str | Path, resume: bool = Fals
     version = write_bundle(run / "export", tensors, cfg, meta) if ctx.is_main else None
     if writer:
         writer.close()
-    summary = {"run": str(run), "steps": step, "world_size": ctx.world_size, "train_samples_per_s": round(samples_per_s, 1),
+    if ctx.is_main and run != final:
+        _replace_run(run, final)
+    summary = {"run": str(final), "steps": step, "world_size": ctx.world_size, "train_samples_per_s": round(samples_per_s, 1),
                "gflops_fwd_per_sample": round(forward_flops(cfg.model) / 1e9, 4), "model_version": version,
                "eval": last_eval}
     return summary if ctx.is_main else None

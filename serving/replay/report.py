@@ -1,4 +1,15 @@
-"""The replay report: per-arm metrics, B − A differences with bootstrap CIs, and plots."""
+"""The replay report: per-arm metrics, B − A differences with bootstrap CIs (`report.json`,
+`report.md`) and the plots of `plots.py`.
+
+* NDCG@10 is averaged over *ranking requests* only: requests whose candidates hold at least
+  one positive and one negative (so at least two candidates). A request with one candidate, or
+  with every label equal, scores the same under any order and says nothing about ranking. Their
+  count is reported beside the metric, and with fewer than MIN_RANKING_REQUESTS in either arm
+  the B − A difference of NDCG@10 carries no interval (it is reported as too small to judge).
+* Every difference is B − A with a 95 % bootstrap interval resampling users, and a verdict:
+  "B better" / "B worse" where the interval excludes 0 (in the metric's own direction: higher
+  AUC, GAUC and NDCG@10 are better, lower LogLoss is), else "no clear difference".
+"""
 
 from __future__ import annotations
 
@@ -13,6 +24,16 @@ from .driver import Outcome
 from .stats import bootstrap_diff, ndcg_at_k
 
 DELTA_METRICS = ("auc", "gauc", "logloss", "ndcg@10")
+HIGHER_IS_BETTER = {"auc": True, "gauc": True, "logloss": False, "ndcg@10": True}
+LABELS = {"auc": "AUC", "gauc": "GAUC", "logloss": "LogLoss", "ndcg@10": "NDCG@10"}
+MIN_RANKING_REQUESTS = 30
+
+HIT_RATE_NOTE = (
+    "State hit rate: the share of `/v1/score` answers computed from the user's cached state. The "
+    "replay posts each request's own events to the arm right after scoring it, as production would, "
+    "and a new event invalidates the user's cached state — so a user's next request is a miss, and "
+    "the rate is 0 when every request is followed by its own events (a log where each request is "
+    "the events it produced). Hits come from a user scored again before new events arrive.")
 
 
 def _logit(p: np.ndarray) -> np.ndarray:
@@ -20,8 +41,13 @@ def _logit(p: np.ndarray) -> np.ndarray:
     return np.log(p / (1 - p))
 
 
+def is_ranking_request(labels) -> bool:
+    """At least one positive and one negative: the order of the candidates matters."""
+    return 0 < sum(labels) < len(labels)
+
+
 def arm_rows(outcomes: list[Outcome]) -> dict:
-    """Successful outcomes flattened to one row per candidate, plus per-request NDCG."""
+    """Successful outcomes flattened to one row per candidate, plus NDCG@10 per ranking request."""
     ok = [o for o in outcomes if o.scores is not None]
     rows = {"user_id": [], "label": [], "logit": [], "request": []}
     for o in ok:
@@ -30,19 +56,37 @@ def arm_rows(outcomes: list[Outcome]) -> dict:
         rows["logit"] += _logit(np.asarray(o.scores)).tolist()
         rows["request"] += [o.index] * len(o.scores)
     out = {k: np.asarray(v) for k, v in rows.items()}
-    out["ndcg"] = {o.index: ndcg_at_k(o.labels, o.scores, 10) for o in ok}
+    out["ndcg"] = {o.index: ndcg_at_k(o.labels, o.scores, 10) for o in ok if is_ranking_request(o.labels)}
     return out
 
 
 def metric(name: str):
     def value(cols: dict, rows: np.ndarray) -> float:
         if name == "ndcg@10":
-            vals = [cols["ndcg"][r] for r in np.unique(cols["request"][rows])]
-            vals = [v for v in vals if np.isfinite(v)]
+            vals = [cols["ndcg"][r] for r in np.unique(cols["request"][rows]) if r in cols["ndcg"]]
             return float(np.mean(vals)) if vals else float("nan")
         m = all_metrics(cols["user_id"][rows], cols["label"][rows], cols["logit"][rows])
         return m[name]
     return value
+
+
+def verdict(name: str, ci_low: float, ci_high: float) -> str:
+    better_if_up = HIGHER_IS_BETTER[name]
+    if ci_low > 0:
+        return "B better" if better_if_up else "B worse"
+    if ci_high < 0:
+        return "B worse" if better_if_up else "B better"
+    return "no clear difference"
+
+
+def compare(rows_a: dict, rows_b: dict, name: str, n_boot: int, seed: int) -> dict:
+    if name == "ndcg@10":
+        n = min(len(rows_a["ndcg"]), len(rows_b["ndcg"]))
+        if n < MIN_RANKING_REQUESTS:
+            return {"diff": None, "ci_low": None, "ci_high": None, "ranking_requests": n,
+                    "verdict": f"too few ranking requests to judge ({n} < {MIN_RANKING_REQUESTS})"}
+    d = bootstrap_diff(rows_a, rows_b, metric(name), n_boot=n_boot, seed=seed)
+    return {**d, "verdict": verdict(name, d["ci_low"], d["ci_high"])}
 
 
 def summarize(outcomes: list[Outcome], arms: list[str], n_boot: int = 500, seed: int = 0) -> dict:
@@ -58,87 +102,55 @@ def summarize(outcomes: list[Outcome], arms: list[str], n_boot: int = 500, seed:
             "requests": len(mine), "errors": sum(o.error is not None for o in mine),
             "retries": sum(o.retries for o in mine), "event_errors": sum(o.event_errors for o in mine),
             **{k: m.get(k) for k in ("auc", "gauc", "logloss", "calibration", "n")},
-            "ndcg@10": metric("ndcg@10")(rows[arm], np.arange(len(rows[arm]["label"]))) if len(lat) else None,
+            "ndcg@10": metric("ndcg@10")(rows[arm], np.arange(len(rows[arm]["label"]))) if rows[arm]["ndcg"] else None,
+            "ranking_requests": len(rows[arm]["ndcg"]),
             "latency_ms": {f"p{q}": float(np.percentile(lat, q)) for q in (50, 95, 99)} if len(lat) else {},
             "state_hit_rate": states.count("hit") / len(states) if states else None,
             "errors_sample": [o.error for o in mine if o.error][:5],
         }
     base = arms[0]
-    deltas = {f"{arm}-{base}": {name: bootstrap_diff(rows[base], rows[arm], metric(name), n_boot=n_boot, seed=seed)
-                                for name in DELTA_METRICS}
+    deltas = {f"{arm}-{base}": {name: compare(rows[base], rows[arm], name, n_boot, seed) for name in DELTA_METRICS}
               for arm in arms[1:] if len(rows[arm]["label"]) and len(rows[base]["label"])}
     return {"arms": per_arm, "deltas": deltas}
 
 
+def _fmt(v, d: int = 4) -> str:
+    return "–" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.{d}f}"
+
+
+def markdown(summary: dict, meta: dict) -> str:
+    lines = ["# Replay report", "", f"Log: `{meta.get('log')}`; requests: {meta.get('requests')}; "
+             f"assignment: {meta.get('assignment')}", "",
+             "| arm | requests | errors | AUC | GAUC | LogLoss | calibration | NDCG@10 (ranking requests) "
+             "| p50 ms | p99 ms | state hit rate |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for arm, a in summary["arms"].items():
+        lat = a["latency_ms"]
+        lines.append(f"| {arm} | {a['requests']} | {a['errors']} | {_fmt(a['auc'])} | {_fmt(a['gauc'])} | "
+                     f"{_fmt(a['logloss'])} | {_fmt(a['calibration'], 3)} | {_fmt(a['ndcg@10'])} "
+                     f"({a['ranking_requests']}) | {_fmt(lat.get('p50'), 1)} | {_fmt(lat.get('p99'), 1)} | "
+                     f"{_fmt(a['state_hit_rate'], 2)} |")
+    for pair, d in summary["deltas"].items():
+        lines += ["", f"**{pair}** (95 % bootstrap CI, users resampled):", ""]
+        for k, v in d.items():
+            way = "higher" if HIGHER_IS_BETTER[k] else "lower"
+            value = f"{v['diff']:+.4f} [{v['ci_low']:+.4f}, {v['ci_high']:+.4f}] — " if v["ci_low"] is not None \
+                else ""
+            lines.append(f"- {LABELS[k]} ({way} is better): {value}{v['verdict']}")
+    lines += ["", "Notes:", "",
+              f"- NDCG@10 averages only the requests whose candidates include a positive and a negative (the "
+              f"count in brackets); others score the same under any order. Fewer than {MIN_RANKING_REQUESTS} "
+              "such requests: no difference is judged.",
+              f"- {HIT_RATE_NOTE}",
+              "", "![latency](latency_cdf.png) ![calibration](calibration.png) ![deltas](deltas.png)", ""]
+    return "\n".join(lines)
+
+
 def write_report(summary: dict, outcomes: list[Outcome], out: str | Path, meta: dict) -> None:
+    from .plots import write_plots
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps({**meta, **summary}, indent=2, default=float) + "\n")
-    lines = ["# Replay report", "", f"Log: `{meta.get('log')}`; requests: {meta.get('requests')}; "
-             f"assignment: {meta.get('assignment')}", "",
-             "| arm | requests | errors | AUC | GAUC | LogLoss | calibration | NDCG@10 | p50 ms | p99 ms | hit rate |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    fmt = lambda v, d=4: "–" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.{d}f}"  # noqa: E731
-    for arm, a in summary["arms"].items():
-        lat = a["latency_ms"]
-        lines.append(f"| {arm} | {a['requests']} | {a['errors']} | {fmt(a['auc'])} | {fmt(a['gauc'])} | "
-                     f"{fmt(a['logloss'])} | {fmt(a['calibration'], 3)} | {fmt(a['ndcg@10'])} | "
-                     f"{fmt(lat.get('p50'), 1)} | {fmt(lat.get('p99'), 1)} | {fmt(a['state_hit_rate'], 2)} |")
-    for pair, d in summary["deltas"].items():
-        lines += ["", f"**{pair}** (95% bootstrap CI, users resampled):", ""]
-        lines += [f"- {k}: {fmt(v['diff'])} [{fmt(v['ci_low'])}, {fmt(v['ci_high'])}]" for k, v in d.items()]
-    lines += ["", "![latency](latency_cdf.png) ![calibration](calibration.png) ![deltas](deltas.png)", ""]
-    (out / "report.md").write_text("\n".join(lines))
-    _plots(summary, outcomes, out)
-
-
-def _plots(summary: dict, outcomes: list[Outcome], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    arms = list(summary["arms"])
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for arm in arms:
-        lat = np.sort([o.latency_ms for o in outcomes if o.arm == arm and o.scores is not None])
-        if len(lat):
-            ax.plot(lat, np.arange(1, len(lat) + 1) / len(lat), label=arm)
-    ax.set(xlabel="latency (ms)", ylabel="fraction of requests", title="latency CDF", xscale="log")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "latency_cdf.png", dpi=100)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(5, 5))
-    for arm in arms:
-        r = arm_rows([o for o in outcomes if o.arm == arm])
-        if len(r["label"]):
-            p = 1 / (1 + np.exp(-r["logit"]))
-            bins = np.clip((p * 10).astype(int), 0, 9)
-            xs = [p[bins == b].mean() for b in range(10) if (bins == b).any()]
-            ys = [r["label"][bins == b].mean() for b in range(10) if (bins == b).any()]
-            ax.plot(xs, ys, marker="o", label=arm)
-    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
-    ax.set(xlabel="mean predicted", ylabel="observed rate", title="calibration")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "calibration.png", dpi=100)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    labels, diffs, lo, hi = [], [], [], []
-    for pair, d in summary["deltas"].items():
-        for k, v in d.items():
-            labels.append(f"{pair} {k}")
-            diffs.append(v["diff"])
-            lo.append(v["diff"] - v["ci_low"])
-            hi.append(v["ci_high"] - v["diff"])
-    if labels:
-        ax.errorbar(diffs, range(len(labels)), xerr=[lo, hi], fmt="o", capsize=3)
-        ax.set_yticks(range(len(labels)), labels)
-    ax.axvline(0, color="k", lw=0.8)
-    ax.set(title="B − A with 95% CI", xlabel="difference")
-    fig.tight_layout()
-    fig.savefig(out / "deltas.png", dpi=100)
-    plt.close(fig)
+    (out / "report.md").write_text(markdown(summary, meta))
+    write_plots(summary, outcomes, out)

@@ -10,7 +10,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from feature_store.online import Event, OnlineStore
+from feature_store.io import atomic_dir, check_output
+from feature_store.online import Event, OnlineStore, stop_embedded
 
 from .driver import Arm, replay
 from .report import summarize, write_report
@@ -44,16 +45,9 @@ def offline_arm(name: str, bundle: str, log: str | Path, before_ts: int, workdir
     store = OnlineStore(client, max_len=runtime.max_len, prefix=f"replay-{name}")
     bootstrap_store(store, log, before_ts)
     app = create_app(Settings(model=bundle), runtime=runtime, store=store)
-
-    def stop_redis():
-        try:
-            client.shutdown(nosave=True)
-        except Exception:  # already gone
-            pass
-
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)  # a crash is a 500, counted
     return Arm(name, httpx.AsyncClient(transport=transport, base_url="http://offline"),
-               on_close=[stop_redis])
+               on_close=[lambda: stop_embedded(client, keep_data=False)])
 
 
 def parse_pairs(values: list[str], what: str) -> list[tuple[str, str]]:
@@ -69,7 +63,10 @@ def run_replay(log: str, out: str, arms_http: list[str] = (), bundles: list[str]
                all_arms: bool = False, start: int | None = None, end: int | None = None, window_s: int = 1,
                limit: int | None = None, concurrency: int = 8, qps: float = 0.0, retries: int = 2,
                timeout_s: float = 10.0, token: str = "", salt: str = "longer", n_boot: int = 500,
-               progress: bool = True) -> dict:
+               progress: bool = True, overwrite: bool = False) -> dict:
+    """Replay, then write the report into `out` atomically (an existing report needs `overwrite`,
+    checked before any request is sent)."""
+    check_output(out, overwrite)
     http, offline = parse_pairs(arms_http, "--arm"), parse_pairs(bundles, "--bundle")
     names = [n for n, _ in http + offline]
     if len(names) < 2:
@@ -89,8 +86,9 @@ def run_replay(log: str, out: str, arms_http: list[str] = (), bundles: list[str]
 
     async def go(tmp: Path):
         arms = [Arm(n, httpx.AsyncClient(base_url=u, timeout=timeout_s, headers=headers)) for n, u in http]
-        arms += [offline_arm(n, p, log, requests[0].ts, tmp) for n, p in offline]
         try:
+            for n, p in offline:  # inside the try: a bad second bundle still stops the first arm's Redis
+                arms.append(offline_arm(n, p, log, requests[0].ts, tmp))
             return await replay(requests, arms, route, concurrency=concurrency, qps=qps, retries=retries,
                                 timeout_s=timeout_s, progress=progress)
         finally:
@@ -103,5 +101,6 @@ def run_replay(log: str, out: str, arms_http: list[str] = (), bundles: list[str]
     meta = {"log": str(log), "requests": len(requests), "window_s": window_s,
             "assignment": "all arms (paired)" if all_arms else f"hash split {weights} (salt {salt!r})",
             "arms": {**dict(http), **{n: f"bundle {p}" for n, p in offline}}}
-    write_report(summary, outcomes, out, meta)
+    with atomic_dir(out, overwrite) as tmp:
+        write_report(summary, outcomes, tmp, meta)
     return {"out": str(out), **meta, **summary}
