@@ -1,7 +1,8 @@
 # The two commands a newcomer needs: `make demo` (install + the main job end to end) and
-# `make test`. Every target installs first through the project's own step, `make setup`
-# (scripts/setup.sh: .venv/ with torch, fbgemm-gpu(-cpu), torchrec, this project); it is a
-# no-op when nothing changed. DEVICE=cuda installs the GPU builds.
+# `make test` (the whole suite, as CI runs it); `make test-fast` skips the tests marked slow.
+# Every target installs first through the project's own step, `make setup` (scripts/setup.sh:
+# .venv/ with torch, fbgemm-gpu(-cpu), torchrec, this project); it is a no-op when nothing
+# changed. DEVICE=cuda installs the GPU builds.
 
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -10,7 +11,7 @@ DEVICE ?= cpu
 DEMO   ?= demo
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench-data bench-train bench-quality bench-quality-quick clean
+.PHONY: setup demo test test-fast bench-data bench-train bench-quality bench-quality-quick clean
 
 setup:
 	@DEVICE=$(DEVICE) bash scripts/setup.sh
@@ -20,6 +21,9 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench-data: setup
 	$(LONGER) bench data --out bench-out/data.json

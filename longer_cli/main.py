@@ -232,8 +232,8 @@ def command_name(args) -> str:
 
 def error_text(e: Exception, args) -> str:
     """The message without a leading "build: " or "longer build: " that the line already says."""
-    text = str(e)
-    for prefix in (f"{command_name(args)}: ", f"{args.command}: "):
+    text, name = str(e), command_name(args)
+    for prefix in (f"{name}: ", f"{name.removeprefix('longer ')}: ", f"{args.command}: "):
         if text.startswith(prefix):
             return text[len(prefix):]
     return text

@@ -54,6 +54,9 @@ else
 fi
 echo "setup: torchrec==$TORCHREC_VERSION (--no-deps) and its runtime deps"
 "${PIP[@]}" --no-deps "torchrec==$TORCHREC_VERSION"
+if [ "$DEVICE" = cpu ]; then
+  echo "setup: pip may now print 'ERROR: ... torchrec $TORCHREC_VERSION requires fbgemm-gpu, which is not installed': expected and harmless — fbgemm-gpu-cpu provides the same fbgemm_gpu module (the import check at the end proves it)"
+fi
 "${PIP[@]}" "${TORCHREC_DEPS[@]}" "torch==$TORCH_VERSION"
 echo "setup: project (editable, dev extras)"
 "${PIP[@]}" -e ".[dev]" "torch==$TORCH_VERSION"

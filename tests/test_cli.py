@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 
@@ -35,3 +36,32 @@ def test_user_errors_exit_2_with_one_line(tmp_path):
     r = longer("synth", "--users", 2, "--items", 5, "--events-per-user", 3, "--out", tmp_path / "y", "--quiet")
     r = longer("synth", "--users", 2, "--items", 5, "--events-per-user", 3, "--out", tmp_path / "y", check=False)
     assert r.returncode == 2 and "--overwrite" in r.stderr
+
+
+def test_errors_name_the_command_once(tmp_path):
+    cases = [(["build", "--log", tmp_path, "--out", tmp_path / "d", "--max-len", 0], "longer build: error: --max-len"),
+             (["synth", "--users", 0, "--items", 5, "--events-per-user", 3, "--out", tmp_path / "s"],
+              "longer synth: error: --users"),
+             (["store", "load", "--data", tmp_path / "nowhere"], "longer store load: error: "),
+             (["replay", "--log", tmp_path / "log", "--arm", "A=http://127.0.0.1:9", "--out", tmp_path],
+              "longer replay: error: ")]
+    for args, start in cases:
+        r = longer(*args, check=False)
+        assert r.returncode == 2 and r.stderr.startswith(start), (args, r.stderr)
+        assert not re.search(r"\b(\w+): (longer )?\1:", r.stderr), r.stderr  # e.g. "build: build:"
+
+
+def test_error_text_drops_a_prefix_the_line_already_has():
+    from longer_cli.main import error_text, parser
+    args = parser().parse_args(["store", "load", "--data", "x"])
+    assert error_text(ValueError("store load: x is bad"), args) == "x is bad"
+    assert error_text(ValueError("longer store load: x is bad"), args) == "x is bad"
+    assert error_text(ValueError("x: store is bad"), args) == "x: store is bad"
+
+
+def test_replay_refuses_an_existing_report(tmp_path):
+    (tmp_path / "rep").mkdir()
+    (tmp_path / "rep" / "report.md").write_text("earlier")
+    r = longer("replay", "--log", tmp_path / "log", "--arm", "A=http://127.0.0.1:9", "--arm", "B=http://127.0.0.1:9",
+               "--out", tmp_path / "rep", check=False)
+    assert r.returncode == 2 and "--overwrite" in r.stderr and (tmp_path / "rep" / "report.md").read_text() == "earlier"
