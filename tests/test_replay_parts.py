@@ -170,3 +170,31 @@ def test_replay_refuses_an_existing_report_before_sending_anything(tmp_path):
     with pytest.raises(OutputExistsError, match="--overwrite"):
         run_replay(str(tmp_path / "no-log"), str(out), arms_http=["A=http://127.0.0.1:9", "B=http://127.0.0.1:9"])
     assert (out / "report.md").read_text() == "an earlier report"
+
+
+def test_bootstrap_keeps_what_a_full_replay_of_the_history_would(tmp_path):
+    """Only each user's last max_len events are appended, and the store ends up as if every
+    earlier event had been."""
+    from feature_store.online import Event, OnlineStore, connect, stop_embedded
+    from serving.replay.run import bootstrap_store
+    from serving.replay.traffic import by_user_then_time, log_columns
+
+    rng = np.random.default_rng(3)
+    n = 3000
+    log = {"user_id": rng.integers(0, 30, n), "item_id": rng.integers(0, 50, n),
+           "ts": 1_700_000_000 + rng.integers(0, 500, n), "label": rng.integers(0, 2, n),
+           "category_id": rng.integers(0, 5, n), "action": rng.integers(0, 3, n)}
+    path = write_log(tmp_path / "log.parquet", log)
+    client = connect(None)
+    try:
+        trimmed, full = OnlineStore(client, max_len=7, prefix="trim"), OnlineStore(client, max_len=7, prefix="full")
+        appended = bootstrap_store(trimmed, path, 1_700_000_400)
+        cols = log_columns(path)
+        rows = by_user_then_time(cols, np.flatnonzero(cols["ts"] < 1_700_000_400))
+        full.append([Event(*(int(cols[c][i]) for c in ("user_id", "item_id", "ts", "category_id", "action", "label")))
+                     for i in rows])
+        assert appended == 30 * 7 < len(rows)
+        for u in range(30):
+            assert full.read(u)[0].tolist() == trimmed.read(u)[0].tolist()
+    finally:
+        stop_embedded(client, keep_data=False)

@@ -19,10 +19,15 @@ from .traffic import assign_arm, by_user_then_time, log_columns, requests_from_l
 
 
 def bootstrap_store(store: OnlineStore, log: str | Path, before_ts: int, chunk: int = 2000) -> int:
-    """Load every logged event earlier than `before_ts` into the store (the state of the world
-    when the replay window opens). Returns the number of events."""
+    """Load the logged events earlier than `before_ts` into the store (the state of the world
+    when the replay window opens): each user's last `store.max_len` of them, all the store keeps
+    of a longer history. Returns the number of events appended."""
     cols = log_columns(log)
     keep = by_user_then_time(cols, np.flatnonzero(cols["ts"] < before_ts))
+    users = cols["user_id"][keep]
+    last_of_user = np.r_[np.flatnonzero(users[1:] != users[:-1]), len(users) - 1] if len(users) else users
+    from_end = np.repeat(last_of_user, np.diff(np.r_[-1, last_of_user])) - np.arange(len(users))
+    keep = keep[from_end < store.max_len]
     cat, act = cols["category_id"], cols["action"]
     for lo in range(0, len(keep), chunk):
         rows = keep[lo:lo + chunk]
@@ -40,7 +45,7 @@ def offline_arm(name: str, bundle: str, log: str | Path, before_ts: int, workdir
     from serving.runtime import ModelRuntime
     from serving.settings import Settings
 
-    runtime = ModelRuntime(bundle)
+    runtime = ModelRuntime(bundle, threads=Settings.from_env().threads)  # LONGER_THREADS, as a server reads it
     client = EmbeddedRedis(str(workdir / f"{name}-{uuid.uuid4().hex[:6]}.rdb"))
     store = OnlineStore(client, max_len=runtime.max_len, prefix=f"replay-{name}")
     bootstrap_store(store, log, before_ts)
