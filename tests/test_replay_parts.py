@@ -197,4 +197,4 @@ def test_bootstrap_keeps_what_a_full_replay_of_the_history_would(tmp_path):
         for u in range(30):
             assert full.read(u)[0].tolist() == trimmed.read(u)[0].tolist()
     finally:
-        stop_embedded(client, keep_data=False)
+        stop_embedded(client, save=False)

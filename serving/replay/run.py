@@ -52,7 +52,7 @@ def offline_arm(name: str, bundle: str, log: str | Path, before_ts: int, workdir
     app = create_app(Settings(model=bundle), runtime=runtime, store=store)
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)  # a crash is a 500, counted
     return Arm(name, httpx.AsyncClient(transport=transport, base_url="http://offline"),
-               on_close=[lambda: stop_embedded(client, keep_data=False)])
+               on_close=[lambda: stop_embedded(client, save=False)])
 
 
 def parse_pairs(values: list[str], what: str) -> list[tuple[str, str]]:
