@@ -210,19 +210,53 @@ class OnlineStore:
         by_user: dict[int, list[Event]] = {}
         for e in events:
             by_user.setdefault(int(e.user_id), []).append(e)
-        p = self.r.pipeline(transaction=False)  # one round trip; each user's script is atomic
+        calls = []
         for user, evs in by_user.items():
             argv: list = [self.max_len, self.id_window, len(evs)]
             for e, packed in zip(evs, pack_events(evs)):
                 argv += [e.event_id or "", packed]
-            self._append(keys=[self._key(user, "seq"), self._key(user, "ver"), self._key(user, "ids")], args=argv,
-                         client=p)
-        results = p.execute(raise_on_error=False)
+            calls.append(([self._key(user, "seq"), self._key(user, "ver"), self._key(user, "ids")], argv))
+        results = self._run_appends(calls)
         for res in results:
             if isinstance(res, Exception):
                 raise _bad_key_reply(res) or res
         return Appended({u: int(r[0]) for u, r in zip(by_user, results)},
                         {u: int(r[1]) for u, r in zip(by_user, results)})
+
+    def ping(self) -> None:
+        """Readiness: raises a store error unless every node answers. On Redis Cluster each
+        primary is asked for its view (`RedisCluster.ping()` answers True with a primary down)
+        and must report `cluster_state:ok`."""
+        from redis.cluster import RedisCluster
+        from redis.exceptions import ClusterDownError
+
+        if not isinstance(self.r, RedisCluster):
+            self.r.ping()
+            return
+        for node in self.r.get_primaries():
+            state = self.r.cluster_info(target_nodes=node).get("cluster_state")
+            if state != "ok":
+                raise ClusterDownError(f"{node.name}: cluster_state {state}")
+
+    def _run_appends(self, calls: list[tuple[list, list]]) -> list:
+        """Each user's append script (atomic per user); results or errors, in order. One
+        pipelined round trip — except on Redis Cluster, whose redis-py pipelines refuse scripts:
+        there, one call per user."""
+        from redis.cluster import RedisCluster
+        from redis.exceptions import ResponseError
+
+        if isinstance(self.r, RedisCluster):
+            out = []
+            for keys, args in calls:
+                try:
+                    out.append(self._append(keys=keys, args=args))
+                except ResponseError as e:
+                    out.append(e)
+            return out
+        p = self.r.pipeline(transaction=False)
+        for keys, args in calls:
+            self._append(keys=keys, args=args, client=p)
+        return p.execute(raise_on_error=False)
 
     def read(self, user: int, model_version: str | None = None) -> tuple[np.ndarray, int, bytes | None]:
         """(events sorted by (ts, item_id), sequence version, cached state bytes or None) in one
@@ -279,7 +313,8 @@ class OnlineStore:
                         for c in EVENT_DTYPE.names:
                             arr[c] = get(c)
                         seq = self._key(user, "seq")
-                        p.delete(seq, self._key(user, "ids"))
+                        p.delete(seq)  # one key per command: a cluster pipeline splits no multi-key DEL
+                        p.delete(self._key(user, "ids"))
                         if len(arr):
                             p.rpush(seq, *[row.tobytes() for row in arr])
                         p.incr(self._key(user, "ver"))

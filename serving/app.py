@@ -259,7 +259,7 @@ def create_app(settings: Settings, runtime: ModelRuntime | None = None, store: O
              responses={503: {"model": Readiness, "description": "the online store is unreachable"}})
     async def readyz(svc: Service = Depends(service)):
         try:
-            await svc.redis(svc.store.r.ping)
+            await svc.redis(svc.store.ping)
         except STORE_ERRORS as e:
             return JSONResponse({"status": "degraded", "model_version": svc.runtime.version,
                                  "redis": f"unreachable: {e}"}, status_code=503)
