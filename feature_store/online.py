@@ -24,9 +24,10 @@ script. So one user's memory is bounded by max_len events + id_window ids, whate
 of events posted; a retry of an event whose id has left the window is appended again. (A
 `set` of ids written by an older version is replaced by the window on the user's next append.)
 
-A key of the wrong type, an unreadable version counter or malformed packed events are a
-`BadKeyError` naming the key (the service answers 503 naming it); `longer store check
-[--repair]` (feature_store/store_check.py) finds and mends them.
+A `seq`, `ver` or `ids` key of the wrong type, or an unreadable version counter, is a
+`BadKeyError` naming the key (the service answers 503 naming it, for that user only); a
+malformed packed event is skipped on read; a state key of the wrong type is a miss.
+`longer store check [--repair]` (feature_store/store_check.py) finds all of these and mends them.
 """
 
 from __future__ import annotations
@@ -206,7 +207,9 @@ class OnlineStore:
         return f"{self.prefix}:{{u{int(user)}}}:{what}"
 
     def append(self, events: Sequence[Event]) -> Appended:
-        """Append events (per user, atomically, idempotent per event_id within the window)."""
+        """Append events (per user, atomically, idempotent per event_id within the window).
+        BadKeyError if a user's keys are unusable: that user's events are not appended (the
+        other users' of the same call are; a retry with event_ids is idempotent)."""
         by_user: dict[int, list[Event]] = {}
         for e in events:
             by_user.setdefault(int(e.user_id), []).append(e)

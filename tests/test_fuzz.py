@@ -26,7 +26,7 @@ from tests.serving_utils import prefixed_store, shared_redis, tiny_bundle  # noq
 pytestmark = pytest.mark.slow
 
 CHECKS = [not_a_server_error, response_schema_conformance, status_code_conformance, content_type_conformance]
-EXAMPLES = int(os.environ.get("LONGER_FUZZ_EXAMPLES", "150"))  # per operation and mode
+EXAMPLES = int(os.environ.get("LONGER_FUZZ_EXAMPLES", "500"))  # per operation and mode (~2,000 cases, ~1 min)
 
 
 def fuzz(op, mode, cases: dict, failures: list) -> None:

@@ -13,8 +13,9 @@ from fastapi.testclient import TestClient
 
 from feature_store.online import OnlineStore, connect
 from serving.app import create_app
-from serving.runtime import ModelRuntime
+from serving.runtime import ModelRuntime, state_tag
 from serving.settings import Settings
+from tests.serving_utils import shared_redis as redis_client
 from tests.test_trainer import run, small  # noqa: F401  (the module fixture)
 
 pytestmark = pytest.mark.slow
@@ -28,16 +29,6 @@ def trained(small, tmp_path_factory):  # noqa: F811
     preds = out / "preds.parquet"
     run(["eval", "--model", out / "export", "--data", small / "data", "--quiet", "--predictions", preds])
     return out / "export", small / "data", preds
-
-
-def redis_client(url="redis://127.0.0.1:6379/15"):
-    import redis
-    c = connect(url)
-    try:
-        c.ping()
-    except redis.ConnectionError:
-        pytest.skip("no Redis at 127.0.0.1:6379 (CI starts one)")
-    return c
 
 
 @pytest.fixture
@@ -97,9 +88,9 @@ def test_stale_or_corrupt_states_are_never_used(app_and_store):
             again = client.post("/v1/score", json=body).json()
             assert again["user_state"] == "miss" and np.allclose(again["scores"], good["scores"], atol=1e-6)
         events, version, blob = store.read(user, rt.version)
-        state = rt.loads(blob, {"seq_version": version, "n_events": len(events)})
+        state = rt.loads(blob, state_tag(user, version, len(events)))
         assert state is not None  # rewritten after the miss
-        stale = rt.dumps(state, {"seq_version": version - 1, "n_events": len(events)})
+        stale = rt.dumps(state, state_tag(user, version - 1, len(events)))
         store.r.set(key, stale)
         assert client.post("/v1/score", json=body).json()["user_state"] == "miss"
 
