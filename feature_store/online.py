@@ -98,7 +98,7 @@ class BadKeyError(Exception):
 
     @property
     def kind(self) -> str:
-        """seq, ver, ids or st: the part of the key map (a low-cardinality metric label)."""
+        """seq, ver or ids: the part of the key map (a low-cardinality metric label)."""
         return key_kind(self.key)
 
 

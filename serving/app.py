@@ -51,7 +51,7 @@ class Metrics:
                               "event_id is not counted)", registry=self.registry)
         self.redis_errors = Counter("longer_redis_errors_total", "failed Redis calls", registry=self.registry)
         self.bad_keys = Counter("longer_bad_keys_total", "requests answered 503 for an unusable user key, by key kind "
-                                "(seq, ver, ids, st)", ["kind"], registry=self.registry)
+                                "(seq, ver, ids)", ["kind"], registry=self.registry)
         self.rejected = Counter("longer_requests_rejected_total", "requests refused before routing (too_large, "
                                 "timeout)", ["reason"], registry=self.registry)
         self.model = Gauge("longer_model_info", "the loaded model", ["model_version"], registry=self.registry)
@@ -180,6 +180,13 @@ def install_error_handling(app: FastAPI, svc: Service, settings: Settings) -> No
         return JSONResponse({"detail": str(exc)}, status_code=503)
 
     app.add_exception_handler(BadKeyError, bad_key)
+
+    async def server_error(request: Request, exc: Exception) -> JSONResponse:
+        # A bug, not a client's mistake: uvicorn closes the connection after it, so say so.
+        return JSONResponse({"detail": f"internal error ({type(exc).__name__})"}, status_code=500,
+                            headers={"Connection": "close"})
+
+    app.add_exception_handler(Exception, server_error)
 
 
 def create_app(settings: Settings, runtime: ModelRuntime | None = None, store: OnlineStore | None = None) -> FastAPI:

@@ -163,3 +163,17 @@ def test_a_4xx_keeps_the_connection_usable(server):
             sock.sendall(request("/v1/score", good))  # the same connection still works
             status, _, body = read_response(sock)
             assert status == 200, body
+
+
+def test_a_server_bug_answers_500_and_says_it_closes(server, monkeypatch):
+    port, app = server
+
+    def boom(*args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(app.state.service.runtime, "score", boom)
+    with connect(port) as sock:
+        sock.sendall(request("/v1/score", b'{"user_id": 5, "candidates": [{"item_id": 1}], "ts": 1700000000}'))
+        status, headers, body = read_response(sock)
+        assert status == 500 and headers.get("connection") == "close" and b"RuntimeError" in body
+        assert closed_by_peer(sock)
