@@ -194,10 +194,11 @@ def test_checkpoints_are_verified_and_auto_resume_falls_back(small, tmp_path):
     flags = ("train.steps=12", "train.checkpoint_every=6", "train.eval_every=3")
     train(small, out, *flags)
     shutil.rmtree(out / "export")
-    flip_a_byte(out / "checkpoints" / "step-00000012" / "__0_0.distcp")
+    shard = next((out / "checkpoints" / "step-00000012").glob("*.safetensors"))
+    flip_a_byte(shard)
     (out / "checkpoints" / "step-00000012.partial").mkdir()  # a save that was killed
     r = train(small, out, *flags, resume=True, check=False)
-    assert r.returncode == 2 and "__0_0.distcp does not match its sha256" in r.stderr
+    assert r.returncode == 2 and f"{shard.name} does not match its sha256" in r.stderr
     r = train(small, out, *flags, "--auto-resume", check=False)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "auto-resume: skipping step-00000012" in r.stderr
@@ -215,9 +216,10 @@ class RunsCode:
         return (open, (self.marker, "w"))
 
 
-def test_crafted_checkpoint_metadata_never_runs_code(small, tmp_path):
-    """Someone who can write the run directory replaces .metadata with a pickle that runs code
-    and rewrites the manifest to match: resume refuses it without running anything."""
+def test_a_crafted_checkpoint_never_runs_code(small, tmp_path):
+    """Someone who can write the run directory plants pickles that run code — a DCP `.metadata`
+    and a shard replaced by one — and rewrites the manifest to match: resume reads JSON and
+    safetensors only, so it refuses the shard (naming it) and runs nothing."""
     import pickle
 
     from trainer.checkpoint import write_manifest
@@ -225,10 +227,20 @@ def test_crafted_checkpoint_metadata_never_runs_code(small, tmp_path):
     out = tmp_path / "run"
     train(small, out, "train.steps=4", "train.checkpoint_every=2")
     ck = out / "checkpoints" / "step-00000004"
+    assert not list(ck.glob("*.distcp")) and not (ck / ".metadata").exists()  # no pickled format at all
     marker = tmp_path / "pwned"
     (ck / ".metadata").write_bytes(pickle.dumps(RunsCode(marker)))
+    r = train(small, out, "train.steps=6", "train.checkpoint_every=2", resume=True, check=False)
+    assert r.returncode == 2 and ".metadata is not in the checkpoint's manifest" in r.stderr
     (ck / "manifest.json").unlink()
     write_manifest(ck)
     r = train(small, out, "train.steps=6", "train.checkpoint_every=2", resume=True, check=False)
-    assert r.returncode != 0 and "refused: unpickling it could run code" in r.stderr, r.stderr[-2000:]
-    assert not marker.exists()
+    assert r.returncode == 0, r.stderr[-2000:]  # the planted file is never read
+    shard = next(ck.glob("*.safetensors"))
+    shard.write_bytes(pickle.dumps(RunsCode(marker)))
+    (ck / "manifest.json").unlink()
+    write_manifest(ck)
+    shutil.rmtree(out / "checkpoints" / "step-00000006")
+    r = train(small, out, "train.steps=6", "train.checkpoint_every=2", resume=True, check=False)
+    assert r.returncode == 2 and not marker.exists()
+    assert "step-00000004: not a readable checkpoint of this model" in r.stderr, r.stderr[-2000:]

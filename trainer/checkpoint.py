@@ -1,17 +1,20 @@
-"""Checkpoint / resume with torch.distributed.checkpoint.
+"""Checkpoint / resume with torch.distributed.checkpoint (DCP), in safetensors.
 
-`RUN/checkpoints/step-00000100/` holds the DCP shards of {"model": sharded embeddings + dense
-weights, "optim": the fused embedding optimizer's and AdamW's states} written by every rank,
-plus the RNG state, `trainer_state.json` (step, the loader's world-size-independent state,
-the run config) and, written last, `manifest.json`: the size and sha256 of every other file.
-The directory appears under its final name only when complete. DCP reshards on load, so a run
-saved with N processes resumes with M.
+`RUN/checkpoints/step-00000100/` holds {"model": sharded embeddings + dense weights, "optim":
+the fused embedding optimizer's and AdamW's states}, written by every rank through DCP's
+HuggingFaceStorageWriter (`shard-<rank>-model-00001-of-00001.safetensors`: raw tensors, their
+shard offsets in the JSON header), plus the RNG state, `trainer_state.json` (step, the
+loader's world-size-independent state, the run config) and, written last, `manifest.json`:
+the size and sha256 of every other file. The directory appears under its final name only
+when complete. DCP reshards on load, so a run saved with N processes resumes with M.
 
-Trust: a checkpoint is read only after its files match its manifest (`verify_checkpoint`:
-no file missing, extra, resized, altered or a symlink), and then through trainer/safe_dcp.py,
-which never unpickles anything but DCP's own metadata classes. The manifest guards against
-corrupt and half-copied checkpoints; safe_dcp against crafted ones. docs/operations.md says
-who may write run directories.
+Trust: nothing in a checkpoint is unpickled. DCP's default FileSystemWriter/Reader keep the
+metadata in a pickle (`.metadata`, read with `pickle.load`) and restore non-tensor items with
+`torch.load(weights_only=False)`; its safetensors storage, used here, keeps metadata in JSON
+headers and holds tensors only (`save_checkpoint` refuses anything else). A checkpoint is read
+only after its files match its manifest (`verify_checkpoint`: no file missing, extra, resized,
+altered or a symlink): that catches corrupt and half-copied checkpoints. docs/operations.md
+says who may write run directories.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from .safe_dcp import SafePlanner, SafeReader
+from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
 STATE_FILE = "trainer_state.json"
 RNG_FILE = "rng_state.bin"
@@ -121,6 +125,19 @@ def choose_checkpoint(run: str | Path, fallback: bool, log=print) -> Path | None
     return None
 
 
+def tensors_only(state, where: str = "") -> None:
+    """The safetensors storage holds tensors only: refuse (loudly) anything else, which it
+    would otherwise write as raw bytes that no reader finds."""
+    if isinstance(state, dict):
+        for k, v in state.items():
+            tensors_only(v, f"{where}.{k}" if where else str(k))
+    elif isinstance(state, (list, tuple)):
+        for i, v in enumerate(state):
+            tensors_only(v, f"{where}[{i}]")
+    elif not isinstance(state, torch.Tensor):
+        raise TypeError(f"checkpoint state {where} is a {type(state).__name__}, not a tensor")
+
+
 def save_checkpoint(run: Path, step: int, dmp, optimizer, loader_state: dict, config: dict) -> Path:
     final = checkpoint_dir(run, step)
     tmp = final.with_name(final.name + ".partial")
@@ -128,7 +145,9 @@ def save_checkpoint(run: Path, step: int, dmp, optimizer, loader_state: dict, co
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    dcp.save({"model": dmp.state_dict(), "optim": optimizer.state_dict()}, checkpoint_id=str(tmp))
+    state = {"model": dmp.state_dict(), "optim": optimizer.state_dict()}
+    tensors_only(state)
+    dcp.save(state, storage_writer=HuggingFaceStorageWriter(str(tmp), save_distributed=True))
     dist.barrier()
     if dist.get_rank() == 0:
         (tmp / RNG_FILE).write_bytes(torch.get_rng_state().numpy().tobytes())
@@ -144,11 +163,17 @@ def save_checkpoint(run: Path, step: int, dmp, optimizer, loader_state: dict, co
 
 def load_checkpoint(path: Path, dmp, optimizer) -> dict:
     """Restore model and optimizer states in place (any world size); returns trainer_state.json.
-    `path` comes from `choose_checkpoint` (verified against its manifest on rank 0)."""
+    `path` comes from `choose_checkpoint` (verified against its manifest on rank 0). Reads JSON
+    and safetensors only."""
     state = json.loads((path / STATE_FILE).read_text())
     optimizer.init_state()  # materialise lazy optimizer state so DCP can load into it
     target = {"model": dmp.state_dict(), "optim": optimizer.state_dict()}
-    dcp.load(target, checkpoint_id=str(path), storage_reader=SafeReader(str(path)), planner=SafePlanner())
+    try:
+        dcp.load(target, storage_reader=HuggingFaceStorageReader(str(path)))
+    except (Exception, CheckpointException) as e:  # files matching their manifest, but no checkpoint of this model
+        last = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+        raise CheckpointError(f"{path}: not a readable checkpoint of this model ({type(e).__name__}: {last[:300]})") \
+            from e
     dmp.load_state_dict(target["model"])
     optimizer.load_state_dict(target["optim"])
     torch.set_rng_state(torch.frombuffer(bytearray((path / RNG_FILE).read_bytes()), dtype=torch.uint8))
