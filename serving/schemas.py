@@ -56,13 +56,10 @@ class ScoreResponse(BaseModel):
     user_state: Literal["hit", "miss", "bypass"]
 
 
-class Event(Strict):
+class Event(HistoryEvent):
+    """A history event of a user, posted to /v1/events."""
+
     user_id: Id
-    item_id: Id
-    ts: Ts
-    category_id: Id = 0
-    action: Id = 0
-    label: Label = 0
     event_id: EventId = Field(default="", description="makes the append idempotent (within the store's "
                                                       "idempotency window: the user's retained events)")
 
