@@ -137,6 +137,26 @@ def _movielens_100k(src: Path) -> pa.Table:
     return _ratings_to_log(f, r["user"], r["item"], r["rating"], r["ts"], _category(f, r["item"], genre_of))
 
 
+TAOBAO_COLUMNS = ("user_id", "item_id", "category_id", "behaviour", "ts")
+
+
+def csv_problem(path: Path, columns: tuple[str, ...], text_columns: tuple[str, ...] = ()) -> str:
+    """Where a headerless CSV first breaks its layout, for an error message: "line N: ..."
+    (1-based; read again line by line, only once a block reader has failed)."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        for line, row in enumerate(csv.reader(f), start=1):
+            if not row:
+                continue
+            if len(row) != len(columns):
+                return f"line {line}: expected {len(columns)} columns, got {len(row)}"
+            for name, value in zip(columns, row):
+                if name not in text_columns and not value.strip().lstrip("-").isdigit():
+                    return f"line {line}, column '{name}': {value[:40]!r} is not an integer"
+    return "unreadable CSV"
+
+
 def import_taobao(src: str | Path, out: str | Path, overwrite: bool = False, progress: bool = True,
                   block_size: int = 64 << 20) -> dict:
     src = Path(src)
@@ -144,11 +164,18 @@ def import_taobao(src: str | Path, out: str | Path, overwrite: bool = False, pro
         src = src / "UserBehavior.csv"
     if not src.is_file():
         raise LogError(src, "missing file (expected Tianchi UserBehavior.csv)")
-    names = ["user_id", "item_id", "category_id", "behaviour", "ts"]
-    reader = pcsv.open_csv(src, read_options=pcsv.ReadOptions(column_names=names, block_size=block_size),
-                           convert_options=pcsv.ConvertOptions(column_types={
-                               "user_id": pa.int64(), "item_id": pa.int64(), "category_id": pa.int64(),
-                               "behaviour": pa.string(), "ts": pa.int64()}))
+
+    def unreadable(e: Exception) -> LogError:
+        return LogError(src, f"{csv_problem(src, TAOBAO_COLUMNS, ('behaviour',))} ({str(e).splitlines()[0][:120]})")
+
+    try:
+        reader = pcsv.open_csv(src, read_options=pcsv.ReadOptions(column_names=list(TAOBAO_COLUMNS),
+                                                                  block_size=block_size),
+                               convert_options=pcsv.ConvertOptions(column_types={
+                                   "user_id": pa.int64(), "item_id": pa.int64(), "category_id": pa.int64(),
+                                   "behaviour": pa.string(), "ts": pa.int64()}))
+    except pa.ArrowInvalid as e:
+        raise unreadable(e) from e
     total = src.stat().st_size
 
     def batches():
@@ -168,6 +195,6 @@ def import_taobao(src: str | Path, out: str | Path, overwrite: bool = False, pro
                 yield normalize(t, LOG_SCHEMA, src, offset)
                 offset += rb.num_rows
         except pa.ArrowInvalid as e:
-            raise LogError(src, f"unreadable CSV near row {offset} ({e})") from e
+            raise unreadable(e) from e
 
     return {**_write(batches(), Path(out), overwrite, None, "import"), "format": "taobao", "bytes": total}

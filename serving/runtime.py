@@ -45,6 +45,14 @@ def history_batch(user_id: int, events: np.ndarray, max_len: int) -> HistoryBatc
     return HistoryBatch(kjt, torch.from_numpy(np.array(ev["ts"], dtype=np.int64)))
 
 
+def state_tag(user_id: int, seq_version: int, n_events: int) -> dict:
+    """What a cached UserState is bound to, besides the model version (which `dumps` adds): the
+    user, the sequence version it was computed from and the number of events it used. The tag
+    travels inside the codec value's meta, so a value copied to another user's key, or left
+    from an older sequence, is a miss."""
+    return {"user_id": int(user_id), "seq_version": int(seq_version), "n_events": int(n_events)}
+
+
 class ModelRuntime:
     def __init__(self, bundle_dir: str, threads: int = 2, precision: str = "fp32"):
         self.bundle: Bundle = load_bundle(bundle_dir)
@@ -73,7 +81,8 @@ class ModelRuntime:
         return codec.encode(state.tensors, self.precision, meta={"model_version": self.version, **tag})
 
     def loads(self, blob: bytes | None, tag: dict) -> UserState | None:
-        """The cached state if it decodes and carries exactly this model version and `tag`."""
+        """The cached state if it decodes and carries exactly this model version and `tag`
+        (`state_tag`: user, sequence version, events used)."""
         if blob is None:
             return None
         try:

@@ -1,35 +1,51 @@
-"""Request and response bodies of the HTTP API (DESIGN.md "HTTP API"). Unknown fields are refused."""
+"""Request and response bodies of the HTTP API (DESIGN.md "HTTP API").
+
+Every request model is strict: unknown fields are refused, integers must be JSON integers
+(no "5", true or 1.0), bounded to int64 — and times to unix seconds below
+`feature_store.schema.MAX_TS_SECONDS`, the offline log's bound, so a millisecond `ts` is
+refused here as it is by `longer build`. Strings must be valid unicode (no lone surrogate).
+So nothing a client sends can overflow in numpy, torch or Redis.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
-Id = Field(ge=0, le=2**63 - 1)
+from feature_store.schema import MAX_TS_SECONDS
+
+INT64_MAX = 2**63 - 1
+
+
+Id = Annotated[StrictInt, Field(ge=0, le=INT64_MAX)]
+Ts = Annotated[StrictInt, Field(ge=0, lt=MAX_TS_SECONDS,
+                                description=f"unix seconds, below {MAX_TS_SECONDS:.0e} (milliseconds are refused)")]
+Label = Annotated[StrictInt, Field(ge=0, le=1)]
+EventId = Annotated[StrictStr, Field(max_length=128)]  # pydantic refuses lone surrogates
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class Candidate(Strict):
-    item_id: int = Id
-    category_id: int = Field(default=0, ge=0, le=2**63 - 1, description="0 when unknown")
+    item_id: Id
+    category_id: Id = Field(default=0, description="0 when unknown")
 
 
 class HistoryEvent(Strict):
-    item_id: int = Id
-    ts: int = Field(ge=0, description="unix seconds")
-    category_id: int = Field(default=0, ge=0)
-    action: int = Field(default=0, ge=0)
-    label: int = Field(default=0, ge=0, le=1)
+    item_id: Id
+    ts: Ts
+    category_id: Id = 0
+    action: Id = 0
+    label: Label = 0
 
 
 class ScoreRequest(Strict):
-    user_id: int = Id
+    user_id: Id
     candidates: list[Candidate] = Field(min_length=1)
-    ts: int | None = Field(default=None, ge=0, description="request time, unix seconds (default: now)")
+    ts: Ts | None = Field(default=None, description="request time, unix seconds (default: now)")
     history: list[HistoryEvent] | None = Field(
         default=None, description="the user's events, used only when the online store is unreachable")
 
@@ -40,14 +56,12 @@ class ScoreResponse(BaseModel):
     user_state: Literal["hit", "miss", "bypass"]
 
 
-class Event(Strict):
-    user_id: int = Id
-    item_id: int = Id
-    ts: int = Field(ge=0, description="unix seconds")
-    category_id: int = Field(default=0, ge=0)
-    action: int = Field(default=0, ge=0)
-    label: int = Field(default=0, ge=0, le=1)
-    event_id: str = Field(default="", max_length=128, description="makes the append idempotent")
+class Event(HistoryEvent):
+    """A history event of a user, posted to /v1/events."""
+
+    user_id: Id
+    event_id: EventId = Field(default="", description="makes the append idempotent (within the store's "
+                                                      "idempotency window: the user's retained events)")
 
 
 class EventsRequest(Strict):
@@ -55,7 +69,7 @@ class EventsRequest(Strict):
 
 
 class EventsResponse(BaseModel):
-    appended: int
+    appended: int = Field(description="events really added: a repeated event_id is not counted")
     versions: dict[str, int] = Field(description="user_id → sequence version after the append")
 
 
@@ -63,3 +77,19 @@ class ModelInfo(BaseModel):
     model_version: str
     config: dict
     feature_schema: dict
+
+
+class ReloadResult(BaseModel):
+    model_version: str
+    reloaded: bool
+    previous: str | None = None
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "degraded"]
+    model_version: str
+    redis: str
+
+
+class ErrorBody(BaseModel):
+    detail: str

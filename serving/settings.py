@@ -12,6 +12,7 @@ ENV = {
     "max_candidates": "LONGER_MAX_CANDIDATES",
     "max_events": "LONGER_MAX_EVENTS",
     "max_body_bytes": "LONGER_MAX_BODY_BYTES",
+    "body_timeout_s": "LONGER_BODY_TIMEOUT_S",
     "threads": "LONGER_THREADS",
     "state_precision": "LONGER_STATE_PRECISION",
     "state_ttl_s": "LONGER_STATE_TTL_S",
@@ -28,7 +29,8 @@ class Settings:
     token: str = ""  # empty: write endpoints open
     max_candidates: int = 1000
     max_events: int = 1000
-    max_body_bytes: int = 4 << 20
+    max_body_bytes: int = 4 << 20  # a larger body (any transfer encoding) gets 413
+    body_timeout_s: float = 10.0  # a body not complete this long after the request arrived gets 408
     threads: int = 2  # torch intra-op threads for model compute
     state_precision: str = "fp32"
     state_ttl_s: int = 24 * 3600

@@ -4,7 +4,8 @@
   temp space) and without REDIS_URL, so nothing reaches the user's default store;
 * temp files (tempfile, TMPDIR for subprocesses) live under the session's temp space;
 * tests that use the shared Redis (127.0.0.1:6379 db 15) take their key prefixes from
-  `shared_redis`, which deletes the keys at teardown; the session fails if any are left;
+  `fresh_prefix()` (tests/serving_utils.py's `prefixed_store` does) and delete their keys; the
+  session fails if any key under its prefixes is left;
 * the session fails if a process it started — a redis-server, `longer serve`/uvicorn, a
   trainer — is still running when it ends (found by the session's environment marker, as
   descendants of this process, or by a command line or working directory under its temp space,
@@ -65,46 +66,24 @@ def _describe(p: psutil.Process) -> str:
         return f"pid {p.pid}"
 
 
-def shared_redis_client():
-    """A client of the shared Redis (db 15), or None when none runs."""
+def fresh_prefix() -> str:
+    """A key prefix for the shared Redis, unique to one test and rooted in this session's id, so
+    the session can verify at its end that every test deleted its keys."""
+    return f"t{SESSION_ID}-{uuid.uuid4().hex[:8]}"
+
+
+def _leftover_shared_keys() -> list[bytes]:
+    """This session's keys still in the shared Redis (db 15), deleted; [] when none runs."""
     import redis
 
-    c = redis.Redis.from_url(SHARED_REDIS_URL)
+    client = redis.Redis.from_url(SHARED_REDIS_URL)
     try:
-        c.ping()
+        left = list(client.scan_iter(match=f"t{SESSION_ID}-*", count=1000))
     except redis.ConnectionError:
-        return None
-    return c
-
-
-class SharedRedis:
-    """The shared Redis at 127.0.0.1:6379, db 15 (CI starts one; a test that uses it skips
-    without it). `prefix()` hands out a fresh key prefix; `delete_keys()` removes every key under
-    the prefixes handed out."""
-
-    def __init__(self, root: str):
-        self.root, self.prefixes, self._client = root, [], None
-
-    @property
-    def client(self):
-        if self._client is None:
-            self._client = shared_redis_client()
-            if self._client is None:
-                pytest.skip("no Redis at 127.0.0.1:6379 (CI starts one)")
-        return self._client
-
-    def prefix(self) -> str:
-        p = f"{self.root}-{uuid.uuid4().hex[:8]}"
-        self.prefixes.append(p)
-        return p
-
-    def delete_keys(self) -> None:
-        if self._client is None:
-            return
-        for p in self.prefixes:
-            keys = list(self._client.scan_iter(match=f"{p}:*", count=1000))
-            if keys:
-                self._client.delete(*keys)
+        return []
+    for i in range(0, len(left), 500):
+        client.delete(*left[i:i + 500])
+    return left
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -131,37 +110,13 @@ def isolated_session(tmp_path_factory):
             p.kill()
         except psutil.Error:
             pass
+    keys = _leftover_shared_keys()
     if left:
         pytest.fail("processes started by the test session outlived it (now killed):\n  " + "\n  ".join(described),
                     pytrace=False)
-
-
-@pytest.fixture(scope="session")
-def _shared_redis_root():
-    root = f"t{SESSION_ID}"
-    yield root
-    client = shared_redis_client()
-    left = list(client.scan_iter(match=f"{root}*", count=1000)) if client is not None else []
-    if left:
-        client.delete(*left)
-        pytest.fail(f"{len(left)} keys of this test session were left in the shared Redis (db 15), "
-                    f"e.g. {left[:3]} (now deleted)", pytrace=False)
-
-
-@pytest.fixture
-def shared_redis(_shared_redis_root):
-    """Per test: the keys under prefixes handed out here are deleted when the test ends."""
-    owner = SharedRedis(_shared_redis_root)
-    yield owner
-    owner.delete_keys()
-
-
-@pytest.fixture(scope="module")
-def shared_redis_module(_shared_redis_root):
-    """Per module (for module-scoped fixtures): the keys are deleted when the module ends."""
-    owner = SharedRedis(_shared_redis_root)
-    yield owner
-    owner.delete_keys()
+    if keys:
+        pytest.fail(f"{len(keys)} keys of this test session were left in the shared Redis (db 15), e.g. "
+                    f"{keys[:3]} (now deleted)", pytrace=False)
 
 
 def shared_dataset(name: str) -> Path:

@@ -845,3 +845,25 @@ def test_operations_doc_covers_metrics_and_rollout():
     for must in ("volatile-lru", "/v1/admin/reload", "LONGER_WATCH_S", "/readyz", "/healthz", "PromQL",
                  "deploy/publish-bundle.sh", "kubectl apply -k", "docker compose"):
         assert must in doc, f"docs/operations.md does not mention {must}"
+
+
+def test_k8s_shared_volume_permissions_follow_the_trust_boundary(rendered):
+    """docs/operations.md "Trust boundary": every pod mounting the shared volume runs as the
+    non-root image user with its fsGroup; only the writers of runs, datasets and bundles (the
+    prepare Job and the trainer) mount it read-write; serving and waiting containers read-only."""
+    writers = {("Job", "prepare"), ("PyTorchJob", "pytorch")}
+    for name, docs in rendered.items():
+        for doc in docs:
+            for spec in pod_specs(doc):
+                claims = {v["name"] for v in spec.get("volumes", []) if v.get("persistentVolumeClaim", {}).get(
+                    "claimName") == "longer-shared"}
+                if not claims:
+                    continue
+                sc = spec["securityContext"]
+                assert sc["runAsNonRoot"] and sc["fsGroup"] == sc["runAsGroup"] == 10001, doc["metadata"]["name"]
+                for c in spec.get("initContainers", []) + spec["containers"]:
+                    for m in c.get("volumeMounts", []):
+                        if m["name"] in claims:
+                            writable = (doc["kind"], c["name"]) in writers
+                            assert m.get("readOnly", False) is not writable, (name, doc["metadata"]["name"], c["name"])
+                    assert c.get("securityContext", {}).get("allowPrivilegeEscalation") is False, c["name"]

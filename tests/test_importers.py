@@ -85,3 +85,16 @@ def test_taobao_bad_rows(tmp_path):
     with pytest.raises(LogError, match="missing file"):
         import_taobao(tmp_path / "nope.csv", tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("block_size", [64, 1 << 20])  # the bad line in a later block, or in the first
+def test_taobao_unreadable_lines_are_named_by_file_and_line(tmp_path, block_size):
+    good = [(1, 2, 3, "pv", 1511600000 + i) for i in range(20)]
+    src = tmp_path / "UserBehavior.csv"
+    src.write_text("".join(",".join(map(str, r)) + "\n" for r in good) + "1,2\n")
+    with pytest.raises(LogError, match=r"UserBehavior.csv: line 21: expected 5 columns, got 2"):
+        import_taobao(src, tmp_path / "out", progress=False, block_size=block_size)
+    src.write_text("".join(",".join(map(str, r)) + "\n" for r in good) + "1,2,3,pv,soon\n")
+    with pytest.raises(LogError, match=r"UserBehavior.csv: line 21, column 'ts': 'soon' is not an integer"):
+        import_taobao(src, tmp_path / "out", progress=False, block_size=block_size)
+    assert not (tmp_path / "out").exists()

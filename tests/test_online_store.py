@@ -1,43 +1,53 @@
 import threading
-import uuid
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from feature_store.online import EVENT_DTYPE, Event, OnlineStore, connect, stop_embedded, unpack_events
+from feature_store.online import EVENT_DTYPE, BadKeyError, Event, OnlineStore, connect, stop_embedded, unpack_events
+from feature_store.store_check import check_store
+from tests.conftest import fresh_prefix
+from tests.serving_utils import delete_prefix, shared_redis
 
 
 @pytest.fixture(params=["tcp", "embedded"], scope="module")
-def backend(request, shared_redis_module):
-    """(client, prefix factory): the shared Redis (db 15; keys deleted when the module ends) or
-    an embedded one in the session's temp space (stopped when the module ends)."""
+def client(request):
+    """The shared Redis (db 15), or an embedded one in the session's own directory
+    (LONGER_REDIS_DIR, tests/conftest.py), stopped when the module ends."""
     if request.param == "tcp":
-        yield shared_redis_module.client, shared_redis_module.prefix
+        yield shared_redis()
         return
-    c = connect(None)  # LONGER_REDIS_DIR: the session's own directory (tests/conftest.py)
-    yield c, lambda: f"t{uuid.uuid4().hex[:8]}"
+    c = connect(None)
+    yield c
     stop_embedded(c)
 
 
 @pytest.fixture
-def store(backend):
-    client, prefix = backend
-    return OnlineStore(client, max_len=1000, prefix=prefix())
+def prefix(client):
+    p = fresh_prefix()
+    yield p
+    delete_prefix(client, p)
+
+
+@pytest.fixture
+def store(client, prefix):
+    return OnlineStore(client, max_len=1000, prefix=prefix)
 
 
 def test_append_is_idempotent_and_versions_increase(store):
-    assert store.append([Event(1, 10, 100, event_id="a"), Event(1, 11, 101, event_id="b")]) == {1: 1}
-    assert store.append([Event(1, 11, 101, event_id="b")]) == {1: 1}  # already applied: no bump
-    assert store.append([Event(1, 12, 99), Event(2, 5, 50)]) == {1: 2, 2: 1}
+    done = store.append([Event(1, 10, 100, event_id="a"), Event(1, 11, 101, event_id="b")])
+    assert done.versions == {1: 1} and done.added == {1: 2}
+    again = store.append([Event(1, 11, 101, event_id="b"), Event(1, 11, 101, event_id="b")])
+    assert again.versions == {1: 1} and again.total == 0  # already applied: no bump, nothing added
+    done = store.append([Event(1, 12, 99), Event(2, 5, 50)])
+    assert done.versions == {1: 2, 2: 1} and done.added == {1: 1, 2: 1}
     events, version, state = store.read(1, "m1")
     assert version == 2 and state is None
     assert events["item_id"].tolist() == [12, 10, 11]  # sorted by (ts, item_id)
 
 
-def test_sequence_is_capped_at_max_len(backend):
-    client, prefix = backend
-    s = OnlineStore(client, max_len=3, prefix=prefix())
+def test_sequence_is_capped_at_max_len(client, prefix):
+    s = OnlineStore(client, max_len=3, prefix=prefix)
     s.append([Event(7, i, 1000 + i) for i in range(10)])
     assert s.read(7)[0]["item_id"].tolist() == [7, 8, 9]
 
@@ -50,7 +60,7 @@ def test_concurrent_writers_lose_nothing(store):
     def write(w):
         for i in range(per_writer):
             u = users[(w + i) % len(users)]
-            v = store.append([Event(u, w * 1000 + i, 10_000 + w * per_writer + i, event_id=f"{w}-{i}")])[u]
+            v = store.append([Event(u, w * 1000 + i, 10_000 + w * per_writer + i, event_id=f"{w}-{i}")]).versions[u]
             with lock:
                 seen_versions[u].append(v)
 
@@ -82,15 +92,94 @@ def test_state_round_trip_ttl_and_size_cap(store):
 def test_garbage_in_redis_is_never_trusted(store):
     store.append([Event(9, 1, 10)])
     store.r.rpush(store._key(9, "seq"), b"short")
+    assert store.read(9)[0]["item_id"].tolist() == [1]  # a malformed item is skipped
     store.r.set(store._key(9, "ver"), b"not a number")
-    events, version, _ = store.read(9)
-    assert events["item_id"].tolist() == [1] and version == -1
+    with pytest.raises(BadKeyError, match=r"\{u9\}:ver is not a version counter"):
+        store.read(9)
+    with pytest.raises(BadKeyError, match=r"\{u9\}:ver is not a version counter"):
+        store.append([Event(9, 2, 11)])
+    store.r.delete(store._key(9, "ver"))
+    store.r.sadd(store._key(9, "ver"), "1")
+    with pytest.raises(BadKeyError, match=r"\{u9\}:ver holds a set, expected a string"):
+        store.append([Event(9, 2, 11)])
+    assert store.r.llen(store._key(9, "seq")) == 2  # a refused append changed nothing
     assert len(unpack_events([b"\x00" * (EVENT_DTYPE.itemsize + 1)])) == 0
 
 
-def test_bulk_load_matches_the_offline_sequences(backend, synth_dataset):
-    client, prefix = backend
-    s = OnlineStore(client, max_len=50, prefix=prefix())
+def user_bytes(store, user: int) -> int:
+    return sum(store.r.memory_usage(store._key(user, k)) or 0 for k in ("seq", "ver", "ids"))
+
+
+def test_one_users_memory_is_bounded_by_the_idempotency_window(client, prefix):
+    """ids of the last max_len events only: 3,000 (and 30,000) events with ids take about the
+    memory of 300 — and an id inside the window is still deduplicated."""
+    store = OnlineStore(client, max_len=256, prefix=prefix)
+    sizes, n = {}, 0
+    for target in (300, 3_000, 30_000):
+        while n < target:
+            store.append([Event(5, n + i, 1_600_000_000 + n + i, event_id=f"evt-{n + i:08d}") for i in range(500)][
+                         :target - n])
+            n = min(target, n + 500)
+        sizes[target] = user_bytes(store, 5)
+    print({"user_key_bytes": sizes})
+    assert sizes[3_000] <= 1.5 * sizes[300] and sizes[30_000] <= 1.5 * sizes[300]
+    assert store.r.zcard(store._key(5, "ids")) == 256 and store.r.llen(store._key(5, "seq")) == 256
+    assert store.append([Event(5, 1, 1, event_id="evt-00029999")]).total == 0  # inside the window
+    assert store.append([Event(5, 1, 1, event_id="evt-00000000")]).total == 1  # long gone: appended again
+
+
+def test_a_legacy_set_of_ids_is_replaced_by_the_window(store):
+    store.r.sadd(store._key(3, "ids"), "old-1", "old-2")
+    assert store.append([Event(3, 1, 10, event_id="new")]).total == 1
+    assert store.r.type(store._key(3, "ids")) in (b"zset", "zset")
+
+
+def test_store_check_finds_bad_keys_and_repair_keeps_valid_events(client, store):
+    from longer_cli.main import main
+
+    good = [Event(u, i, 100 + i) for u in (1, 2, 3, 4) for i in range(3)]
+    store.append(good)
+    store.write_state(3, "mv", b"cached")
+    store.r.rpush(store._key(1, "seq"), b"short", b"x" * 40)  # malformed items among valid ones
+    store.r.set(store._key(2, "ver"), "abc")  # unreadable counter
+    store.r.delete(store._key(3, "ids"))
+    store.r.set(store._key(3, "ids"), "wrong type")
+    store.r.delete(store._key(4, "seq"))
+    store.r.hset(store._key(4, "seq"), "a", "b")  # wrong type: no readable event
+    store.r.rpush(store._key(5, "st:mv"), "x")
+    store.r.set(f"{store.prefix}:{{uabc}}:seq", "x")  # not a key of the key map
+    report = check_store(client, store.prefix)
+    assert not report["ok"] and report["users_with_problems"] == 5
+    bad = {p["key"]: p for p in report["problems"]}
+    assert "2 of 5 items are not 33-byte packed events" in bad[store._key(1, "seq")]["problem"]
+    assert "not a version counter" in bad[store._key(2, "ver")]["problem"]
+    assert "holds a string, expected a zset" in bad[store._key(3, "ids")]["problem"]
+    assert "holds a hash, expected a list" in bad[store._key(4, "seq")]["problem"]
+    assert "holds a list, expected a string" in bad[store._key(5, "st:mv")]["problem"]
+    assert bad[f"{store.prefix}:{{uabc}}:seq"]["repair"] == "left alone"
+    url = client.connection_pool.connection_kwargs
+    if "path" in url:  # the embedded server: check the in-process API only
+        fixed = check_store(client, store.prefix, repair=True)
+    else:
+        argv = ["store", "check", "--redis", f"redis://{url['host']}:{url['port']}/{url['db']}",
+                "--prefix", store.prefix, "--quiet"]
+        assert main(argv) == 1  # problems found, not repaired
+        assert main([*argv, "--repair"]) == 0
+        fixed = {"ok": True}
+    assert fixed["ok"]
+    after = check_store(client, store.prefix)
+    assert [p["key"] for p in after["problems"]] == [f"{store.prefix}:{{uabc}}:seq"]
+    for user in (1, 2, 3):  # every valid event kept
+        assert store.read(user)[0]["item_id"].tolist() == [0, 1, 2]
+    assert store.read(1)[1] == 2 and store.read(2)[1] > 10**12  # versions moved forward
+    assert store.read(4)[0].size == 0
+    for user in (1, 2, 3, 4):
+        assert store.append([Event(user, 9, 200, event_id="after")]).total == 1
+    client.delete(f"{store.prefix}:{{uabc}}:seq")
+
+
+def test_bulk_load_matches_the_offline_sequences(client, prefix, synth_dataset):
+    s = OnlineStore(client, max_len=50, prefix=prefix)
     summary = s.load_sequences(synth_dataset, batch_users=7, progress=False)
     seq = pq.read_table(synth_dataset / "sequences").to_pydict()
     assert summary["users"] == len(seq["user_id"])

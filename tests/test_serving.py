@@ -20,9 +20,10 @@ from fastapi.testclient import TestClient
 
 from feature_store.online import OnlineStore, connect
 from serving.app import create_app
-from serving.runtime import ModelRuntime
+from serving.runtime import ModelRuntime, state_tag
 from serving.settings import Settings
 from tests.conftest import REPO
+from tests.serving_utils import prefixed_store, shared_redis
 from tests.test_trainer import run, small  # noqa: F401  (the module fixture)
 
 pytestmark = pytest.mark.slow
@@ -39,12 +40,12 @@ def trained(small, tmp_path_factory):  # noqa: F811
 
 
 @pytest.fixture
-def app_and_store(trained, shared_redis):
+def app_and_store(trained):
     bundle, data, _ = trained
-    store = OnlineStore(shared_redis.client, max_len=1000, prefix=shared_redis.prefix())
-    store.load_sequences(data, progress=False)
-    settings = Settings(model=str(bundle), max_candidates=50, token="s3cret")
-    return create_app(settings, runtime=ModelRuntime(str(bundle)), store=store), store
+    with prefixed_store(shared_redis()) as store:  # its keys are deleted when the test ends
+        store.load_sequences(data, progress=False)
+        settings = Settings(model=str(bundle), max_candidates=50, token="s3cret")
+        yield create_app(settings, runtime=ModelRuntime(str(bundle)), store=store), store
 
 
 def test_online_scores_equal_offline_predictions(trained, app_and_store):
@@ -95,9 +96,9 @@ def test_stale_or_corrupt_states_are_never_used(app_and_store):
             again = client.post("/v1/score", json=body).json()
             assert again["user_state"] == "miss" and np.allclose(again["scores"], good["scores"], atol=1e-6)
         events, version, blob = store.read(user, rt.version)
-        state = rt.loads(blob, {"seq_version": version, "n_events": len(events)})
+        state = rt.loads(blob, state_tag(user, version, len(events)))
         assert state is not None  # rewritten after the miss
-        stale = rt.dumps(state, {"seq_version": version - 1, "n_events": len(events)})
+        stale = rt.dumps(state, state_tag(user, version - 1, len(events)))
         store.r.set(key, stale)
         assert client.post("/v1/score", json=body).json()["user_state"] == "miss"
 
@@ -188,12 +189,16 @@ def perturbed_bundle(src, dst, delta=0.05):
     return write_bundle(dst, tensors, b.config, {})
 
 
-def test_reload_and_watch_swap_the_model(trained, tmp_path, shared_redis):
+def test_reload_and_watch_swap_the_model(trained, tmp_path):
     bundle, data, _ = trained
     live = tmp_path / "live"
     shutil.copytree(bundle, live)
-    store = OnlineStore(shared_redis.client, max_len=1000, prefix=shared_redis.prefix())
-    store.load_sequences(data, progress=False)
+    with prefixed_store(shared_redis()) as store:
+        store.load_sequences(data, progress=False)
+        reload_and_watch(bundle, live, data, store)
+
+
+def reload_and_watch(bundle, live, data, store):
     app = create_app(Settings(model=str(live), token="t", watch_s=0.2), store=store)
     user = pq.read_table(data / "sequences", columns=["user_id"]).column("user_id")[0].as_py()
     body = {"user_id": user, "candidates": [{"item_id": 1}]}

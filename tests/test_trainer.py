@@ -197,3 +197,69 @@ def test_corrupt_bundle_is_refused(small, tmp_path):
     (out / "export" / "config.json").write_text(json.dumps(cfg))
     r = run(["eval", "--model", out / "export", "--data", small / "data"], check=False)
     assert r.returncode == 2 and "does not match model_version" in r.stderr
+
+
+def flip_a_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_checkpoints_are_verified_and_auto_resume_falls_back(small, tmp_path):
+    """A checkpoint whose files do not match its manifest is refused by --resume (naming the
+    file) and skipped by --auto-resume, which resumes from the previous one; metrics.jsonl then
+    holds every eval step exactly once (the killed attempt's later lines are dropped)."""
+    out = tmp_path / "run"
+    flags = ("train.steps=12", "train.checkpoint_every=6", "train.eval_every=3")
+    train(small, out, *flags)
+    shutil.rmtree(out / "export")
+    shard = next((out / "checkpoints" / "step-00000012").glob("*.safetensors"))
+    flip_a_byte(shard)
+    (out / "checkpoints" / "step-00000012.partial").mkdir()  # a save that was killed
+    r = train(small, out, *flags, resume=True, check=False)
+    assert r.returncode == 2 and f"{shard.name} does not match its sha256" in r.stderr
+    r = train(small, out, *flags, "--auto-resume", check=False)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "auto-resume: skipping step-00000012" in r.stderr
+    assert "removed" in r.stderr and not (out / "checkpoints" / "step-00000012.partial").exists()
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [3, 6, 9, 12]
+    assert json.loads(r.stdout)["steps"] == 12
+
+
+class RunsCode:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_crafted_checkpoint_never_runs_code(small, tmp_path):
+    """Someone who can write the run directory plants pickles that run code — a DCP `.metadata`
+    and a shard replaced by one — and rewrites the manifest to match: resume reads JSON and
+    safetensors only, so it refuses the shard (naming it) and runs nothing."""
+    import pickle
+
+    from trainer.checkpoint import write_manifest
+
+    out = tmp_path / "run"
+    train(small, out, "train.steps=4", "train.checkpoint_every=2")
+    ck = out / "checkpoints" / "step-00000004"
+    assert not list(ck.glob("*.distcp")) and not (ck / ".metadata").exists()  # no pickled format at all
+    marker = tmp_path / "pwned"
+    (ck / ".metadata").write_bytes(pickle.dumps(RunsCode(marker)))
+    r = train(small, out, "train.steps=6", "train.checkpoint_every=2", resume=True, check=False)
+    assert r.returncode == 2 and ".metadata is not in the checkpoint's manifest" in r.stderr
+    (ck / "manifest.json").unlink()
+    write_manifest(ck)
+    r = train(small, out, "train.steps=6", "train.checkpoint_every=2", resume=True, check=False)
+    assert r.returncode == 0, r.stderr[-2000:]  # the planted file is never read
+    shard = next(ck.glob("*.safetensors"))
+    shard.write_bytes(pickle.dumps(RunsCode(marker)))
+    (ck / "manifest.json").unlink()
+    write_manifest(ck)
+    shutil.rmtree(out / "checkpoints" / "step-00000006")
+    r = train(small, out, "train.steps=6", "train.checkpoint_every=2", resume=True, check=False)
+    assert r.returncode == 2 and not marker.exists()
+    assert "step-00000004: not a readable checkpoint of this model" in r.stderr, r.stderr[-2000:]

@@ -74,25 +74,48 @@ class BundleError(ValueError):
     pass
 
 
-def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
-    """Load a bundle into an unsharded RecModel in eval mode, checking its content hash."""
-    path = Path(path)
-    for f in FILES:
-        if not (path / f).is_file():
-            hint = f"; a run directory? its bundle is {path / 'export'}" if (path / "export" / f).is_file() else ""
-            raise BundleError(f"{path}: not a model bundle (missing {f}{hint})")
+def bundle_file(path: Path, name: str) -> Path:
+    """A bundle file that is a regular file inside the bundle directory: a symlink that leaves
+    the directory (to /etc/passwd, say) or a device is refused."""
+    f = path / name
+    if not f.is_file():
+        hint = f"; a run directory? its bundle is {path / 'export'}" if (path / "export" / name).is_file() else ""
+        raise BundleError(f"{path}: not a model bundle (missing {name}{hint})")
+    real, root = f.resolve(), path.resolve()
+    if real.parent != root:
+        raise BundleError(f"{f}: a symlink out of the bundle directory (to {real}) is refused")
+    return f
+
+
+def declared_version(path: str | Path) -> str | None:
+    """The model_version a bundle directory's config.json declares now (None while unreadable)."""
     try:
-        raw = json.loads((path / "config.json").read_text())
-        schema = json.loads((path / "feature_schema.json").read_text())
+        return json.loads(bundle_file(Path(path), "config.json").read_text())["model_version"]
+    except (BundleError, OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
+    """Load a bundle into an unsharded RecModel in eval mode, checking its content hash. Any
+    unloadable bundle (missing, truncated, corrupt or foreign files, symlinks out of the
+    directory, weights that do not fit the config) is a BundleError naming the reason."""
+    path = Path(path)
+    files = {f: bundle_file(path, f) for f in FILES}
+    try:
+        raw = json.loads(files["config.json"].read_text())
+        schema = json.loads(files["feature_schema.json"].read_text())
         version = raw.pop("model_version")
-        cfg = RunConfig.from_dict(raw, str(path / "config.json"))
-        tensors = load_file(str(path / "model.safetensors"))
-    except (OSError, ValueError, KeyError) as e:
-        raise BundleError(f"{path}: unreadable bundle ({e})") from e
+        cfg = RunConfig.from_dict(raw, str(files["config.json"]))
+        tensors = load_file(str(files["model.safetensors"]))
+    except Exception as e:  # SafetensorError is not a ValueError; a bundle is input like any other
+        raise BundleError(f"{path}: unreadable bundle ({type(e).__name__}: {e})") from e
     if verify and content_version(tensors, cfg.to_dict()) != version:
         raise BundleError(f"{path}: content does not match model_version {version} (corrupt or edited bundle)")
-    model = build_model(cfg.model)
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    try:
+        model = build_model(cfg.model)
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+    except Exception as e:  # e.g. a tensor of the wrong shape
+        raise BundleError(f"{path}: weights do not fit the config ({type(e).__name__}: {e})") from e
     if missing or unexpected:
         raise BundleError(f"{path}: weights do not fit the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
     return Bundle(model.eval(), cfg, schema, version, path)

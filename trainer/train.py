@@ -98,13 +98,65 @@ def _replace_run(new: Path, old: Path) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
+def _drop_metrics_after(run: Path, step: int) -> None:
+    """Keep metrics.jsonl lines of steps up to the resumed checkpoint's (and no torn line), so
+    the resumed run logs every later step exactly once."""
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(keep))
+    tmp.replace(path)
+
+
+def _start_point(run: Path, cfg: RunConfig, resume: bool, auto_resume: bool) -> tuple[Path | None, str | None]:
+    """(checkpoint to resume from or None, error) — rank 0 only: checks the run directory,
+    verifies the checkpoint's files against its manifest, trims metrics.jsonl and removes
+    the partial checkpoints of a killed attempt."""
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    try:
+        latest = ckpt.choose_checkpoint(run, fallback=auto_resume, log=log) if resume or auto_resume else None
+    except ckpt.CheckpointError as e:
+        return None, str(e)
+    if latest is None and (resume or auto_resume) and ckpt.complete_checkpoints(run):
+        return None, (f"{run}: no checkpoint in {run}/checkpoints passes its manifest check (see above); move them "
+                      f"aside to start the run over")
+    if resume and latest is None:
+        return None, f"{run}: --resume, but no complete checkpoint in {run}/checkpoints"
+    if latest is None and run.exists() and any(run.iterdir()) and not (auto_resume and _restartable(run, cfg)):
+        return None, (f"{run}: run directory exists and is not empty (pass --resume to continue it, or --overwrite "
+                      "to replace it)")
+    if latest is not None:
+        try:
+            _check_resume(json.loads((latest / ckpt.STATE_FILE).read_text())["config"], cfg)
+        except ConfigError as e:
+            return None, str(e)
+    run.mkdir(parents=True, exist_ok=True)  # the run is this job's from here on
+    ckpt.remove_partial_checkpoints(run, log)
+    if latest is None:  # from step 0: metrics of an attempt that died are not this run's
+        (run / "metrics.jsonl").unlink(missing_ok=True)
+    else:
+        _drop_metrics_after(run, ckpt.step_of(latest))
+    return latest, None
+
+
 def train(cfg: RunConfig, data: str | Path, out: str | Path, resume: bool = False,
           progress: bool = True, auto_resume: bool = False, overwrite: bool = False) -> dict | None:
     """Train, evaluate, checkpoint and export; returns a summary on rank 0 (None elsewhere).
 
     `auto_resume` (for schedulers that restart a job with its original arguments, e.g. torchrun
-    elastic): resume when the run has a complete checkpoint, else start from step 0 — also in a
-    run directory that the same config left before its first checkpoint.
+    elastic): resume from the newest checkpoint that passes its manifest check (an older one
+    when a newer one fails), else start from step 0 — also in a run directory that the same
+    config left before its first checkpoint.
 
     `overwrite` with an existing run directory: train from step 0 in a hidden sibling directory
     and swap it in for the old run only once it has finished (exported); an interrupted or
@@ -113,7 +165,7 @@ def train(cfg: RunConfig, data: str | Path, out: str | Path, resume: bool = Fals
     data, run = Path(data), Path(out)
     if overwrite and (resume or auto_resume):
         raise ConfigError("--overwrite starts a new run; it cannot be combined with --resume or --auto-resume")
-    final = run
+    target = run  # where the run ends up; `run` is where it is written
     if overwrite and run.is_dir() and any(run.iterdir()):
         run = run.parent / f".{run.name}.partial-overwrite"  # the same name on every rank
     tc = cfg.train
@@ -126,33 +178,15 @@ def train(cfg: RunConfig, data: str | Path, out: str | Path, resume: bool = Fals
     warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*deprecating ShardedTensor.*", category=FutureWarning)
 
-    latest = ckpt.latest_checkpoint(run) if resume or auto_resume else None
-    resume = resume or latest is not None
-    if ctx.is_main:
-        if run != final:  # --overwrite: a previous attempt's leftovers are not this run's
-            shutil.rmtree(run, ignore_errors=True)
-            print(f"train: --overwrite: training in {run}; it replaces {final} once it has finished",
-                  file=sys.stderr, flush=True)
-        if not resume and run.exists() and any(run.iterdir()) and not (auto_resume and _restartable(run, cfg)):
-            err = (f"{run}: run directory exists and is not empty (pass --resume to continue it, or --overwrite "
-                   "to replace it)")
-        elif resume and latest is None:
-            err = f"{run}: --resume, but no complete checkpoint in {run}/checkpoints"
-        else:
-            err = None
-            run.mkdir(parents=True, exist_ok=True)
-            if latest is None:  # from step 0: metrics of an attempt that died are not this run's
-                (run / "metrics.jsonl").unlink(missing_ok=True)
-            else:
-                try:
-                    _check_resume(json.loads((latest / ckpt.STATE_FILE).read_text())["config"], cfg)
-                except ConfigError as e:
-                    err = str(e)
-    else:
-        err = None
-    err = broadcast(err)
+    if ctx.is_main and run != target:  # --overwrite: a previous attempt's leftovers are not this run's
+        shutil.rmtree(run, ignore_errors=True)
+        print(f"train: --overwrite: training in {run}; it replaces {target} once it has finished",
+              file=sys.stderr, flush=True)
+    latest, err = _start_point(run, cfg, resume, auto_resume) if ctx.is_main else (None, None)
+    latest, err = broadcast((str(latest) if latest else None, err))
     if err:
         raise ConfigError(err)
+    latest = Path(latest) if latest else None
 
     _seed(tc.seed, tc.deterministic)
     model = build_model(cfg.model)
@@ -175,7 +209,8 @@ def train(cfg: RunConfig, data: str | Path, out: str | Path, resume: bool = Fals
         print(f"sharding plan ({ctx.world_size} rank{'s' * (ctx.world_size > 1)}):\n{plan_table(plan)}",
               file=sys.stderr, flush=True)  # stdout carries only the summary JSON
         from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(log_dir=str(run / "tb"))
+        # purge_step: TensorBoard drops what a killed attempt logged after the resumed checkpoint
+        writer = SummaryWriter(log_dir=str(run / "tb"), purge_step=step + 1 if latest is not None else None)
 
     from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
@@ -246,9 +281,9 @@ def train(cfg: RunConfig, data: str | Path, out: str | Path, resume: bool = Fals
     version = write_bundle(run / "export", tensors, cfg, meta) if ctx.is_main else None
     if writer:
         writer.close()
-    if ctx.is_main and run != final:
-        _replace_run(run, final)
-    summary = {"run": str(final), "steps": step, "world_size": ctx.world_size, "train_samples_per_s": round(samples_per_s, 1),
+    if ctx.is_main and run != target:
+        _replace_run(run, target)
+    summary = {"run": str(target), "steps": step, "world_size": ctx.world_size, "train_samples_per_s": round(samples_per_s, 1),
                "gflops_fwd_per_sample": round(forward_flops(cfg.model) / 1e9, 4), "model_version": version,
                "eval": last_eval}
     return summary if ctx.is_main else None
