@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make demo`: the main job end to end on embedded defaults, sized for about 2-3 minutes on two
+# `make demo`: the main job end to end on embedded defaults, sized for about 2 minutes on two
 # idle CPU cores (install excluded; README "Two commands" has the measured time).
 # Synthesize a behaviour log, build point-in-time training data, show what was built, train
 # LONGER with TorchRec, evaluate the exported bundle beside simple yardsticks, then load the
