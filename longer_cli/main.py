@@ -68,12 +68,16 @@ def _store_check(a):
 
 
 def _serve(a):
-    from serving.server import serve
+    from serving.server import ServeError, serve
     from serving.settings import Settings
     settings = Settings.from_env(model=a.model, redis_url=a.redis, threads=a.threads)
     if not settings.model:
         raise ValueError("--model (or LONGER_MODEL) is required")
-    serve(settings, a.host, a.port)
+    try:
+        serve(settings, a.host, a.port)
+    except ServeError as e:
+        print(f"longer serve: {e}", file=sys.stderr)
+        sys.exit(3)
     return None
 
 

