@@ -1,5 +1,5 @@
 # The two commands a newcomer needs: `make demo` (install + the main job end to end) and
-# `make test` (the whole suite, as CI runs it); `make test-fast` skips the tests marked slow.
+# `make test` (lint, then the whole suite, as CI runs it); `make test-fast` skips the tests marked slow.
 # Every target installs first through the project's own step, `make setup` (scripts/setup.sh:
 # .venv/ with torch, fbgemm-gpu(-cpu), torchrec, this project); it is a no-op when nothing
 # changed. DEVICE=cuda installs the GPU builds.
@@ -11,7 +11,7 @@ DEVICE ?= cpu
 DEMO   ?= demo
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast bench-data bench-train bench-quality bench-quality-quick clean
+.PHONY: setup lint demo test test-fast bench-data bench-train bench-quality bench-quality-quick clean
 
 setup:
 	@DEVICE=$(DEVICE) bash scripts/setup.sh
@@ -19,7 +19,11 @@ setup:
 demo: setup
 	@bash scripts/demo.sh $(DEMO)
 
-test: setup
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: setup lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: setup

@@ -85,7 +85,7 @@ def default_lengths(base_len: int, data_len: int, quick: bool) -> list[int]:
     while x <= top:
         lengths.add(x)
         x *= 2
-    lengths = sorted(L for L in lengths if L <= top)
+    lengths = sorted(L for L in lengths if top >= L)
     if quick:  # the shortest, the base and the longest
         lengths = sorted({lengths[0], base_len, lengths[-1]})
     return lengths
@@ -125,8 +125,10 @@ def variants(base, lengths: list[int], quick: bool = False, tables=TABLES) -> li
 
 # --- training (worker processes) ------------------------------------------------------------------
 
+
 def _worker_init(threads: int) -> None:
     import torch
+
     torch.set_num_threads(threads)
 
 
@@ -143,9 +145,15 @@ def _train_one(cfg: dict, data: str, run_dir: str) -> dict:
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
     ev = summary["eval"]
-    return {"auc": ev["auc"], "gauc": ev["gauc"], "logloss": ev["logloss"], "calibration": ev["calibration"],
-            "eval_samples": ev["n"], "trainer_samples_per_s": summary["train_samples_per_s"],
-            "wall_s": round(time.perf_counter() - t0, 1)}
+    return {
+        "auc": ev["auc"],
+        "gauc": ev["gauc"],
+        "logloss": ev["logloss"],
+        "calibration": ev["calibration"],
+        "eval_samples": ev["n"],
+        "trainer_samples_per_s": summary["train_samples_per_s"],
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }
 
 
 def _read_journal(path: Path) -> dict[str, dict]:
@@ -160,7 +168,9 @@ def _read_journal(path: Path) -> dict[str, dict]:
     return done
 
 
-def train_all(plan: list[tuple[str, dict, int]], data: Path, out: Path, jobs: int, progress: bool) -> dict[str, dict]:
+def train_all(
+    plan: list[tuple[str, dict, int]], data: Path, out: Path, jobs: int, progress: bool
+) -> dict[str, dict]:
     """Train every (key, config, seed) not already in the journal; returns key → record."""
     from tqdm import tqdm
 
@@ -168,11 +178,20 @@ def train_all(plan: list[tuple[str, dict, int]], data: Path, out: Path, jobs: in
     done = _read_journal(journal)
     todo = [(k, c, s) for k, c, s in plan if k not in done]
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    bar = tqdm(total=len(plan), initial=len(plan) - len(todo), desc="quality runs", unit="run", disable=not progress)
+    bar = tqdm(
+        total=len(plan), initial=len(plan) - len(todo), desc="quality runs", unit="run", disable=not progress
+    )
     scratch = Path(tempfile.mkdtemp(prefix="runs-", dir=out))
     try:
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_worker_init, initargs=(threads,)) as pool, open(journal, "a") as jf:
+        with (
+            ProcessPoolExecutor(
+                max_workers=jobs,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_worker_init,
+                initargs=(threads,),
+            ) as pool,
+            open(journal, "a") as jf,
+        ):
             futures = {pool.submit(_train_one, c, str(data), str(scratch / k)): (k, c, s) for k, c, s in todo}
             for f in as_completed(futures):
                 k, c, s = futures[f]
@@ -192,6 +211,7 @@ def train_all(plan: list[tuple[str, dict, int]], data: Path, out: Path, jobs: in
 
 
 # --- throughput (one variant at a time, all cores) ------------------------------------------------
+
 
 def throughput(cfg, device: str, seconds: float) -> dict:
     """Train samples/s (forward + backward) and hit-path candidates/s of an untrained model of
@@ -222,9 +242,11 @@ def throughput(cfg, device: str, seconds: float) -> dict:
     model.eval()
     user = make_batch([L], seed=1, items=100_000, categories=500).to(dev)
     g = torch.Generator().manual_seed(2)
-    cands = Candidates(item_id=torch.randint(0, 100_000, (1, SERVE_CANDIDATES), generator=g).to(dev),
-                       category_id=torch.randint(0, 500, (1, SERVE_CANDIDATES), generator=g).to(dev),
-                       ts=user.ts)
+    cands = Candidates(
+        item_id=torch.randint(0, 100_000, (1, SERVE_CANDIDATES), generator=g).to(dev),
+        category_id=torch.randint(0, 500, (1, SERVE_CANDIDATES), generator=g).to(dev),
+        ts=user.ts,
+    )
     with torch.no_grad(), autocast:
         state = model.encode_user(user)
 
@@ -234,11 +256,15 @@ def throughput(cfg, device: str, seconds: float) -> dict:
                 torch.cuda.synchronize()
 
         serve_s = median_seconds(score, steps=5, seconds=seconds / 2)
-    return {"train_samples_per_s": round(B / train_s, 1), "timing_batch": B,
-            "serve_candidates_per_s": round(SERVE_CANDIDATES / serve_s)}
+    return {
+        "train_samples_per_s": round(B / train_s, 1),
+        "timing_batch": B,
+        "serve_candidates_per_s": round(SERVE_CANDIDATES / serve_s),
+    }
 
 
 # --- tables -------------------------------------------------------------------------------------
+
 
 def _mean_std(xs: list[float]) -> tuple[float, float | None]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)
@@ -258,14 +284,24 @@ def power_law(x: list[float], y: list[float]) -> dict | None:
     return {"alpha": float(math.exp(log_alpha)), "beta": float(beta), "r2": r2}
 
 
-def rows_of(vs: list[Variant], runs: dict[str, dict], speed: dict[str, dict], seeds: list[int], key_of) -> list[dict]:
+def rows_of(
+    vs: list[Variant], runs: dict[str, dict], speed: dict[str, dict], seeds: list[int], key_of
+) -> list[dict]:
     from longer.flops import forward_flops
 
     rows = []
     for v in vs:
         recs = [runs[key_of(v, s)] for s in seeds]
-        row = {"table": v.table, "variant": v.label, "model": v.model.model, "max_len": v.model.max_len,
-               "seeds": seeds, "gflops": forward_flops(v.model) / 1e9, **speed[v.key], "config": v.model.to_dict()}
+        row = {
+            "table": v.table,
+            "variant": v.label,
+            "model": v.model.model,
+            "max_len": v.model.max_len,
+            "seeds": seeds,
+            "gflops": forward_flops(v.model) / 1e9,
+            **speed[v.key],
+            "config": v.model.to_dict(),
+        }
         for m in ("auc", "gauc", "logloss"):
             row[m], row[f"{m}_std"] = _mean_std([r[m] for r in recs])
         rows.append(row)
@@ -292,51 +328,73 @@ def comparison(rows: list[dict], base) -> list[dict]:
     t, lo = by.get(("baselines", "transformer")), by.get(("baselines", "longer"))
     if t and lo:
         d = lo["auc"] - t["auc"]
-        checks.append({
-            "claim": "LONGER matches or beats the full transformer at a fraction of its FLOPs",
-            "paper": f"AUC {PAPER['longer']['auc']} vs {PAPER['transformer']['auc']} (+0.00179) at "
-                     f"{PAPER['longer']['gflops']} vs {PAPER['transformer']['gflops']} GFLOPs (0.51×)",
-            "ours": f"AUC {lo['auc']:.4f} vs {t['auc']:.4f} ({d:+.4f}) at {lo['gflops']:.4g} vs "
-                    f"{t['gflops']:.4g} GFLOPs ({lo['gflops'] / t['gflops']:.2f}×)",
-            "agrees": bool(d >= -noise(t, lo) and lo["gflops"] < t["gflops"])})
+        checks.append(
+            {
+                "claim": "LONGER matches or beats the full transformer at a fraction of its FLOPs",
+                "paper": f"AUC {PAPER['longer']['auc']} vs {PAPER['transformer']['auc']} (+0.00179) at "
+                f"{PAPER['longer']['gflops']} vs {PAPER['transformer']['gflops']} GFLOPs (0.51×)",
+                "ours": f"AUC {lo['auc']:.4f} vs {t['auc']:.4f} ({d:+.4f}) at {lo['gflops']:.4g} vs "
+                f"{t['gflops']:.4g} GFLOPs ({lo['gflops'] / t['gflops']:.2f}×)",
+                "agrees": bool(d >= -noise(t, lo) and lo["gflops"] < t["gflops"]),
+            }
+        )
     if lo:
-        others = [r for r in rows if r["table"] == "baselines" and r["model"] not in ("longer", "transformer")]
+        others = [
+            r for r in rows if r["table"] == "baselines" and r["model"] not in ("longer", "transformer")
+        ]
         if others:
             best = max(others, key=lambda r: r["auc"])
-            checks.append({
-                "claim": "LONGER beats the cheaper sequence baselines (sumpool, DIN, HSTU)",
-                "paper": "LONGER above every baseline in Table 1",
-                "ours": f"best baseline {best['variant']} AUC {best['auc']:.4f} vs LONGER {lo['auc']:.4f} "
-                        f"({lo['auc'] - best['auc']:+.4f})",
-                "agrees": bool(lo["auc"] > best["auc"])})
+            checks.append(
+                {
+                    "claim": "LONGER beats the cheaper sequence baselines (sumpool, DIN, HSTU)",
+                    "paper": "LONGER above every baseline in Table 1",
+                    "ours": f"best baseline {best['variant']} AUC {best['auc']:.4f} vs LONGER {lo['auc']:.4f} "
+                    f"({lo['auc'] - best['auc']:+.4f})",
+                    "agrees": bool(lo["auc"] > best["auc"]),
+                }
+            )
     k0 = base.query_k
     allq = next((r for r in rows if r["table"] == "queries" and r["variant"].startswith("all")), None)
     rec = by.get(("queries", f"k={k0} recent"))
     if allq and rec:
         d = rec["auc"] - allq["auc"]
-        checks.append({
-            "claim": f"k = {k0} recent queries lose little against all {base.max_len} as queries",
-            "paper": PAPER["queries"].split(";")[0],
-            "ours": f"AUC {rec['auc']:.4f} vs {allq['auc']:.4f} ({d:+.4f}) at {rec['gflops']:.4g} vs "
-                    f"{allq['gflops']:.4g} GFLOPs",
-            "agrees": bool(d >= -max(0.002, 2 * noise(rec, allq)))})
+        checks.append(
+            {
+                "claim": f"k = {k0} recent queries lose little against all {base.max_len} as queries",
+                "paper": PAPER["queries"].split(";")[0],
+                "ours": f"AUC {rec['auc']:.4f} vs {allq['auc']:.4f} ({d:+.4f}) at {rec['gflops']:.4g} vs "
+                f"{allq['gflops']:.4g} GFLOPs",
+                "agrees": bool(d >= -max(0.002, 2 * noise(rec, allq))),
+            }
+        )
     sel = [by.get(("queries", f"k={k0} {s}")) for s in ("recent", "uniform", "learnable")]
     if all(sel):
         order = " > ".join(r["variant"].split()[1] for r in sorted(sel, key=lambda r: -r["auc"]))
-        checks.append({
-            "claim": "query selection: recent > uniform > learnable",
-            "paper": "recent > uniform > learnable",
-            "ours": order + " (" + ", ".join(f"{r['variant'].split()[1]} {r['auc']:.4f}" for r in sel) + ")",
-            "agrees": order == "recent > uniform > learnable"})
+        checks.append(
+            {
+                "claim": "query selection: recent > uniform > learnable",
+                "paper": "recent > uniform > learnable",
+                "ours": order
+                + " ("
+                + ", ".join(f"{r['variant'].split()[1]} {r['auc']:.4f}" for r in sel)
+                + ")",
+                "agrees": order == "recent > uniform > learnable",
+            }
+        )
     merge = {r["variant"]: r for r in rows if r["table"] == "merge"}
     if "K=1 (no merge)" in merge and f"K={base.merge_k} {base.merge}" in merge:
         a, b = merge["K=1 (no merge)"], merge[f"K={base.merge_k} {base.merge}"]
-        checks.append({
-            "claim": f"token merge (K = {base.merge_k}, {base.merge}) cuts FLOPs at little or no AUC loss",
-            "paper": "K = 8 with InnerTrans: lower FLOPs, AUC at or above no merge",
-            "ours": f"AUC {b['auc']:.4f} vs {a['auc']:.4f} ({b['auc'] - a['auc']:+.4f}) at {b['gflops']:.4g} vs "
-                    f"{a['gflops']:.4g} GFLOPs",
-            "agrees": bool(b["auc"] - a["auc"] >= -max(0.002, 2 * noise(a, b)) and b["gflops"] < a["gflops"])})
+        checks.append(
+            {
+                "claim": f"token merge (K = {base.merge_k}, {base.merge}) cuts FLOPs at little or no AUC loss",
+                "paper": "K = 8 with InnerTrans: lower FLOPs, AUC at or above no merge",
+                "ours": f"AUC {b['auc']:.4f} vs {a['auc']:.4f} ({b['auc'] - a['auc']:+.4f}) at {b['gflops']:.4g} vs "
+                f"{a['gflops']:.4g} GFLOPs",
+                "agrees": bool(
+                    b["auc"] - a["auc"] >= -max(0.002, 2 * noise(a, b)) and b["gflops"] < a["gflops"]
+                ),
+            }
+        )
     return checks
 
 
@@ -347,35 +405,55 @@ def _fmt(x: float, std: float | None, nd: int = 4) -> str:
 def markdown(result: dict) -> str:
     rows, fits = result["rows"], result["scaling_fits"]
     d = result["dataset"]
-    lines = [f"# LONGER quality bench: {d['name']}", "",
-             f"`{result['command']}`", "",
-             f"Dataset: {d['users']:,} users, {d['events']:,} events, {d['train']:,} train / {d['eval']:,} eval "
-             f"samples (eval = ts ≥ {d['split_ts']}), longest history {d['max_hist_len']:,}. "
-             f"Seeds {result['seeds']}; every variant trains with the same `[train]` settings "
-             f"({result['train']['steps']} steps × batch {result['train']['batch_size']}, lr {result['train']['lr']}, "
-             f"emb_lr {result['train']['emb_lr']}). Machine: {result['machine']['cpus']} CPUs, "
-             f"{result['throughput_device']}; wall time {result['wall_s'] / 60:.1f} min.", "",
-             "AUC, GAUC, LogLoss: eval split, mean ± std over seeds. GFLOPs: analytic forward per sample at "
-             "full length. train/s: forward + backward samples/s on full-length batches. serve/s: candidates/s "
-             f"on the hit path ({SERVE_CANDIDATES} candidates against a cached user state).", ""]
+    lines = [
+        f"# LONGER quality bench: {d['name']}",
+        "",
+        f"`{result['command']}`",
+        "",
+        f"Dataset: {d['users']:,} users, {d['events']:,} events, {d['train']:,} train / {d['eval']:,} eval "
+        f"samples (eval = ts ≥ {d['split_ts']}), longest history {d['max_hist_len']:,}. "
+        f"Seeds {result['seeds']}; every variant trains with the same `[train]` settings "
+        f"({result['train']['steps']} steps × batch {result['train']['batch_size']}, lr {result['train']['lr']}, "
+        f"emb_lr {result['train']['emb_lr']}). Machine: {result['machine']['cpus']} CPUs, "
+        f"{result['throughput_device']}; wall time {result['wall_s'] / 60:.1f} min.",
+        "",
+        "AUC, GAUC, LogLoss: eval split, mean ± std over seeds. GFLOPs: analytic forward per sample at "
+        "full length. train/s: forward + backward samples/s on full-length batches. serve/s: candidates/s "
+        f"on the hit path ({SERVE_CANDIDATES} candidates against a cached user state).",
+        "",
+    ]
     for table in TABLES:
         tr = [r for r in rows if r["table"] == table]
         if not tr:
             continue
-        lines += [f"## {TABLE_TITLES[table]}", "",
-                  "| variant | AUC | GAUC | LogLoss | GFLOPs | train/s | serve/s |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## {TABLE_TITLES[table]}",
+            "",
+            "| variant | AUC | GAUC | LogLoss | GFLOPs | train/s | serve/s |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for r in tr:
-            lines.append(f"| {r['variant']} | {_fmt(r['auc'], r['auc_std'])} | {_fmt(r['gauc'], r['gauc_std'])} | "
-                         f"{_fmt(r['logloss'], r['logloss_std'])} | {r['gflops']:.4g} | "
-                         f"{r['train_samples_per_s']:,.0f} | {r['serve_candidates_per_s']:,} |")
+            lines.append(
+                f"| {r['variant']} | {_fmt(r['auc'], r['auc_std'])} | {_fmt(r['gauc'], r['gauc_std'])} | "
+                f"{_fmt(r['logloss'], r['logloss_std'])} | {r['gflops']:.4g} | "
+                f"{r['train_samples_per_s']:,.0f} | {r['serve_candidates_per_s']:,} |"
+            )
         if table == "scaling":
             for axis, f in fits.items():
                 if f:
-                    lines += ["", f"Power-law fit against {axis}: AUC = {f['alpha']:.4f} · x^{f['beta']:.5f} "
-                                  f"(R² = {f['r2']:.3f})."]
+                    lines += [
+                        "",
+                        f"Power-law fit against {axis}: AUC = {f['alpha']:.4f} · x^{f['beta']:.5f} "
+                        f"(R² = {f['r2']:.3f}).",
+                    ]
         lines.append("")
     if result["comparison"]:
-        lines += ["## Against the paper", "", "| claim | paper (Douyin) | ours | agrees |", "|---|---|---|---|"]
+        lines += [
+            "## Against the paper",
+            "",
+            "| claim | paper (Douyin) | ours | agrees |",
+            "|---|---|---|---|",
+        ]
         for c in result["comparison"]:
             lines.append(f"| {c['claim']} | {c['paper']} | {c['ours']} | {'yes' if c['agrees'] else 'no'} |")
         lines.append("")
@@ -404,6 +482,7 @@ def _save(fig, path: Path) -> str:
 
 def plots(result: dict, out: Path) -> list[str]:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -420,29 +499,46 @@ def plots(result: dict, out: Path) -> list[str]:
                 seen.add(key)
                 tr.append(r)
         if tr:
-            ax.errorbar([r["gflops"] for r in tr], [r["auc"] for r in tr], yerr=[r["auc_std"] or 0 for r in tr],
-                        fmt=mk, capsize=3, label=table)
+            ax.errorbar(
+                [r["gflops"] for r in tr],
+                [r["auc"] for r in tr],
+                yerr=[r["auc_std"] or 0 for r in tr],
+                fmt=mk,
+                capsize=3,
+                label=table,
+            )
             for r in tr:
                 label = f"{r['variant']} (base)" if r["variant"] == "longer" else r["variant"]
-                ax.annotate(label, (r["gflops"], r["auc"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+                ax.annotate(
+                    label, (r["gflops"], r["auc"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
+                )
     _log_axes(ax, "forward GFLOPs per sample (log)", f"{name}: AUC against cost")
     made.append(_save(fig, out / "tradeoff.png"))
     # 2. scaling with fits
     sc = sorted((r for r in rows if r["table"] == "scaling"), key=lambda r: r["max_len"])
     if sc:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-        for ax, (axis, xs) in zip(axes, (("max_len", [r["max_len"] for r in sc]),
-                                         ("gflops", [r["gflops"] for r in sc]))):
+        for ax, (axis, xs) in zip(
+            axes, (("max_len", [r["max_len"] for r in sc]), ("gflops", [r["gflops"] for r in sc]))
+        ):
             ys = [r["auc"] for r in sc]
             ax.errorbar(xs, ys, yerr=[r["auc_std"] or 0 for r in sc], fmt="o", capsize=3, label="LONGER")
             f = result["scaling_fits"].get(axis)
             if f:
                 import numpy as np
+
                 grid = np.geomspace(min(xs), max(xs), 50)
-                ax.plot(grid, f["alpha"] * grid ** f["beta"], "--",
-                        label=f"AUC = {f['alpha']:.3f}·x^{f['beta']:.4f} (R² {f['r2']:.2f})")
-            _log_axes(ax, "max_len (log)" if axis == "max_len" else "forward GFLOPs per sample (log)",
-                      f"{name}: AUC against {axis}")
+                ax.plot(
+                    grid,
+                    f["alpha"] * grid ** f["beta"],
+                    "--",
+                    label=f"AUC = {f['alpha']:.3f}·x^{f['beta']:.4f} (R² {f['r2']:.2f})",
+                )
+            _log_axes(
+                ax,
+                "max_len (log)" if axis == "max_len" else "forward GFLOPs per sample (log)",
+                f"{name}: AUC against {axis}",
+            )
         made.append(_save(fig, out / "scaling.png"))
     # 3. ablations: AUC (± std over seeds) per table
     abl = [t for t in ("merge", "queries", "norms", "phd") if any(r["table"] == t for r in rows)]
@@ -470,9 +566,20 @@ def plots(result: dict, out: Path) -> list[str]:
 QUICK_STEPS = 60  # --quick: at most this many training steps per run
 
 
-def main(data: str, config: str, out: str, quick: bool = False, seeds: int | None = None, jobs: int | None = None,
-         lengths: list[int] | None = None, tables: list[str] | None = None, device: str | None = None,
-         progress: bool = True, command: str = "", overrides: list[str] = ()) -> dict:
+def main(
+    data: str,
+    config: str,
+    out: str,
+    quick: bool = False,
+    seeds: int | None = None,
+    jobs: int | None = None,
+    lengths: list[int] | None = None,
+    tables: list[str] | None = None,
+    device: str | None = None,
+    progress: bool = True,
+    command: str = "",
+    overrides: list[str] = (),
+) -> dict:
     import torch
 
     from feature_store.builder import read_meta
@@ -485,18 +592,22 @@ def main(data: str, config: str, out: str, quick: bool = False, seeds: int | Non
     cfg = RunConfig.load(config, list(overrides))
     base = cfg.model
     if base.model != "longer":
-        raise ConfigError(f"{config}: bench quality needs a LONGER base config (model = \"longer\"), "
-                          f"got {base.model!r}")
+        raise ConfigError(
+            f'{config}: bench quality needs a LONGER base config (model = "longer"), got {base.model!r}'
+        )
     if base.max_len > meta["max_len"]:
-        raise ConfigError(f"{config}: max_len {base.max_len} exceeds the dataset's --max-len {meta['max_len']}")
+        raise ConfigError(
+            f"{config}: max_len {base.max_len} exceeds the dataset's --max-len {meta['max_len']}"
+        )
     tables = list(tables or TABLES)
     unknown = sorted(set(tables) - set(TABLES))
     if unknown:
         raise ConfigError(f"--tables: unknown table {unknown[0]!r} (known: {', '.join(TABLES)})")
     train = cfg.train
     if quick:
-        train = replace(train, steps=min(train.steps, QUICK_STEPS), warmup_steps=min(train.warmup_steps,
-                                                                                       QUICK_STEPS // 4))
+        train = replace(
+            train, steps=min(train.steps, QUICK_STEPS), warmup_steps=min(train.warmup_steps, QUICK_STEPS // 4)
+        )
     train = replace(train, eval_every=0, checkpoint_every=0)
     n_seeds = seeds if seeds is not None else (1 if quick else 3)
     if n_seeds < 1:
@@ -530,6 +641,7 @@ def main(data: str, config: str, out: str, quick: bool = False, seeds: int | Non
     runs = train_all(plan, data, out, jobs, progress)
 
     from tqdm import tqdm
+
     torch.set_num_threads(os.cpu_count() or 1)
     speed: dict[str, dict] = {}
     distinct = {v.key: v.model for v in vs}
@@ -538,28 +650,54 @@ def main(data: str, config: str, out: str, quick: bool = False, seeds: int | Non
 
     rows = rows_of(vs, runs, speed, seed_list, key_of)
     sc = [r for r in rows if r["table"] == "scaling"]
-    fits = {"max_len": power_law([r["max_len"] for r in sc], [r["auc"] for r in sc]),
-            "gflops": power_law([r["gflops"] for r in sc], [r["auc"] for r in sc])}
+    fits = {
+        "max_len": power_law([r["max_len"] for r in sc], [r["auc"] for r in sc]),
+        "gflops": power_law([r["gflops"] for r in sc], [r["auc"] for r in sc]),
+    }
     hl = meta.get("hist_len", {})
     result = {
-        "benchmark": "quality", "quick": quick, "command": command or f"longer bench quality --data {data} "
-        f"--config {config} --out {out}" + (" --quick" if quick else "") + "".join(f" {o}" for o in overrides),
-        "dataset": {"name": data.name, "path": str(data), "users": meta["rows"]["users"],
-                    "events": meta["rows"]["events"], "train": meta["rows"]["train"], "eval": meta["rows"]["eval"],
-                    "split_ts": meta["split"]["split_ts"], "max_hist_len": hl.get("max", meta["max_len"])},
-        "base_model": base.to_dict(), "train": train_table, "seeds": seed_list,
-        "jobs": jobs, "throughput_device": device if device != "cuda" else torch.cuda.get_device_name(),
-        "machine": machine(), "rows": rows, "scaling_fits": fits,
-        "comparison": comparison(rows, base), "paper": PAPER,
+        "benchmark": "quality",
+        "quick": quick,
+        "command": command
+        or f"longer bench quality --data {data} --config {config} --out {out}"
+        + (" --quick" if quick else "")
+        + "".join(f" {o}" for o in overrides),
+        "dataset": {
+            "name": data.name,
+            "path": str(data),
+            "users": meta["rows"]["users"],
+            "events": meta["rows"]["events"],
+            "train": meta["rows"]["train"],
+            "eval": meta["rows"]["eval"],
+            "split_ts": meta["split"]["split_ts"],
+            "max_hist_len": hl.get("max", meta["max_len"]),
+        },
+        "base_model": base.to_dict(),
+        "train": train_table,
+        "seeds": seed_list,
+        "jobs": jobs,
+        "throughput_device": device if device != "cuda" else torch.cuda.get_device_name(),
+        "machine": machine(),
+        "rows": rows,
+        "scaling_fits": fits,
+        "comparison": comparison(rows, base),
+        "paper": PAPER,
         "runs": [runs[k] for k, _, _ in plan],
     }
     result["wall_s"] = round(time.time() - t0, 1)
     result["plots"] = plots(result, out)
     _write(out / "results.json", json.dumps(result, indent=2) + "\n")
     _write(out / "results.md", markdown(result))
-    print(f"bench quality: wrote {out}/results.json, results.md, {', '.join(result['plots'])}", file=sys.stderr)
-    return {"out": str(out), "rows": len(rows), "runs": len(plan), "wall_s": result["wall_s"],
-            "comparison": result["comparison"]}
+    print(
+        f"bench quality: wrote {out}/results.json, results.md, {', '.join(result['plots'])}", file=sys.stderr
+    )
+    return {
+        "out": str(out),
+        "rows": len(rows),
+        "runs": len(plan),
+        "wall_s": result["wall_s"],
+        "comparison": result["comparison"],
+    }
 
 
 def _write(path: Path, text: str) -> None:

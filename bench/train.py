@@ -19,11 +19,21 @@ from pathlib import Path
 
 from bench import finish, machine, median_seconds
 
-
 LENGTHS = (512, 2000, 8000)
 TOKENS_PER_BATCH = 16_000  # batch size = max(1, TOKENS_PER_BATCH // L), the same for both models
-BASE = dict(d_model=64, n_heads=4, n_layers=2, emb_dim=32, merge_k=8, merge="inner_trans", query_k=100,
-            query_select="recent", norm="hybrid", item_buckets=100_003, user_buckets=100_003)
+BASE = dict(
+    d_model=64,
+    n_heads=4,
+    n_layers=2,
+    emb_dim=32,
+    merge_k=8,
+    merge="inner_trans",
+    query_k=100,
+    query_select="recent",
+    norm="hybrid",
+    item_buckets=100_003,
+    user_buckets=100_003,
+)
 
 
 def config(model: str, L: int):
@@ -53,10 +63,17 @@ def worker(model: str, L: int, steps: int, seconds: float) -> dict:
 
     median = median_seconds(step, steps, seconds)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"model": model, "L": L, "batch_size": B, "ms_per_step": round(median * 1e3, 1),
-            "samples_per_s": round(B / median, 2), "gflops_fwd_per_sample": round(forward_flops(cfg) / 1e9, 3),
-            "peak_rss_mib": round(peak / 1024), "step_extra_rss_mib": round((peak - rss0) / 1024),
-            "torch_threads": torch.get_num_threads()}
+    return {
+        "model": model,
+        "L": L,
+        "batch_size": B,
+        "ms_per_step": round(median * 1e3, 1),
+        "samples_per_s": round(B / median, 2),
+        "gflops_fwd_per_sample": round(forward_flops(cfg) / 1e9, 3),
+        "peak_rss_mib": round(peak / 1024),
+        "step_extra_rss_mib": round((peak - rss0) / 1024),
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 E2E_RUN = """
@@ -86,28 +103,59 @@ def end_to_end(work: Path, quick: bool) -> list[dict]:
     from feature_store.builder import BuildConfig, build
     from feature_store.synth import SynthConfig, synthesize
 
-    synthesize(SynthConfig(users=200 if quick else 1000, items=20_000, events_per_user=600, seed=0), work / "log",
-               progress=False)
+    synthesize(
+        SynthConfig(users=200 if quick else 1000, items=20_000, events_per_user=600, seed=0),
+        work / "log",
+        progress=False,
+    )
     build(work / "log", work / "data", BuildConfig(max_len=256, test_days=2), progress=False)
     steps = 20 if quick else 100
     rows = []
     for procs in (1, 2):
         batch = 256 // procs  # the same global batch
         (work / "run.toml").write_text(E2E_RUN.format(steps=steps, batch=batch))
-        args = ["--config", str(work / "run.toml"), "--data", str(work / "data"), "--out", str(work / f"run{procs}"),
-                "--quiet", "train.sharding=row_wise"]
-        cmd = ([sys.executable, "-m", "longer_cli", "train", *args] if procs == 1 else
-               [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
-                "-m", "trainer", *args])
+        args = [
+            "--config",
+            str(work / "run.toml"),
+            "--data",
+            str(work / "data"),
+            "--out",
+            str(work / f"run{procs}"),
+            "--quiet",
+            "train.sharding=row_wise",
+        ]
+        cmd = (
+            [sys.executable, "-m", "longer_cli", "train", *args]
+            if procs == 1
+            else [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc_per_node={procs}",
+                "-m",
+                "trainer",
+                *args,
+            ]
+        )
         threads = max(1, (os.cpu_count() or 1) // procs)
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-        r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1])
+        r = subprocess.run(
+            cmd, capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1]
+        )
         if r.returncode:
             raise RuntimeError(f"end-to-end train with {procs} process(es) failed:\n{r.stderr[-3000:]}")
         summary = json.loads(r.stdout)
-        rows.append({"processes": procs, "threads_per_process": threads, "global_batch": batch * procs,
-                     "steps": steps, "train_samples_per_s": summary["train_samples_per_s"],
-                     "eval_auc": round(summary["eval"]["auc"], 4)})
+        rows.append(
+            {
+                "processes": procs,
+                "threads_per_process": threads,
+                "global_batch": batch * procs,
+                "steps": steps,
+                "train_samples_per_s": summary["train_samples_per_s"],
+                "eval_auc": round(summary["eval"]["auc"], 4),
+            }
+        )
         print(json.dumps(rows[-1]), file=sys.stderr)
     return rows
 
@@ -117,8 +165,12 @@ def main(quick: bool = False, out: str | None = None, workdir: str | None = None
     rows = []
     for L in LENGTHS:
         for model in ("longer", "transformer"):
-            r = subprocess.run([sys.executable, "-m", "bench.train", "--worker", model, str(L), str(steps), str(seconds)],
-                               capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+            r = subprocess.run(
+                [sys.executable, "-m", "bench.train", "--worker", model, str(L), str(steps), str(seconds)],
+                capture_output=True,
+                text=True,
+                cwd=Path(__file__).resolve().parents[1],
+            )
             if r.returncode:
                 raise RuntimeError(f"bench train worker {model} L={L} failed:\n{r.stderr[-3000:]}")
             rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
@@ -127,15 +179,22 @@ def main(quick: bool = False, out: str | None = None, workdir: str | None = None
         e2e = end_to_end(Path(tmp), quick)
     by = {(r["model"], r["L"]): r for r in rows}
     result = {
-        "benchmark": "train", "quick": quick, "config": BASE,
+        "benchmark": "train",
+        "quick": quick,
+        "config": BASE,
         "machine": machine(),
         "results": rows,
         "trainer_end_to_end": e2e,
         "longer_over_transformer_samples_per_s": {
-            str(L): round(by["longer", L]["samples_per_s"] / by["transformer", L]["samples_per_s"], 2) for L in LENGTHS},
+            str(L): round(by["longer", L]["samples_per_s"] / by["transformer", L]["samples_per_s"], 2)
+            for L in LENGTHS
+        },
         "transformer_over_longer_flops": {
-            str(L): round(by["transformer", L]["gflops_fwd_per_sample"] / by["longer", L]["gflops_fwd_per_sample"], 2)
-            for L in LENGTHS},
+            str(L): round(
+                by["transformer", L]["gflops_fwd_per_sample"] / by["longer", L]["gflops_fwd_per_sample"], 2
+            )
+            for L in LENGTHS
+        },
     }
     return finish(result, out)
 

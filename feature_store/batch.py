@@ -75,14 +75,22 @@ def make_batch(lengths, seed=0, items=500, categories=20, hist=None, cand=None, 
     (per sample: (item, category)), `ts` and `users` override the defaults."""
     g = torch.Generator().manual_seed(seed)
     B = len(lengths)
-    hist = hist or [{
-        "hist_item_id": torch.randint(0, items, (n,), generator=g).tolist(),
-        "hist_category_id": torch.randint(0, categories, (n,), generator=g).tolist(),
-        "hist_action": torch.randint(1, 4, (n,), generator=g).tolist(),
-        "ts": sorted((T0 + torch.randint(0, 86400 * 30, (n,), generator=g)).tolist()),
-    } for n in lengths]
-    cand = cand or [(int(torch.randint(0, items, (1,), generator=g)), int(torch.randint(0, categories, (1,), generator=g)))
-                    for _ in range(B)]
+    hist = hist or [
+        {
+            "hist_item_id": torch.randint(0, items, (n,), generator=g).tolist(),
+            "hist_category_id": torch.randint(0, categories, (n,), generator=g).tolist(),
+            "hist_action": torch.randint(1, 4, (n,), generator=g).tolist(),
+            "ts": sorted((T0 + torch.randint(0, 86400 * 30, (n,), generator=g)).tolist()),
+        }
+        for n in lengths
+    ]
+    cand = cand or [
+        (
+            int(torch.randint(0, items, (1,), generator=g)),
+            int(torch.randint(0, categories, (1,), generator=g)),
+        )
+        for _ in range(B)
+    ]
     ts = ts or [max(h["ts"], default=T0) + 3600 + i for i, h in enumerate(hist)]
     values, lens = [], []
     for key in DEFAULT_KEYS:
@@ -98,8 +106,11 @@ def make_batch(lengths, seed=0, items=500, categories=20, hist=None, cand=None, 
             values += v
             lens.append(len(v))
     return Batch(
-        sparse=KeyedJaggedTensor(keys=list(DEFAULT_KEYS), values=torch.tensor(values, dtype=torch.long),
-                                 lengths=torch.tensor(lens, dtype=torch.long)),
+        sparse=KeyedJaggedTensor(
+            keys=list(DEFAULT_KEYS),
+            values=torch.tensor(values, dtype=torch.long),
+            lengths=torch.tensor(lens, dtype=torch.long),
+        ),
         hist_ts=torch.tensor([t for h in hist for t in h["ts"]], dtype=torch.long),
         hist_lengths=torch.tensor([len(h["ts"]) for h in hist], dtype=torch.long),
         ts=torch.tensor(ts, dtype=torch.long),

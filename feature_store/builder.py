@@ -147,8 +147,9 @@ class _Stats:
             self.max_id[c] = max(self.max_id.get(c, -1), int(t.column(c).to_numpy().max()))
 
 
-def build(log: str | Path, out: str | Path, cfg: BuildConfig, overwrite: bool = False,
-          progress: bool = True) -> dict:
+def build(
+    log: str | Path, out: str | Path, cfg: BuildConfig, overwrite: bool = False, progress: bool = True
+) -> dict:
     """Build the dataset directory `out` from the log at `log`. Returns meta.json's content."""
     t0 = time.perf_counter()
     schema, files, total = scan_log(log)
@@ -161,8 +162,12 @@ def build(log: str | Path, out: str | Path, cfg: BuildConfig, overwrite: bool = 
     with atomic_dir(out, overwrite) as tmp:
         scratch = tmp / "_buckets"
         scratch.mkdir()
-        part = _Partitioner(scratch, schema, n_buckets, flush_rows=max(8192, cfg.bucket_rows // 8 // n_buckets))
-        with tqdm(total=total, unit="row", unit_scale=True, desc="build: partition", disable=not progress) as bar:
+        part = _Partitioner(
+            scratch, schema, n_buckets, flush_rows=max(8192, cfg.bucket_rows // 8 // n_buckets)
+        )
+        with tqdm(
+            total=total, unit="row", unit_scale=True, desc="build: partition", disable=not progress
+        ) as bar:
             for f in files:
                 for _, table in iter_file(f, schema, cfg.batch_rows):
                     stats.observe_batch(table, id_cols)
@@ -175,11 +180,17 @@ def build(log: str | Path, out: str | Path, cfg: BuildConfig, overwrite: bool = 
             days = cfg.test_days if cfg.test_days is not None else 1.0
             split_ts = int(stats.max_ts + 1 - round(days * DAY))
         if split_ts <= stats.min_ts:
-            raise LogError(log, f"split at ts={split_ts} leaves train empty: the log spans "
-                                f"[{stats.min_ts}, {stats.max_ts}]", column="ts")
+            raise LogError(
+                log,
+                f"split at ts={split_ts} leaves train empty: the log spans [{stats.min_ts}, {stats.max_ts}]",
+                column="ts",
+            )
         if split_ts > stats.max_ts:
-            raise LogError(log, f"split at ts={split_ts} leaves eval empty: the log spans "
-                                f"[{stats.min_ts}, {stats.max_ts}]", column="ts")
+            raise LogError(
+                log,
+                f"split at ts={split_ts} leaves eval empty: the log spans [{stats.min_ts}, {stats.max_ts}]",
+                column="ts",
+            )
 
         for d in ("sequences", "train", "eval"):
             (tmp / d).mkdir()
@@ -198,8 +209,9 @@ def build(log: str | Path, out: str | Path, cfg: BuildConfig, overwrite: bool = 
     return meta
 
 
-def _write_bucket(table: pa.Table, schema: LogSchema, split_ts: int, tmp: Path, k: int,
-                  stats: _Stats) -> tuple[int, int]:
+def _write_bucket(
+    table: pa.Table, schema: LogSchema, split_ts: int, tmp: Path, k: int, stats: _Stats
+) -> tuple[int, int]:
     cols = {c: table.column(c).to_numpy() for c in schema.columns}
     # Deterministic total order, whatever the order of rows in the log.
     keys = [cols[c] for c in reversed(("user_id", "ts", "item_id", "label") + schema.optional)]
@@ -225,30 +237,51 @@ def _write_bucket(table: pa.Table, schema: LogSchema, split_ts: int, tmp: Path, 
     is_eval = ts >= split_ts
     counts = []
     for name, mask in (("train", ~is_eval), ("eval", is_eval)):
-        pq.write_table(samples.filter(pa.array(mask)), tmp / name / f"part-{k:05d}.parquet",
-                       row_group_size=SAMPLE_ROW_GROUP)
+        pq.write_table(
+            samples.filter(pa.array(mask)),
+            tmp / name / f"part-{k:05d}.parquet",
+            row_group_size=SAMPLE_ROW_GROUP,
+        )
         counts.append(int(mask.sum()))
     return counts[0], counts[1]
 
 
-def _meta(log, cfg: BuildConfig, schema: LogSchema, stats: _Stats, split_ts: int, counts: dict,
-          n_buckets: int, seconds: float) -> dict:
+def _meta(
+    log,
+    cfg: BuildConfig,
+    schema: LogSchema,
+    stats: _Stats,
+    split_ts: int,
+    counts: dict,
+    n_buckets: int,
+    seconds: float,
+) -> dict:
     cards = {c: {"max_id": v} for c, v in stats.max_id.items()}
     cards["user_id"]["distinct"] = stats.users
-    cards["item_id"]["distinct"] = int(len(stats.items))
+    cards["item_id"]["distinct"] = len(stats.items)
     return {
         "schema_version": SCHEMA_VERSION,
         "log": str(Path(log).resolve()),
         "max_len": cfg.max_len,
-        "split": {"split_ts": split_ts, "test_days": cfg.test_days if cfg.split_ts is None else None,
-                  "rule": "eval = samples with ts >= split_ts"},
+        "split": {
+            "split_ts": split_ts,
+            "test_days": cfg.test_days if cfg.split_ts is None else None,
+            "rule": "eval = samples with ts >= split_ts",
+        },
         "rows": {"events": stats.rows, "users": stats.users, **counts},
         "ts_range": [stats.min_ts, stats.max_ts],
         "cardinalities": cards,
-        "columns": {"log": schema.to_json(), "sequence": list(schema.sequence_columns),
-                    "sample": list(schema.columns) + ["hist_len"]},
-        "hist_len": {"max": stats.hist_len_max,
-                     "log2_histogram": stats.hist_len_hist[: max(1, int(np.flatnonzero(stats.hist_len_hist).max(initial=0)) + 1)].tolist()},
+        "columns": {
+            "log": schema.to_json(),
+            "sequence": list(schema.sequence_columns),
+            "sample": list(schema.columns) + ["hist_len"],
+        },
+        "hist_len": {
+            "max": stats.hist_len_max,
+            "log2_histogram": stats.hist_len_hist[
+                : max(1, int(np.flatnonzero(stats.hist_len_hist).max(initial=0)) + 1)
+            ].tolist(),
+        },
         "build": {"buckets": n_buckets, "seconds": round(seconds, 3)},
     }
 
@@ -259,6 +292,8 @@ def read_meta(data: str | Path) -> dict:
         raise FileNotFoundError(f"{data}: not a dataset directory (no meta.json; run `longer build`)")
     meta = json.loads(path.read_text())
     if meta.get("schema_version") != SCHEMA_VERSION:
-        raise ValueError(f"{path}: schema_version {meta.get('schema_version')} is not the supported "
-                         f"{SCHEMA_VERSION}; rebuild the dataset with this version of `longer build`")
+        raise ValueError(
+            f"{path}: schema_version {meta.get('schema_version')} is not the supported "
+            f"{SCHEMA_VERSION}; rebuild the dataset with this version of `longer build`"
+        )
     return meta

@@ -26,9 +26,21 @@ _PREFIX = struct.Struct("<4sHHI")
 _DIGEST = 16
 MAX_HEADER = 1 << 20
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64,
-                                                        torch.int64, torch.int32, torch.int16, torch.int8,
-                                                        torch.uint8, torch.bool)}
+_DTYPES = {
+    str(d).removeprefix("torch."): d
+    for d in (
+        torch.float32,
+        torch.float16,
+        torch.bfloat16,
+        torch.float64,
+        torch.int64,
+        torch.int32,
+        torch.int16,
+        torch.int8,
+        torch.uint8,
+        torch.bool,
+    )
+}
 
 
 class CodecError(ValueError):
@@ -49,7 +61,9 @@ def encode(tensors: dict[str, torch.Tensor], precision: str = "fp32", meta: dict
             raise ValueError(f"tensor {name!r}: dtype {t.dtype} is not storable")
         stored = PRECISIONS[precision] if t.is_floating_point() else t.dtype
         s = t.to(stored).contiguous()
-        entries.append({"name": name, "dtype": _name(t.dtype), "stored": _name(stored), "shape": list(t.shape)})
+        entries.append(
+            {"name": name, "dtype": _name(t.dtype), "stored": _name(stored), "shape": list(t.shape)}
+        )
         chunks.append(s.view(torch.uint8).numpy().tobytes() if s.numel() else b"")
     header = json.dumps({"meta": meta or {}, "tensors": entries}, separators=(",", ":")).encode()
     body = _PREFIX.pack(MAGIC, FORMAT_VERSION, 0, len(header)) + header + b"".join(chunks)
@@ -74,7 +88,7 @@ def decode(data: bytes) -> tuple[dict[str, torch.Tensor], dict]:
     if header_len > MAX_HEADER or _PREFIX.size + header_len > len(body):
         raise CodecError("header length out of range")
     try:
-        header = json.loads(body[_PREFIX.size:_PREFIX.size + header_len])
+        header = json.loads(body[_PREFIX.size : _PREFIX.size + header_len])
         entries, meta = header["tensors"], header["meta"]
         assert isinstance(entries, list) and isinstance(meta, dict)
     except (ValueError, KeyError, TypeError, AssertionError) as e:
@@ -94,7 +108,7 @@ def decode(data: bytes) -> tuple[dict[str, torch.Tensor], dict]:
         nbytes = count * torch.empty(0, dtype=stored).element_size()
         if at + nbytes > len(body):
             raise CodecError(f"tensor {name!r} runs past the end of the value")
-        raw = bytearray(body[at:at + nbytes])
+        raw = bytearray(body[at : at + nbytes])
         t = torch.frombuffer(raw, dtype=stored) if nbytes else torch.empty(0, dtype=stored)
         out[name] = t.reshape(shape).to(dtype)
         at += nbytes

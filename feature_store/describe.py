@@ -19,7 +19,8 @@ def describe(data: str | Path, max_len: int | None = None, batch_size: int = 4) 
         f"  events {rows['events']:,}  users {rows['users']:,}  items {meta['cardinalities']['item_id']['distinct']:,}",
         f"  train {rows['train']:,} samples  eval {rows['eval']:,} samples  (eval = ts >= {split['split_ts']})",
         f"  sequence columns {', '.join(meta['columns']['sequence'])}; longest history {meta['hist_len']['max']:,}",
-        "  hist_len histogram (log2 buckets): " + " ".join(f"<{2 ** (i + 1) - 1}:{n}" for i, n in enumerate(hist)),
+        "  hist_len histogram (log2 buckets): "
+        + " ".join(f"<{2 ** (i + 1) - 1}:{n}" for i, n in enumerate(hist)),
     ]
     loader = BatchLoader(data, "train", batch_size=batch_size, max_len=max_len, seed=0)
     b = next(iter(loader))

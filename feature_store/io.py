@@ -22,9 +22,9 @@ import socket
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 STALE_AFTER_S = 24 * 3600
 

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -114,8 +114,10 @@ class BatchLoader:
         built = self.meta["max_len"]
         max_len = built if max_len is None else max_len
         if not 1 <= max_len <= built:
-            raise ValueError(f"max_len must be in [1, {built}] (the dataset was built with --max-len {built}), "
-                             f"got {max_len}")
+            raise ValueError(
+                f"max_len must be in [1, {built}] (the dataset was built with --max-len {built}), "
+                f"got {max_len}"
+            )
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
@@ -144,8 +146,11 @@ class BatchLoader:
         self.candidate_features = tuple(candidate_features)
         self.dense_features = tuple(dense_features)
         self.keys = [hist_key(f) for f in self.history_features] + [*self.candidate_features, "user_id"]
-        self._columns = list(dict.fromkeys(["user_id", "ts", "label", "hist_len", *self.candidate_features,
-                                            *self.dense_features]))
+        self._columns = list(
+            dict.fromkeys(
+                ["user_id", "ts", "label", "hist_len", *self.candidate_features, *self.dense_features]
+            )
+        )
         self.sequences = sequences or SequenceStore(self.data_dir, self.history_features)
         self.row_groups: list[_RowGroup] = []
         first = 0
@@ -163,13 +168,20 @@ class BatchLoader:
     # --- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Where the next batch starts. World-size independent (see module docstring)."""
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
-                "num_rows": self.num_rows, "split": self.split}
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "seed": self.seed,
+            "num_rows": self.num_rows,
+            "split": self.split,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         for k in ("seed", "num_rows", "split"):
             if state[k] != getattr(self, k):
-                raise ValueError(f"loader state is for {k}={state[k]!r}, this loader has {getattr(self, k)!r}")
+                raise ValueError(
+                    f"loader state is for {k}={state[k]!r}, this loader has {getattr(self, k)!r}"
+                )
         if not 0 <= state["position"] <= self.num_rows:
             raise ValueError(f"loader state position {state['position']} outside [0, {self.num_rows}]")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
@@ -195,15 +207,21 @@ class BatchLoader:
         if not self.shuffle:
             return [([i], None) for i in range(n)]
         order = np.random.default_rng([self.seed, epoch]).permutation(n)
-        return [(order[w:w + self.shuffle_window].tolist(),
-                 np.random.default_rng([self.seed, epoch, 1 + w // self.shuffle_window]))
-                for w in range(0, n, self.shuffle_window)]
+        return [
+            (
+                order[w : w + self.shuffle_window].tolist(),
+                np.random.default_rng([self.seed, epoch, 1 + w // self.shuffle_window]),
+            )
+            for w in range(0, n, self.shuffle_window)
+        ]
 
     def _rg(self, g: _RowGroup) -> pa.Table:
         if g.file not in self._files:
             self._files[g.file] = pq.ParquetFile(g.file)
         t = self._files[g.file].read_row_group(g.index, columns=self._columns)
-        return t.append_column("row_id", pa.array(np.arange(g.first_row, g.first_row + g.rows, dtype=np.int64)))
+        return t.append_column(
+            "row_id", pa.array(np.arange(g.first_row, g.first_row + g.rows, dtype=np.int64))
+        )
 
     def _samples(self, epoch: int, start: int) -> Iterator[dict[str, np.ndarray]]:
         """This rank's samples of the epoch from stream position `start`, window by window."""
@@ -267,16 +285,19 @@ class BatchLoader:
         values = np.empty(n_hist * n_hf + b * (len(self.candidate_features) + 1), np.int64)
         cache: list = []
         for i, f in enumerate(self.history_features):
-            values[i * n_hist:(i + 1) * n_hist] = _gather(self.sequences.values[f], starts, lengths, cache)
+            values[i * n_hist : (i + 1) * n_hist] = _gather(self.sequences.values[f], starts, lengths, cache)
         at = n_hist * n_hf
         for f in [*self.candidate_features, "user_id"]:
-            values[at:at + b] = cols[f]
+            values[at : at + b] = cols[f]
             at += b
-        kjt_lengths = np.concatenate([np.tile(lengths, n_hf), np.ones(b * (len(self.candidate_features) + 1), np.int64)])
+        kjt_lengths = np.concatenate(
+            [np.tile(lengths, n_hf), np.ones(b * (len(self.candidate_features) + 1), np.int64)]
+        )
         hist_ts = _gather(self.sequences.values["ts"], starts, lengths, cache)
         return Batch(
-            sparse=KeyedJaggedTensor(keys=self.keys, values=torch.from_numpy(values),
-                                     lengths=torch.from_numpy(kjt_lengths)),
+            sparse=KeyedJaggedTensor(
+                keys=self.keys, values=torch.from_numpy(values), lengths=torch.from_numpy(kjt_lengths)
+            ),
             hist_ts=torch.from_numpy(hist_ts),
             hist_lengths=torch.from_numpy(lengths),
             ts=torch.from_numpy(cols["ts"].astype(np.int64, copy=False)),
@@ -299,7 +320,7 @@ def _prefetched(source: Iterator, depth: int) -> Iterator:
                     return
                 q.put(item)
             q.put(done)
-        except BaseException as e:  # re-raised in the consumer
+        except BaseException as e:  # noqa: BLE001 -- handed to the consumer, which re-raises it
             q.put(e)
 
     thread = threading.Thread(target=work, daemon=True, name="longer-loader")

@@ -35,16 +35,17 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-EVENT_DTYPE = np.dtype([("ts", "<i8"), ("item_id", "<i8"), ("category_id", "<i8"), ("action", "<i8"),
-                        ("label", "i1")])
+EVENT_DTYPE = np.dtype(
+    [("ts", "<i8"), ("item_id", "<i8"), ("category_id", "<i8"), ("action", "<i8"), ("label", "i1")]
+)
 
 # KEYS: seq, ver, ids. ARGV: max_len, id_window, n, then n pairs (event_id or '', packed event).
 # Returns {version, added}; a key of the wrong type or a non-integer counter is an error reply
@@ -149,7 +150,9 @@ class Event:
 
 
 def pack_events(events: Iterable[Event]) -> list[bytes]:
-    return [np.array([(e.ts, e.item_id, e.category_id, e.action, e.label)], EVENT_DTYPE).tobytes() for e in events]
+    return [
+        np.array([(e.ts, e.item_id, e.category_id, e.action, e.label)], EVENT_DTYPE).tobytes() for e in events
+    ]
 
 
 def sort_events(arr: np.ndarray) -> np.ndarray:
@@ -176,7 +179,9 @@ def parse_version(key: str, raw) -> int:
 def embedded_store_path() -> Path:
     """The embedded store's data file: $LONGER_REDIS_DIR/store.rdb, by default in the system
     temp directory (/tmp/longer-redis/store.rdb on Linux)."""
-    return Path(os.environ.get("LONGER_REDIS_DIR") or Path(tempfile.gettempdir()) / "longer-redis") / "store.rdb"
+    return (
+        Path(os.environ.get("LONGER_REDIS_DIR") or Path(tempfile.gettempdir()) / "longer-redis") / "store.rdb"
+    )
 
 
 def connect(url: str | None = None):
@@ -228,8 +233,15 @@ def stop_embedded(client, save: bool = True) -> None:
 
 
 class OnlineStore:
-    def __init__(self, client, max_len: int, prefix: str = "lg", state_ttl_s: int = 24 * 3600,
-                 state_max_bytes: int = 8 << 20, id_window: int | None = None):
+    def __init__(
+        self,
+        client,
+        max_len: int,
+        prefix: str = "lg",
+        state_ttl_s: int = 24 * 3600,
+        state_max_bytes: int = 8 << 20,
+        id_window: int | None = None,
+    ):
         if max_len < 1:
             raise ValueError(f"max_len must be >= 1, got {max_len}")
         self.r, self.max_len, self.prefix = client, max_len, prefix
@@ -259,8 +271,9 @@ class OnlineStore:
         for res in results:
             if isinstance(res, Exception):
                 raise _bad_key_reply(res) or res
-        return Appended({u: int(r[0]) for u, r in zip(by_user, results)},
-                        {u: int(r[1]) for u, r in zip(by_user, results)})
+        return Appended(
+            {u: int(r[0]) for u, r in zip(by_user, results)}, {u: int(r[1]) for u, r in zip(by_user, results)}
+        )
 
     def ping(self) -> None:
         """Readiness: raises a store error unless every node answers. On Redis Cluster each
@@ -347,10 +360,10 @@ class OnlineStore:
                     for i, user in enumerate(cols["user_id"]):
                         n = len(cols["item_id"][i])
                         lo = max(0, n - self.max_len)
-                        get = lambda c: cols[c][i][lo:] if c in cols else [0] * (n - lo)  # noqa: E731
                         arr = np.zeros(n - lo, EVENT_DTYPE)
                         for c in EVENT_DTYPE.names:
-                            arr[c] = get(c)
+                            if c in cols:
+                                arr[c] = cols[c][i][lo:]
                         seq = self._key(user, "seq")
                         p.delete(seq)  # one key per command: a cluster pipeline splits no multi-key DEL
                         p.delete(self._key(user, "ids"))

@@ -13,9 +13,9 @@ Bad input is refused with a :class:`LogError` naming the file, the column and a 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -67,8 +67,12 @@ class LogSchema:
         return pa.schema([(c, types.get(c, pa.int64())) for c in self.columns])
 
     def to_json(self) -> dict:
-        return {"optional": list(self.optional), "extra_int": list(self.extra_int),
-                "extra_float": list(self.extra_float), "ignored": list(self.ignored)}
+        return {
+            "optional": list(self.optional),
+            "extra_int": list(self.extra_int),
+            "extra_float": list(self.extra_float),
+            "ignored": list(self.ignored),
+        }
 
 
 def list_log_files(path: str | Path) -> list[Path]:
@@ -111,7 +115,9 @@ def schema_of(file: Path, arrow_schema: pa.Schema) -> LogSchema:
             extra_float.append(name)
         else:
             ignored.append(name)
-    return LogSchema(tuple(c for c in OPTIONAL if c in names), tuple(extra_int), tuple(extra_float), tuple(ignored))
+    return LogSchema(
+        tuple(c for c in OPTIONAL if c in names), tuple(extra_int), tuple(extra_float), tuple(ignored)
+    )
 
 
 def scan_log(path: str | Path) -> tuple[LogSchema, list[Path], int]:
@@ -127,8 +133,12 @@ def scan_log(path: str | Path) -> tuple[LogSchema, list[Path], int]:
         elif s != schema:
             for col in sorted(set(s.columns) ^ set(schema.columns)):
                 has, lacks = (f, first) if col in s.columns else (first, f)
-                raise LogError(lacks, f"column missing here but present in {has}: "
-                                      "every file of a log must have the same columns", column=col)
+                raise LogError(
+                    lacks,
+                    f"column missing here but present in {has}: "
+                    "every file of a log must have the same columns",
+                    column=col,
+                )
     assert schema is not None
     return schema, files, total
 
@@ -160,7 +170,10 @@ def read_log(path: str | Path) -> pa.Table:
 
 # --- normalisation ---------------------------------------------------------------------------
 
-def normalize(table: pa.Table, schema: LogSchema, file: str | Path = "<table>", row_offset: int = 0) -> pa.Table:
+
+def normalize(
+    table: pa.Table, schema: LogSchema, file: str | Path = "<table>", row_offset: int = 0
+) -> pa.Table:
     """Validate one batch and return it in canonical form (see module docstring)."""
     out = {}
     for col in schema.columns:
@@ -231,11 +244,19 @@ def _ts_seconds(arr: pa.Array, file, col, off) -> pa.Array:
         secs = secs.astype(np.int64, copy=False)
         big = secs >= MAX_TS_SECONDS
         if big.any():
-            raise LogError(file, f"ts {secs[big][0]} is not unix seconds (milliseconds? store a parquet "
-                                 "timestamp with its unit, or divide)", col, off + _first(big))
+            raise LogError(
+                file,
+                f"ts {secs[big][0]} is not unix seconds (milliseconds? store a parquet "
+                "timestamp with its unit, or divide)",
+                col,
+                off + _first(big),
+            )
     else:
-        raise LogError(file, f"wrong type: expected a timestamp, date, ISO-8601 string or int64 unix "
-                             f"seconds, got {t}", col)
+        raise LogError(
+            file,
+            f"wrong type: expected a timestamp, date, ISO-8601 string or int64 unix seconds, got {t}",
+            col,
+        )
     neg = secs < 0
     if neg.any():
         raise LogError(file, f"negative ts {secs[neg][0]} (before 1970)", col, off + _first(neg))
@@ -251,8 +272,9 @@ def _parse_ts_strings(arr: pa.Array, file, col, off) -> pa.Array:
         try:
             pc.cast(pa.array([s]), pa.timestamp("s", tz="UTC"))
         except pa.ArrowInvalid:
-            raise LogError(file, f"unparseable ts {s!r} (expected ISO-8601, e.g. 2024-05-01T12:00:00Z)",
-                           col, off + i) from None
+            raise LogError(
+                file, f"unparseable ts {s!r} (expected ISO-8601, e.g. 2024-05-01T12:00:00Z)", col, off + i
+            ) from None
     raise AssertionError("unreachable")
 
 

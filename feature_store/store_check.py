@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from itertools import islice
-from typing import Iterable, Iterator
 
 from tqdm import tqdm
 
@@ -75,8 +75,14 @@ class StoreCheck:
             for user, problems in found.items():
                 self.repair_user(user, problems, states.get(user, []))
         problems = [asdict(p) for ps in found.values() for p in ps] + [asdict(p) for p in other]
-        return {"prefix": self.prefix, "keys_scanned": scanned, "users_with_problems": len(found),
-                "problems": problems, "repaired": bool(repair and found), "ok": not problems or bool(repair)}
+        return {
+            "prefix": self.prefix,
+            "keys_scanned": scanned,
+            "users_with_problems": len(found),
+            "problems": problems,
+            "repaired": bool(repair and found),
+            "ok": not problems or bool(repair),
+        }
 
     def check_batch(self, keys: list[str]) -> Iterator[tuple[str, Problem]]:
         p = self.r.pipeline(transaction=False)
@@ -110,14 +116,21 @@ class StoreCheck:
         if type_ == "none":  # deleted since the scan saw it
             return None
         if type_ != EXPECTED[kind]:
-            action = {"seq": "delete (no readable event in it)", "ver": "set to the current time in ms",
-                      "ids": "delete (the idempotency window restarts)", "st": "delete (a cache entry)"}[kind]
+            action = {
+                "seq": "delete (no readable event in it)",
+                "ver": "set to the current time in ms",
+                "ids": "delete (the idempotency window restarts)",
+                "st": "delete (a cache entry)",
+            }[kind]
             return Problem(key, f"holds a {type_}, expected a {EXPECTED[kind]}", action)
         if kind == "seq":
             bad = sum(1 for item in value or () if len(item) != EVENT_DTYPE.itemsize)
             if bad:
-                return Problem(key, f"{bad} of {len(value)} items are not {EVENT_DTYPE.itemsize}-byte packed events",
-                               "remove those items, keep the valid events")
+                return Problem(
+                    key,
+                    f"{bad} of {len(value)} items are not {EVENT_DTYPE.itemsize}-byte packed events",
+                    "remove those items, keep the valid events",
+                )
         if kind == "ver":
             try:
                 parse_version(key, value)

@@ -109,7 +109,9 @@ def _sigmoid(x):
     return 1.0 / (1.0 + np.exp(-x))
 
 
-def _chunk(cfg: SynthConfig, world: _World, rng: np.random.Generator, first_user: int, n_users: int) -> pa.Table:
+def _chunk(
+    cfg: SynthConfig, world: _World, rng: np.random.Generator, first_user: int, n_users: int
+) -> pa.Table:
     k = cfg.events_per_user
     n = np.clip(np.round(k * np.exp(rng.normal(0, 0.3, n_users))), max(2, k // 2), 2 * k).astype(np.int64)
     user = np.repeat(np.arange(n_users), n)
@@ -156,15 +158,17 @@ def _chunk(cfg: SynthConfig, world: _World, rng: np.random.Generator, first_user
     cum -= np.repeat(cum[start] - gaps[start], n)
     ts = np.minimum(t_start[user] + np.floor(cum).astype(np.int64), t_end)
 
-    return pa.table({
-        "user_id": (first_user + user + 1).astype(np.int64),
-        "item_id": (item + 1).astype(np.int64),
-        "ts": ts.astype(np.int64),
-        "label": label,
-        "category_id": (cat + 1).astype(np.int64),
-        "action": action.astype(np.int64),
-        "p_true": p_true.astype(np.float64),
-    })
+    return pa.table(
+        {
+            "user_id": (first_user + user + 1).astype(np.int64),
+            "item_id": (item + 1).astype(np.int64),
+            "ts": ts.astype(np.int64),
+            "label": label,
+            "category_id": (cat + 1).astype(np.int64),
+            "action": action.astype(np.int64),
+            "p_true": p_true.astype(np.float64),
+        }
+    )
 
 
 def synthesize(cfg: SynthConfig, out: str | Path, overwrite: bool = False, progress: bool = True) -> dict:
@@ -173,8 +177,10 @@ def synthesize(cfg: SynthConfig, out: str | Path, overwrite: bool = False, progr
     world = _World(cfg, rng)
     users_per_chunk = max(1, cfg.chunk_events // (2 * cfg.events_per_user))
     rows = files = 0
-    with atomic_dir(out, overwrite) as tmp, tqdm(total=cfg.users, unit="user", desc="synth",
-                                                  disable=not progress) as bar:
+    with (
+        atomic_dir(out, overwrite) as tmp,
+        tqdm(total=cfg.users, unit="user", desc="synth", disable=not progress) as bar,
+    ):
         writer, in_file = None, 0
         for first in range(0, cfg.users, users_per_chunk):
             table = _chunk(cfg, world, rng, first, min(users_per_chunk, cfg.users - first))
@@ -188,5 +194,12 @@ def synthesize(cfg: SynthConfig, out: str | Path, overwrite: bool = False, progr
             in_file += table.num_rows
             bar.update(min(users_per_chunk, cfg.users - first))
         writer.close()
-    return {"out": str(out), "rows": rows, "users": cfg.users, "items": cfg.items,
-            "categories": cfg.n_categories, "files": files, "seed": cfg.seed}
+    return {
+        "out": str(out),
+        "rows": rows,
+        "users": cfg.users,
+        "items": cfg.items,
+        "categories": cfg.n_categories,
+        "files": files,
+        "seed": cfg.seed,
+    }

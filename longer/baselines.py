@@ -57,13 +57,24 @@ class DIN(DenseNet):
 
     def _encode(self, batch, emb) -> UserState:
         hist = self.features.history(emb, batch.hist_ts, max_len=self.cfg.history_window)
-        return UserState({"latest_ts": hist.latest_ts, "user": self.features.user_token(emb), "hist": hist.tokens,
-                          "valid": hist.valid, "hist_h": self.w_h(hist.tokens)})
+        return UserState(
+            {
+                "latest_ts": hist.latest_ts,
+                "user": self.features.user_token(emb),
+                "hist": hist.tokens,
+                "valid": hist.valid,
+                "hist_h": self.w_h(hist.tokens),
+            }
+        )
 
     def _score(self, state, cand):
         h, valid = state["hist"], state["valid"]
         t = cand[:, :, 0]  # (B, N, d)
-        z = state["hist_h"][:, None] + self.w_t(t)[:, :, None] + torch.einsum("bld,bnd,dk->bnlk", h, t, self.w_ht)
+        z = (
+            state["hist_h"][:, None]
+            + self.w_t(t)[:, :, None]
+            + torch.einsum("bld,bnd,dk->bnlk", h, t, self.w_ht)
+        )
         a = self.out(torch.sigmoid(z)).squeeze(-1)  # (B, N, L)
         a = a.masked_fill(~valid[:, None], torch.finfo(a.dtype).min)
         w = torch.softmax(a.float(), dim=-1).to(h.dtype) * valid[:, None]  # empty history → zero interest
@@ -155,6 +166,12 @@ def build_model(cfg: ModelConfig) -> RecModel:
     """The model a config names."""
     from .model import Longer
 
-    nets = {"longer": Longer, "transformer": Longer, "sumpool": SumPool, "hstu": HSTU, "din": DIN,
-            "din_recent50": DIN}
+    nets = {
+        "longer": Longer,
+        "transformer": Longer,
+        "sumpool": SumPool,
+        "hstu": HSTU,
+        "din": DIN,
+        "din_recent50": DIN,
+    }
     return RecModel(nets[cfg.model](cfg))

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+
+import tomllib
 
 MODELS = ("longer", "transformer", "din", "din_recent50", "sumpool", "hstu")
 NORMS = ("pre", "post", "hybrid", "hybrid_star")
@@ -53,23 +54,47 @@ class ModelConfig:
         need(self.model in MODELS, f"model must be one of {MODELS}, got {self.model!r}")
         need(self.norm in NORMS, f"norm must be one of {NORMS}, got {self.norm!r}")
         need(self.merge in MERGES, f"merge must be one of {MERGES}, got {self.merge!r}")
-        need(self.query_select in QUERY_SELECTIONS,
-             f"query_select must be one of {QUERY_SELECTIONS}, got {self.query_select!r}")
-        for name in ("max_len", "d_model", "n_heads", "n_layers", "ffn_mult", "emb_dim", "merge_k", "query_k",
-                     "phd_copies", "item_buckets", "category_buckets", "action_buckets", "user_buckets",
-                     "time_buckets", "din_recent", "cand_chunk", "inner_layers"):
+        need(
+            self.query_select in QUERY_SELECTIONS,
+            f"query_select must be one of {QUERY_SELECTIONS}, got {self.query_select!r}",
+        )
+        for name in (
+            "max_len",
+            "d_model",
+            "n_heads",
+            "n_layers",
+            "ffn_mult",
+            "emb_dim",
+            "merge_k",
+            "query_k",
+            "phd_copies",
+            "item_buckets",
+            "category_buckets",
+            "action_buckets",
+            "user_buckets",
+            "time_buckets",
+            "din_recent",
+            "cand_chunk",
+            "inner_layers",
+        ):
             v = getattr(self, name)
-            need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"{name} must be an integer >= 1, got {v!r}")
-        need(self.d_model % self.n_heads == 0,
-             f"n_heads={self.n_heads} does not divide d_model={self.d_model}")
+            need(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+                f"{name} must be an integer >= 1, got {v!r}",
+            )
+        need(
+            self.d_model % self.n_heads == 0, f"n_heads={self.n_heads} does not divide d_model={self.d_model}"
+        )
         need(self.merge_k <= self.max_len, f"merge_k={self.merge_k} is larger than max_len={self.max_len}")
-        need(self.max_len % self.merge_k == 0,
-             f"merge_k={self.merge_k} must divide max_len={self.max_len} (groups align to the most recent event)")
+        need(
+            self.max_len % self.merge_k == 0,
+            f"merge_k={self.merge_k} must divide max_len={self.max_len} (groups align to the most recent event)",
+        )
         need(self.query_k <= self.max_len, f"query_k={self.query_k} is larger than max_len={self.max_len}")
         need(self.time_buckets <= 63, f"time_buckets must be <= 63, got {self.time_buckets}")
 
     @property
-    def effective(self) -> "ModelConfig":
+    def effective(self) -> ModelConfig:
         """The settings the model really runs with. `transformer` is LONGER without its two
         savings: no token merge and every sequence token a query (full causal self-attention)."""
         if self.model == "transformer":
@@ -82,11 +107,11 @@ class ModelConfig:
         return min(self.din_recent, self.max_len) if self.model == "din_recent50" else self.max_len
 
     @classmethod
-    def from_dict(cls, d: dict, where: str = "model config") -> "ModelConfig":
+    def from_dict(cls, d: dict, where: str = "model config") -> ModelConfig:
         return dataclass_from_dict(cls, d, where)
 
     @classmethod
-    def from_toml(cls, path: str | Path) -> "ModelConfig":
+    def from_toml(cls, path: str | Path) -> ModelConfig:
         path = Path(path)
         try:
             data = tomllib.loads(path.read_text())
@@ -96,7 +121,7 @@ class ModelConfig:
             raise ConfigError(f"{path}: no [model] table")
         return cls.from_dict(data["model"], f"{path} [model]")
 
-    def replace(self, **kw) -> "ModelConfig":
+    def replace(self, **kw) -> ModelConfig:
         return dataclasses.replace(self, **kw)
 
     def to_dict(self) -> dict:

@@ -33,8 +33,12 @@ FEATURE_KEYS = HISTORY_KEYS + CANDIDATE_KEYS + ("user_id",)
 
 
 def table_sizes(cfg: ModelConfig) -> dict[str, int]:
-    return {"item": cfg.item_buckets, "category": cfg.category_buckets, "action": cfg.action_buckets,
-            "user": cfg.user_buckets}
+    return {
+        "item": cfg.item_buckets,
+        "category": cfg.category_buckets,
+        "action": cfg.action_buckets,
+        "user": cfg.user_buckets,
+    }
 
 
 class RMSNorm(nn.Module):
@@ -61,11 +65,17 @@ class IdHash(nn.Module):
         self.size_of = {f: sizes[t] for t, feats in TABLES.items() for f in feats}
 
     def forward(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        sizes = torch.tensor([self.size_of[k] for k in kjt.keys()], dtype=kjt.values().dtype,
-                             device=kjt.values().device)
+        keys = kjt.keys()  # not `for k in kjt`: a KJT is not iterable over its keys
+        sizes = torch.tensor(
+            [self.size_of[k] for k in keys], dtype=kjt.values().dtype, device=kjt.values().device
+        )
         per_value = torch.repeat_interleave(sizes, torch.tensor(kjt.length_per_key(), device=sizes.device))
-        return KeyedJaggedTensor(keys=kjt.keys(), values=torch.remainder(kjt.values(), per_value),
-                                 lengths=kjt.lengths(), stride=kjt.stride())
+        return KeyedJaggedTensor(
+            keys=kjt.keys(),
+            values=torch.remainder(kjt.values(), per_value),
+            lengths=kjt.lengths(),
+            stride=kjt.stride(),
+        )
 
 
 def log2_bucket(seconds: torch.Tensor, n: int) -> torch.Tensor:
@@ -105,10 +115,10 @@ class UserState:
     def batch_size(self) -> int:
         return int(self.tensors["latest_ts"].shape[0])
 
-    def select(self, index: torch.Tensor) -> "UserState":
+    def select(self, index: torch.Tensor) -> UserState:
         return UserState({k: v.index_select(0, index) for k, v in self.tensors.items()})
 
-    def to(self, device) -> "UserState":
+    def to(self, device) -> UserState:
         return UserState({k: v.to(device) for k, v in self.tensors.items()})
 
 
@@ -139,10 +149,18 @@ class SparseEmbedding(nn.Module):
         super().__init__()
         sizes = table_sizes(cfg)
         self.hash = IdHash(cfg)
-        self.ec = EmbeddingCollection(tables=[
-            EmbeddingConfig(name=t, embedding_dim=cfg.emb_dim, num_embeddings=sizes[t], feature_names=list(feats),
-                            init_fn=init_embedding)
-            for t, feats in TABLES.items()])
+        self.ec = EmbeddingCollection(
+            tables=[
+                EmbeddingConfig(
+                    name=t,
+                    embedding_dim=cfg.emb_dim,
+                    num_embeddings=sizes[t],
+                    feature_names=list(feats),
+                    init_fn=init_embedding,
+                )
+                for t, feats in TABLES.items()
+            ]
+        )
 
     def forward(self, kjt: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
         return self.ec(self.hash(kjt))
@@ -159,8 +177,9 @@ class SparseEmbedding(nn.Module):
             elif k == "category_id":
                 values.append(cands.category_id.reshape(-1))
             lengths.append(torch.full((n,), int(k in CANDIDATE_KEYS), dtype=torch.long, device=dev))
-        kjt = KeyedJaggedTensor(keys=list(FEATURE_KEYS), values=torch.cat(values).long(),
-                                lengths=torch.cat(lengths))
+        kjt = KeyedJaggedTensor(
+            keys=list(FEATURE_KEYS), values=torch.cat(values).long(), lengths=torch.cat(lengths)
+        )
         emb = self(kjt)
         return emb["item_id"].values().view(B, N, -1), emb["category_id"].values().view(B, N, -1)
 
@@ -182,8 +201,13 @@ class Features(nn.Module):
         self.context_proj = nn.Linear(2 * e, d)  # [gap since latest event, hour] → context token
         self.user_proj = nn.Linear(e, d)
 
-    def history(self, emb: dict[str, JaggedTensor], hist_ts: torch.Tensor, pad_multiple: int = 1,
-                max_len: int | None = None) -> History:
+    def history(
+        self,
+        emb: dict[str, JaggedTensor],
+        hist_ts: torch.Tensor,
+        pad_multiple: int = 1,
+        max_len: int | None = None,
+    ) -> History:
         """Pad the jagged histories into recency order (most recent first), at most max_len long."""
         max_len = max_len or self.cfg.max_len
         lengths = emb["hist_item_id"].lengths().long().clamp(max=max_len)
@@ -210,12 +234,16 @@ class Features(nn.Module):
     def user_token(self, emb: dict[str, JaggedTensor]) -> torch.Tensor:
         return self.user_proj(emb["user_id"].values())  # (B, d)
 
-    def candidate_tokens(self, item: torch.Tensor, category: torch.Tensor, request_ts: torch.Tensor,
-                         latest_ts: torch.Tensor) -> torch.Tensor:
+    def candidate_tokens(
+        self, item: torch.Tensor, category: torch.Tensor, request_ts: torch.Tensor, latest_ts: torch.Tensor
+    ) -> torch.Tensor:
         """(B, N, 2, d): the target item token and the request-context token of each candidate."""
         target = self.target_proj(torch.cat([item, category], -1))
-        gap = torch.where(latest_ts >= 0, log2_bucket(request_ts - latest_ts, self.cfg.time_buckets),
-                          torch.full_like(latest_ts, self.cfg.time_buckets))
+        gap = torch.where(
+            latest_ts >= 0,
+            log2_bucket(request_ts - latest_ts, self.cfg.time_buckets),
+            torch.full_like(latest_ts, self.cfg.time_buckets),
+        )
         hour = torch.remainder(torch.div(request_ts, 3600, rounding_mode="floor"), 24)
         context = self.context_proj(torch.cat([self.gap_emb(gap), self.hour_emb(hour)], -1))  # (B, d)
         return torch.stack([target, context[:, None].expand_as(target)], dim=2)
@@ -259,9 +287,12 @@ class DenseNet(nn.Module):
     def _score(self, state: UserState, cand: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def score_embedded(self, state: UserState, item: torch.Tensor, category: torch.Tensor,
-                       request_ts: torch.Tensor) -> torch.Tensor:
-        return self._score(state, self.features.candidate_tokens(item, category, request_ts, state["latest_ts"]))
+    def score_embedded(
+        self, state: UserState, item: torch.Tensor, category: torch.Tensor, request_ts: torch.Tensor
+    ) -> torch.Tensor:
+        return self._score(
+            state, self.features.candidate_tokens(item, category, request_ts, state["latest_ts"])
+        )
 
     def forward(self, batch, emb: dict[str, JaggedTensor]) -> torch.Tensor:
         """One candidate per sample (training/eval): logits (B,)."""

@@ -14,8 +14,13 @@ from .config import ModelConfig
 def _block(d: int, f: int, n_q: int, n_kv: int, kv_tokens: int | None = None) -> int:
     """One attention+FFN block: queries n_q, attention over n_kv keys, K/V projected for kv_tokens."""
     kv_tokens = n_kv if kv_tokens is None else kv_tokens
-    return (2 * n_q * d * d + 2 * kv_tokens * 2 * d * d + 4 * n_q * n_kv * d + 2 * n_q * d * d
-            + 4 * n_q * f * d * d)
+    return (
+        2 * n_q * d * d
+        + 2 * kv_tokens * 2 * d * d
+        + 4 * n_q * n_kv * d
+        + 2 * n_q * d * d
+        + 4 * n_q * f * d * d
+    )
 
 
 def _common(cfg: ModelConfig, L: int) -> int:
@@ -62,8 +67,14 @@ def hstu_flops(cfg: ModelConfig) -> int:
 
 def forward_flops(cfg: ModelConfig) -> int:
     """FLOPs of one forward pass for one (user, candidate) sample with a full history."""
-    by_model = {"longer": longer_flops, "transformer": longer_flops, "sumpool": sumpool_flops, "hstu": hstu_flops,
-                "din": din_flops, "din_recent50": din_flops}
+    by_model = {
+        "longer": longer_flops,
+        "transformer": longer_flops,
+        "sumpool": sumpool_flops,
+        "hstu": hstu_flops,
+        "din": din_flops,
+        "din_recent50": din_flops,
+    }
     return by_model[cfg.model](cfg)
 
 

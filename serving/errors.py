@@ -35,7 +35,7 @@ def responses(*codes: int) -> dict:
 def json_safe(value, depth: int = 0):
     """`value` as something the JSON encoder always accepts (NaN, ±Infinity, lone surrogates,
     bytes and objects become strings; containers are cut short)."""
-    if value is None or isinstance(value, bool) or isinstance(value, int) and abs(value) < 2**63:
+    if value is None or isinstance(value, bool) or (isinstance(value, int) and abs(value) < 2**63):
         return value
     if isinstance(value, float):
         return value if math.isfinite(value) else repr(value)
@@ -56,8 +56,11 @@ def json_safe(value, depth: int = 0):
 def safe_errors(errors) -> list[dict]:
     out = []
     for e in errors:
-        item = {"loc": [json_safe(p) if isinstance(p, int) else str(json_safe(str(p))) for p in e.get("loc", ())],
-                "msg": json_safe(str(e.get("msg", ""))), "type": str(e.get("type", ""))}
+        item = {
+            "loc": [json_safe(p) if isinstance(p, int) else str(json_safe(str(p))) for p in e.get("loc", ())],
+            "msg": json_safe(str(e.get("msg", ""))),
+            "type": str(e.get("type", "")),
+        }
         if "input" in e:
             item["input"] = json_safe(e["input"])
         if e.get("ctx"):

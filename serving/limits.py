@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -33,9 +33,17 @@ class _Reject(Exception):
 async def reject(send: Send, status: int, detail: str) -> None:
     """A JSON error response that closes the connection."""
     body = json.dumps({"detail": detail}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -47,8 +55,13 @@ def declared_length(scope: Scope) -> int | None:
 
 
 class BodyLimits:
-    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float,
-                 on_reject: Callable[[str], None] = lambda reason: None):
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_bytes: int,
+        timeout_s: float,
+        on_reject: Callable[[str], None] = lambda reason: None,
+    ):
         self.app, self.max_bytes, self.timeout_s, self.on_reject = app, max_bytes, timeout_s, on_reject
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -73,8 +86,11 @@ class BodyLimits:
             try:
                 message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
             except asyncio.TimeoutError:
-                raise _Reject(408, "timeout", f"request body not received within {self.timeout_s:g} s "
-                                              f"({size} bytes arrived)") from None
+                raise _Reject(
+                    408,
+                    "timeout",
+                    f"request body not received within {self.timeout_s:g} s ({size} bytes arrived)",
+                ) from None
             if message["type"] == "http.disconnect":
                 return None
             chunk = message.get("body", b"")
@@ -86,8 +102,11 @@ class BodyLimits:
         return b"".join(chunks)
 
     def too_large(self, what: str) -> _Reject:
-        return _Reject(413, "too_large", f"request body larger than {self.max_bytes} bytes ({what}; "
-                                         f"LONGER_MAX_BODY_BYTES)")
+        return _Reject(
+            413,
+            "too_large",
+            f"request body larger than {self.max_bytes} bytes ({what}; LONGER_MAX_BODY_BYTES)",
+        )
 
 
 def replay(body: bytes, receive: Receive) -> Receive:

@@ -40,8 +40,11 @@ def history_batch(user_id: int, events: np.ndarray, max_len: int) -> HistoryBatc
         else:  # the candidate's keys: filled with a placeholder id, never read by encode_user
             values.append(np.zeros(1, np.int64))
             lengths.append(1)
-    kjt = KeyedJaggedTensor(keys=list(DEFAULT_KEYS), values=torch.from_numpy(np.concatenate(values)),
-                            lengths=torch.tensor(lengths, dtype=torch.long))
+    kjt = KeyedJaggedTensor(
+        keys=list(DEFAULT_KEYS),
+        values=torch.from_numpy(np.concatenate(values)),
+        lengths=torch.tensor(lengths, dtype=torch.long),
+    )
     return HistoryBatch(kjt, torch.from_numpy(np.array(ev["ts"], dtype=np.int64)))
 
 
@@ -68,9 +71,11 @@ class ModelRuntime:
             return self.bundle.model.encode_user(history_batch(user_id, events, self.max_len))
 
     def score(self, state: UserState, item_ids: list[int], category_ids: list[int], ts: int) -> list[float]:
-        cands = Candidates(item_id=torch.tensor([item_ids], dtype=torch.long),
-                           category_id=torch.tensor([category_ids], dtype=torch.long),
-                           ts=torch.tensor([ts], dtype=torch.long))
+        cands = Candidates(
+            item_id=torch.tensor([item_ids], dtype=torch.long),
+            category_id=torch.tensor([category_ids], dtype=torch.long),
+            ts=torch.tensor([ts], dtype=torch.long),
+        )
         with self._lock, torch.no_grad():
             torch.set_num_threads(self.threads)
             logits = self.bundle.model.score(state, cands)[0]

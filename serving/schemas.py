@@ -19,8 +19,14 @@ INT64_MAX = 2**63 - 1
 
 
 Id = Annotated[StrictInt, Field(ge=0, le=INT64_MAX)]
-Ts = Annotated[StrictInt, Field(ge=0, lt=MAX_TS_SECONDS,
-                                description=f"unix seconds, below {MAX_TS_SECONDS:.0e} (milliseconds are refused)")]
+Ts = Annotated[
+    StrictInt,
+    Field(
+        ge=0,
+        lt=MAX_TS_SECONDS,
+        description=f"unix seconds, below {MAX_TS_SECONDS:.0e} (milliseconds are refused)",
+    ),
+]
 Label = Annotated[StrictInt, Field(ge=0, le=1)]
 EventId = Annotated[StrictStr, Field(max_length=128)]  # pydantic refuses lone surrogates
 
@@ -47,7 +53,8 @@ class ScoreRequest(Strict):
     candidates: list[Candidate] = Field(min_length=1)
     ts: Ts | None = Field(default=None, description="request time, unix seconds (default: now)")
     history: list[HistoryEvent] | None = Field(
-        default=None, description="the user's events, used only when the online store is unreachable")
+        default=None, description="the user's events, used only when the online store is unreachable"
+    )
 
 
 class ScoreResponse(BaseModel):
@@ -60,8 +67,11 @@ class Event(HistoryEvent):
     """A history event of a user, posted to /v1/events."""
 
     user_id: Id
-    event_id: EventId = Field(default="", description="makes the append idempotent (within the store's "
-                                                      "idempotency window: the user's retained events)")
+    event_id: EventId = Field(
+        default="",
+        description="makes the append idempotent (within the store's "
+        "idempotency window: the user's retained events)",
+    )
 
 
 class EventsRequest(Strict):

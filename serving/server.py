@@ -83,8 +83,10 @@ def serve(settings: Settings, host: str, port: int) -> None:
         app = create_app(settings)
         bound = sock.getsockname()
         shown_host = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
-        ready = (f"longer serve: listening on http://{shown_host}:{bound[1]} "
-                 f"(model {app.state.service.runtime.version}, redis {describe_redis(settings.redis_url)})")
+        ready = (
+            f"longer serve: listening on http://{shown_host}:{bound[1]} "
+            f"(model {app.state.service.runtime.version}, redis {describe_redis(settings.redis_url)})"
+        )
 
         class Server(uvicorn.Server):
             async def startup(self, sockets=None):

@@ -39,7 +39,7 @@ class Settings:
     watch_s: float = 0.0  # poll the bundle directory every N seconds and reload on change (0: off)
 
     @classmethod
-    def from_env(cls, **overrides) -> "Settings":
+    def from_env(cls, **overrides) -> Settings:
         values = {}
         for f in fields(cls):
             raw = os.environ.get(ENV[f.name])

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
@@ -44,8 +45,11 @@ def suite_processes(session_id: str, temp_root: Path) -> list[psutil.Process]:
         if p.pid == me.pid or p.pid in found:
             continue
         try:
-            if (p.environ().get(SESSION_MARK) == session_id or root in " ".join(p.cmdline())
-                    or (p.cwd() + os.sep).startswith(root)):
+            if (
+                p.environ().get(SESSION_MARK) == session_id
+                or root in " ".join(p.cmdline())
+                or (p.cwd() + os.sep).startswith(root)
+            ):
                 found[p.pid] = p
         except (psutil.Error, OSError):
             continue
@@ -82,7 +86,7 @@ def _leftover_shared_keys() -> list[bytes]:
     except redis.ConnectionError:
         return []
     for i in range(0, len(left), 500):
-        client.delete(*left[i:i + 500])
+        client.delete(*left[i : i + 500])
     return left
 
 
@@ -106,17 +110,20 @@ def isolated_session(tmp_path_factory):
         time.sleep(0.2)
     described = [_describe(p) for p in left]
     for p in left:
-        try:
+        with contextlib.suppress(psutil.Error):
             p.kill()
-        except psutil.Error:
-            pass
     keys = _leftover_shared_keys()
     if left:
-        pytest.fail("processes started by the test session outlived it (now killed):\n  " + "\n  ".join(described),
-                    pytrace=False)
+        pytest.fail(
+            "processes started by the test session outlived it (now killed):\n  " + "\n  ".join(described),
+            pytrace=False,
+        )
     if keys:
-        pytest.fail(f"{len(keys)} keys of this test session were left in the shared Redis (db 15), e.g. "
-                    f"{keys[:3]} (now deleted)", pytrace=False)
+        pytest.fail(
+            f"{len(keys)} keys of this test session were left in the shared Redis (db 15), e.g. "
+            f"{keys[:3]} (now deleted)",
+            pytrace=False,
+        )
 
 
 def shared_dataset(name: str) -> Path:
@@ -132,8 +139,9 @@ def write_log(path: Path, columns: dict, schema: pa.Schema | None = None) -> Pat
     return path
 
 
-def random_log(rng: np.random.Generator, users: int = 20, rows: int = 2000, ts_range: int = 40,
-               items: int = 15) -> dict:
+def random_log(
+    rng: np.random.Generator, users: int = 20, rows: int = 2000, ts_range: int = 40, items: int = 15
+) -> dict:
     """Small log with many same-second ties and duplicate events, rows in random order."""
     return {
         "user_id": rng.integers(0, users, rows).astype(np.int64),
@@ -153,5 +161,7 @@ def synth_dataset(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("synth")
     synthesize(SynthConfig(users=60, items=300, events_per_user=300, seed=7), root / "log", progress=False)
-    build(root / "log", root / "data", BuildConfig(max_len=256, test_days=5, bucket_rows=5000), progress=False)
+    build(
+        root / "log", root / "data", BuildConfig(max_len=256, test_days=5, bucket_rows=5000), progress=False
+    )
     return root / "data"

@@ -50,7 +50,7 @@ def delete_prefix(client, prefix: str) -> None:
     """Delete every key under `prefix:` (SCAN, never KEYS)."""
     keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
     for i in range(0, len(keys), 500):
-        client.delete(*keys[i:i + 500])
+        client.delete(*keys[i : i + 500])
 
 
 @contextlib.contextmanager
@@ -83,16 +83,31 @@ def start_redis_server(port: int, workdir: Path, *extra: str) -> subprocess.Pope
     import redis
 
     workdir.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen([redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(workdir), *extra],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            redis_server_binary(),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+            *extra,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     for _ in range(200):
         try:
             redis.Redis(port=port, socket_connect_timeout=0.2).ping()
             return proc
         except redis.RedisError:
             if proc.poll() is not None:
-                raise RuntimeError(f"redis-server on port {port} exited with {proc.returncode}")
+                raise RuntimeError(f"redis-server on port {port} exited with {proc.returncode}") from None
             time.sleep(0.05)
     stop_process(proc)
     raise RuntimeError(f"redis-server on port {port} did not start")

@@ -39,8 +39,23 @@ def tiny_config(tmp_path, max_len=32, model="longer"):
 
 
 def bench(tmp_path, data, out, *extra, check=True):
-    return run(["bench", "quality", "--data", data, "--config", tiny_config(tmp_path), "--out", out, "--quiet",
-                "--jobs", "2", *extra], check=check)
+    return run(
+        [
+            "bench",
+            "quality",
+            "--data",
+            data,
+            "--config",
+            tiny_config(tmp_path),
+            "--out",
+            out,
+            "--quiet",
+            "--jobs",
+            "2",
+            *extra,
+        ],
+        check=check,
+    )
 
 
 def test_variants_cover_the_paper_tables_and_share_the_base():
@@ -49,10 +64,20 @@ def test_variants_cover_the_paper_tables_and_share_the_base():
     tables = {v.table for v in vs}
     assert tables == {"baselines", "merge", "queries", "norms", "phd", "scaling"}
     labels = {(v.table, v.label) for v in vs}
-    for want in [("baselines", m) for m in ("sumpool", "din_recent50", "din", "hstu", "transformer", "longer")] + [
-            ("merge", "K=1 (no merge)"), ("merge", "K=4 concat"), ("merge", "K=8 inner_trans"),
-            ("queries", "all (512) recent"), ("queries", "k=100 recent"), ("queries", "k=50 uniform"),
-            ("queries", "k=20 learnable"), ("norms", "hybrid_star"), ("phd", "R=3"), ("scaling", "L=128")]:
+    for want in [
+        ("baselines", m) for m in ("sumpool", "din_recent50", "din", "hstu", "transformer", "longer")
+    ] + [
+        ("merge", "K=1 (no merge)"),
+        ("merge", "K=4 concat"),
+        ("merge", "K=8 inner_trans"),
+        ("queries", "all (512) recent"),
+        ("queries", "k=100 recent"),
+        ("queries", "k=50 uniform"),
+        ("queries", "k=20 learnable"),
+        ("norms", "hybrid_star"),
+        ("phd", "R=3"),
+        ("scaling", "L=128"),
+    ]:
         assert want in labels, want
     # the base LONGER is one config wherever it appears: it trains once
     base_rows = [v for v in vs if v.model == base]
@@ -61,8 +86,14 @@ def test_variants_cover_the_paper_tables_and_share_the_base():
     # every row differs from the base in what its table varies, and only there
     for v in vs:
         diff = {k for k, x in v.model.to_dict().items() if base.to_dict()[k] != x}
-        allowed = {"baselines": {"model"}, "merge": {"merge_k", "merge"}, "queries": {"query_k", "query_select"},
-                   "norms": {"norm"}, "phd": {"phd_copies"}, "scaling": {"max_len", "query_k"}}[v.table]
+        allowed = {
+            "baselines": {"model"},
+            "merge": {"merge_k", "merge"},
+            "queries": {"query_k", "query_select"},
+            "norms": {"norm"},
+            "phd": {"phd_copies"},
+            "scaling": {"max_len", "query_k"},
+        }[v.table]
         assert diff <= allowed, (v.table, v.label, diff)
 
 
@@ -74,7 +105,7 @@ def test_default_lengths_double_up_to_the_data_and_keep_the_base():
 
 def test_power_law_fit_recovers_a_known_law():
     xs = [64, 128, 256, 512, 1024]
-    fit = power_law(xs, [0.7 * x ** 0.013 for x in xs])
+    fit = power_law(xs, [0.7 * x**0.013 for x in xs])
     assert fit["alpha"] == pytest.approx(0.7, rel=1e-9) and fit["beta"] == pytest.approx(0.013, rel=1e-9)
     assert fit["r2"] == pytest.approx(1.0)
     assert power_law([1, 2], [0.5, 0.6]) is None
@@ -86,11 +117,17 @@ def _row(table, variant, auc, gflops, std=0.001, model="longer"):
 
 def test_comparison_states_agreement_from_the_numbers():
     base = ModelConfig(max_len=512, merge_k=8, query_k=100)
-    rows = [_row("baselines", "transformer", 0.80, 4.0, model="transformer"), _row("baselines", "longer", 0.81, 1.0),
-            _row("baselines", "din", 0.79, 0.1, model="din"),
-            _row("queries", "all (512) recent", 0.81, 2.0), _row("queries", "k=100 recent", 0.81, 1.0),
-            _row("queries", "k=100 uniform", 0.805, 1.0), _row("queries", "k=100 learnable", 0.80, 1.0),
-            _row("merge", "K=1 (no merge)", 0.81, 3.0), _row("merge", "K=8 inner_trans", 0.81, 1.0)]
+    rows = [
+        _row("baselines", "transformer", 0.80, 4.0, model="transformer"),
+        _row("baselines", "longer", 0.81, 1.0),
+        _row("baselines", "din", 0.79, 0.1, model="din"),
+        _row("queries", "all (512) recent", 0.81, 2.0),
+        _row("queries", "k=100 recent", 0.81, 1.0),
+        _row("queries", "k=100 uniform", 0.805, 1.0),
+        _row("queries", "k=100 learnable", 0.80, 1.0),
+        _row("merge", "K=1 (no merge)", 0.81, 3.0),
+        _row("merge", "K=8 inner_trans", 0.81, 1.0),
+    ]
     got = {c["claim"].split()[0] + c["claim"].split()[-1]: c["agrees"] for c in comparison(rows, base)}
     assert all(got.values()) and len(got) == 5, got
     rows[1]["auc"] = 0.70  # LONGER now far below the transformer and DIN
@@ -156,13 +193,16 @@ def test_bench_quality_quick_covers_every_table(tmp_path, synth_dataset):
     assert all(math.isfinite(r["auc"]) for r in res["rows"])
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--lengths", "16,4096"], "4096 exceeds the dataset's --max-len"),
-    (["--tables", "baselines,tabel3"], "unknown table 'tabel3'"),
-    (["--seeds", "0"], "--seeds must be >= 1"),
-    (["--jobs", "0"], "--jobs must be >= 1"),
-    (["train.stepz=3"], "unknown key 'stepz'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--lengths", "16,4096"], "4096 exceeds the dataset's --max-len"),
+        (["--tables", "baselines,tabel3"], "unknown table 'tabel3'"),
+        (["--seeds", "0"], "--seeds must be >= 1"),
+        (["--jobs", "0"], "--jobs must be >= 1"),
+        (["train.stepz=3"], "unknown key 'stepz'"),
+    ],
+)
 def test_bench_quality_refuses_bad_flags(tmp_path, synth_dataset, args, message):
     r = bench(tmp_path, synth_dataset, tmp_path / "bad", *args, check=False)
     assert r.returncode == 2 and message in r.stderr, r.stderr
@@ -170,6 +210,17 @@ def test_bench_quality_refuses_bad_flags(tmp_path, synth_dataset, args, message)
 
 
 def test_bench_quality_needs_a_longer_base(tmp_path, synth_dataset):
-    r = run(["bench", "quality", "--data", synth_dataset, "--config", tiny_config(tmp_path, model="din"),
-             "--out", tmp_path / "bad"], check=False)
+    r = run(
+        [
+            "bench",
+            "quality",
+            "--data",
+            synth_dataset,
+            "--config",
+            tiny_config(tmp_path, model="din"),
+            "--out",
+            tmp_path / "bad",
+        ],
+        check=False,
+    )
     assert r.returncode == 2 and "needs a LONGER base config" in r.stderr, r.stderr

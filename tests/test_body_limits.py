@@ -55,8 +55,10 @@ def read_response(sock: socket.socket) -> tuple[int, dict, bytes]:
 
 
 def request(path: str, body: bytes, extra: str = "") -> bytes:
-    return (f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n{extra}\r\n").encode() + body
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n{extra}\r\n"
+    ).encode() + body
 
 
 def closed_by_peer(sock: socket.socket) -> bool:
@@ -68,10 +70,12 @@ def closed_by_peer(sock: socket.socket) -> bool:
 
 
 def test_chunked_body_gets_413_at_the_limit_without_reading_the_rest(server):
-    port, app = server
+    port, _app = server
     sock = connect(port)
-    sock.sendall(b"POST /v1/score HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
-                 b"Transfer-Encoding: chunked\r\n\r\n")
+    sock.sendall(
+        b"POST /v1/score HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    )
     chunk = b"x" * 65536
     frame = f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n"
     sent, total, t0 = 0, 60 << 20, time.perf_counter()
@@ -85,8 +89,15 @@ def test_chunked_body_gets_413_at_the_limit_without_reading_the_rest(server):
         sent += len(chunk)
     status, headers, body = read_response(sock)
     elapsed = time.perf_counter() - t0
-    print(json.dumps({"chunked_body_mb": 60, "sent_before_413_mb": round(sent / 2**20, 2),
-                      "seconds_to_413": round(elapsed, 3)}))
+    print(
+        json.dumps(
+            {
+                "chunked_body_mb": 60,
+                "sent_before_413_mb": round(sent / 2**20, 2),
+                "seconds_to_413": round(elapsed, 3),
+            }
+        )
+    )
     assert status == 413 and headers.get("connection") == "close"
     assert "larger than 1048576 bytes" in json.loads(body)["detail"]
     assert sent < total / 4  # answered near the limit, not after reading 60 MB
@@ -97,18 +108,22 @@ def test_chunked_body_gets_413_at_the_limit_without_reading_the_rest(server):
 def test_declared_oversize_is_refused_before_reading(server):
     port, _ = server
     with connect(port) as sock:
-        sock.sendall(b"POST /v1/events HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: 62914560\r\n\r\n")
+        sock.sendall(
+            b"POST /v1/events HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 62914560\r\n\r\n"
+        )
         status, headers, body = read_response(sock)
         assert status == 413 and headers["connection"] == "close" and b"Content-Length 62914560" in body
 
 
 def test_stalled_body_gets_408_after_the_read_timeout(server):
-    port, app = server
+    port, _app = server
     with connect(port) as sock:
         t0 = time.perf_counter()
-        sock.sendall(b"POST /v1/score HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: 1000\r\n\r\n{\"user_id\": 1")
+        sock.sendall(
+            b"POST /v1/score HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 1000\r\n\r\n{"user_id": 1'
+        )
         status, headers, body = read_response(sock)
         waited = time.perf_counter() - t0
         assert status == 408 and headers["connection"] == "close" and b"not received within 2 s" in body
@@ -143,9 +158,16 @@ def test_200_stalled_connections_do_not_hold_up_other_clients(server):
     for s in stalled:
         answers.append(read_response(s)[0])
         s.close()
-    print(json.dumps({"stalled": 200, "p50_ms_before": round(1e3 * statistics.median(before), 2),
-                      "p50_ms_during": round(1e3 * statistics.median(during), 2),
-                      "max_ms_during": round(1e3 * max(during), 2)}))
+    print(
+        json.dumps(
+            {
+                "stalled": 200,
+                "p50_ms_before": round(1e3 * statistics.median(before), 2),
+                "p50_ms_during": round(1e3 * statistics.median(during), 2),
+                "max_ms_during": round(1e3 * max(during), 2),
+            }
+        )
+    )
     assert answers == [408] * 200
 
 
@@ -153,10 +175,14 @@ def test_a_4xx_keeps_the_connection_usable(server):
     port, _ = server
     good = json.dumps({"user_id": 3, "candidates": [{"item_id": 1}], "ts": 1_700_000_000}).encode()
     with connect(port) as sock:
-        for bad in (b'{"user_id": NaN, "candidates": [{"item_id": 1}]}',
-                    b'{"user_id": 1, "candidates": [{"item_id": 1}], "ts": "\\ud800"}',
-                    b'{"user_id": 1, "candidates": [{"item_id": 1}], "ts": 1790000000000}',
-                    b'{"user_id": 1, "candidates": [{"item_id": 1e400}]}', b'{not json', b'\xff\xfe'):
+        for bad in (
+            b'{"user_id": NaN, "candidates": [{"item_id": 1}]}',
+            b'{"user_id": 1, "candidates": [{"item_id": 1}], "ts": "\\ud800"}',
+            b'{"user_id": 1, "candidates": [{"item_id": 1}], "ts": 1790000000000}',
+            b'{"user_id": 1, "candidates": [{"item_id": 1e400}]}',
+            b"{not json",
+            b"\xff\xfe",
+        ):
             sock.sendall(request("/v1/score", bad))
             status, headers, body = read_response(sock)
             assert status in (400, 422) and "connection" not in headers, (bad, status, headers)
@@ -173,7 +199,9 @@ def test_a_server_bug_answers_500_and_says_it_closes(server, monkeypatch):
 
     monkeypatch.setattr(app.state.service.runtime, "score", boom)
     with connect(port) as sock:
-        sock.sendall(request("/v1/score", b'{"user_id": 5, "candidates": [{"item_id": 1}], "ts": 1700000000}'))
+        sock.sendall(
+            request("/v1/score", b'{"user_id": 5, "candidates": [{"item_id": 1}], "ts": 1700000000}')
+        )
         status, headers, body = read_response(sock)
         assert status == 500 and headers.get("connection") == "close" and b"RuntimeError" in body
         assert closed_by_peer(sock)

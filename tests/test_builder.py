@@ -33,8 +33,12 @@ def test_hist_len_point_in_time_against_brute_force(tmp_path, seed, bucket_rows)
     log = random_log(rng)
     write_log(tmp_path / "log" / "part-0.parquet", {k: v[:1200] for k, v in log.items()})
     write_log(tmp_path / "log" / "part-1.parquet", {k: v[1200:] for k, v in log.items()})
-    meta = build(tmp_path / "log", tmp_path / "data", BuildConfig(max_len=8, split_ts=1_600_000_030,
-                                                                 bucket_rows=bucket_rows), progress=False)
+    meta = build(
+        tmp_path / "log",
+        tmp_path / "data",
+        BuildConfig(max_len=8, split_ts=1_600_000_030, bucket_rows=bucket_rows),
+        progress=False,
+    )
     ref = reference(log)
 
     seq = read_dir(tmp_path / "data" / "sequences").to_pydict()
@@ -66,24 +70,40 @@ def test_sequences_do_not_grow_with_max_len(tmp_path):
     write_log(tmp_path / "log.parquet", log)
     sizes = {}
     for L in (2, 50, 5000):
-        build(tmp_path / "log.parquet", tmp_path / f"d{L}", BuildConfig(max_len=L, test_days=0.0002), progress=False)
-        sizes[L] = {d: sum(f.stat().st_size for f in (tmp_path / f"d{L}" / d).iterdir())
-                    for d in ("sequences", "train", "eval")}
+        build(
+            tmp_path / "log.parquet",
+            tmp_path / f"d{L}",
+            BuildConfig(max_len=L, test_days=0.0002),
+            progress=False,
+        )
+        sizes[L] = {
+            d: sum(f.stat().st_size for f in (tmp_path / f"d{L}" / d).iterdir())
+            for d in ("sequences", "train", "eval")
+        }
     assert sizes[2] == sizes[50] == sizes[5000]
     total_events = 3000
-    assert len(read_dir(tmp_path / "d5000" / "sequences").column("item_id").combine_chunks().flatten()) == total_events
+    assert (
+        len(read_dir(tmp_path / "d5000" / "sequences").column("item_id").combine_chunks().flatten())
+        == total_events
+    )
 
 
 def test_time_split_by_test_days_and_split_ts(tmp_path):
     day = 86400
     ts = np.array([0, 1, 2, 3, 4]) * day + 1_600_000_000
-    write_log(tmp_path / "log.parquet", {"user_id": [1] * 5, "item_id": [1, 2, 3, 4, 5], "ts": ts,
-                                         "label": [0, 1, 0, 1, 0]})
-    meta = build(tmp_path / "log.parquet", tmp_path / "a", BuildConfig(max_len=4, test_days=2), progress=False)
+    write_log(
+        tmp_path / "log.parquet",
+        {"user_id": [1] * 5, "item_id": [1, 2, 3, 4, 5], "ts": ts, "label": [0, 1, 0, 1, 0]},
+    )
+    meta = build(
+        tmp_path / "log.parquet", tmp_path / "a", BuildConfig(max_len=4, test_days=2), progress=False
+    )
     assert meta["split"]["split_ts"] == ts[-1] + 1 - 2 * day
     assert read_dir(tmp_path / "a" / "eval")["ts"].to_pylist() == ts[3:].tolist()
     assert read_dir(tmp_path / "a" / "train")["ts"].to_pylist() == ts[:3].tolist()
-    meta = build(tmp_path / "log.parquet", tmp_path / "b", BuildConfig(max_len=4, split_ts=int(ts[1])), progress=False)
+    meta = build(
+        tmp_path / "log.parquet", tmp_path / "b", BuildConfig(max_len=4, split_ts=int(ts[1])), progress=False
+    )
     assert read_dir(tmp_path / "b" / "eval")["ts"].to_pylist() == ts[1:].tolist()
     assert read_dir(tmp_path / "b" / "eval")["hist_len"].to_pylist() == [1, 2, 3, 4]
     assert json.loads((tmp_path / "b" / "meta.json").read_text()) == json.loads(json.dumps(meta))
@@ -91,10 +111,17 @@ def test_time_split_by_test_days_and_split_ts(tmp_path):
 
 @pytest.mark.parametrize("split_ts,which", [(1_600_000_000, "train"), (1_700_000_000, "eval")])
 def test_split_leaving_a_side_empty_is_refused(tmp_path, split_ts, which):
-    write_log(tmp_path / "log.parquet", {"user_id": [1, 1], "item_id": [1, 2], "ts": [1_600_000_000, 1_600_000_010],
-                                         "label": [0, 1]})
+    write_log(
+        tmp_path / "log.parquet",
+        {"user_id": [1, 1], "item_id": [1, 2], "ts": [1_600_000_000, 1_600_000_010], "label": [0, 1]},
+    )
     with pytest.raises(LogError, match=f"leaves {which} empty"):
-        build(tmp_path / "log.parquet", tmp_path / "d", BuildConfig(max_len=4, split_ts=split_ts), progress=False)
+        build(
+            tmp_path / "log.parquet",
+            tmp_path / "d",
+            BuildConfig(max_len=4, split_ts=split_ts),
+            progress=False,
+        )
     assert not (tmp_path / "d").exists()
 
 
@@ -118,8 +145,14 @@ def test_existing_output_refused_unless_overwrite(tmp_path):
     assert (tmp_path / "d" / "meta.json").is_file()
 
 
-@pytest.mark.parametrize("kw,msg", [({"max_len": 0}, "max-len"), ({"max_len": 5, "test_days": -1}, "test-days"),
-                                    ({"max_len": 5, "test_days": 1, "split_ts": 3}, "not both")])
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        ({"max_len": 0}, "max-len"),
+        ({"max_len": 5, "test_days": -1}, "test-days"),
+        ({"max_len": 5, "test_days": 1, "split_ts": 3}, "not both"),
+    ],
+)
 def test_bad_build_flags(kw, msg):
     with pytest.raises(ValueError, match=msg):
         BuildConfig(**kw)
@@ -131,9 +164,18 @@ def test_output_independent_of_log_row_order_and_bucketing(tmp_path):
     perm = rng.permutation(1500)
     write_log(tmp_path / "a.parquet", log)
     write_log(tmp_path / "b.parquet", {k: v[perm] for k, v in log.items()})
-    build(tmp_path / "a.parquet", tmp_path / "da", BuildConfig(max_len=4, split_ts=1_600_000_020), progress=False)
-    build(tmp_path / "b.parquet", tmp_path / "db", BuildConfig(max_len=4, split_ts=1_600_000_020, bucket_rows=200),
-          progress=False)
+    build(
+        tmp_path / "a.parquet",
+        tmp_path / "da",
+        BuildConfig(max_len=4, split_ts=1_600_000_020),
+        progress=False,
+    )
+    build(
+        tmp_path / "b.parquet",
+        tmp_path / "db",
+        BuildConfig(max_len=4, split_ts=1_600_000_020, bucket_rows=200),
+        progress=False,
+    )
     for d in ("sequences", "train", "eval"):
         a, b = read_dir(tmp_path / "da" / d), read_dir(tmp_path / "db" / d)
         ka = sorted(zip(*[a[c].to_pylist() for c in a.column_names]), key=lambda r: str(r))

@@ -38,9 +38,18 @@ def cluster(tmp_path):
     ports, procs = [cluster_port() for _ in range(3)], []
     try:
         for port in ports:
-            procs.append(start_redis_server(port, tmp_path / f"node-{port}", "--cluster-enabled", "yes",
-                                            "--cluster-config-file", f"nodes-{port}.conf",
-                                            "--cluster-node-timeout", "1000"))
+            procs.append(
+                start_redis_server(
+                    port,
+                    tmp_path / f"node-{port}",
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    f"nodes-{port}.conf",
+                    "--cluster-node-timeout",
+                    "1000",
+                )
+            )
         nodes = [redis.Redis(port=p) for p in ports]
         for i, node in enumerate(nodes):  # three equal slot ranges
             node.execute_command("CLUSTER", "ADDSLOTS", *range(i * SLOTS // 3, (i + 1) * SLOTS // 3))
@@ -79,7 +88,10 @@ def node_of(client, key: str) -> int:
 def test_store_and_service_on_a_three_master_cluster(cluster, synth_dataset, tmp_path):
     ports, procs = cluster
     url = f"redis+cluster://127.0.0.1:{ports[0]}"
-    assert main(["store", "load", "--data", str(synth_dataset), "--redis", url, "--max-len", "64", "--quiet"]) == 0
+    assert (
+        main(["store", "load", "--data", str(synth_dataset), "--redis", url, "--max-len", "64", "--quiet"])
+        == 0
+    )
     bundle = tiny_bundle(tmp_path / "bundle")
     app = create_app(Settings(model=str(bundle), redis_url=url, token="tok"))
     store = app.state.service.store
@@ -94,15 +106,24 @@ def test_store_and_service_on_a_three_master_cluster(cluster, synth_dataset, tmp
     async def appenders(n_writers=16, per_writer=20):  # ~53 events per user: under max_len 64
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://cluster") as c:
+
             async def writer(w):
                 answers = []
                 for i in range(per_writer):
                     user = 900_000 + (w + i) % 6  # six users, on all masters, written by everyone
-                    ev = {"user_id": user, "item_id": w * 1000 + i, "ts": 1_700_000_000 + i, "event_id": f"{w}-{i}"}
-                    r = await c.post("/v1/events", json={"events": [ev]}, headers={"Authorization": "Bearer tok"})
+                    ev = {
+                        "user_id": user,
+                        "item_id": w * 1000 + i,
+                        "ts": 1_700_000_000 + i,
+                        "event_id": f"{w}-{i}",
+                    }
+                    r = await c.post(
+                        "/v1/events", json={"events": [ev]}, headers={"Authorization": "Bearer tok"}
+                    )
                     assert r.status_code == 200, r.text
                     answers.append(r.json()["appended"])
                 return answers
+
             return await asyncio.gather(*[writer(w) for w in range(n_writers)])
 
     answers = asyncio.run(appenders())
@@ -132,12 +153,17 @@ def test_store_and_service_on_a_three_master_cluster(cluster, synth_dataset, tmp
 
         stop_process(procs[ports.index(victim)])  # one master down
         t0 = time.perf_counter()
-        r = client.post("/v1/score", json={"user_id": users[0], "candidates": [{"item_id": 3}], "history": hist})
+        r = client.post(
+            "/v1/score", json={"user_id": users[0], "candidates": [{"item_id": 3}], "history": hist}
+        )
         bypass_s = time.perf_counter() - t0
         assert r.status_code == 200 and r.json()["user_state"] == "bypass", r.text
         ready = client.get("/readyz")
         assert ready.status_code == 503 and ready.json()["status"] == "degraded"
-        r = client.post("/v1/events", json={"events": [{"user_id": users[0], "item_id": 1, "ts": 5}]},
-                        headers={"Authorization": "Bearer tok"})
+        r = client.post(
+            "/v1/events",
+            json={"events": [{"user_id": users[0], "item_id": 1, "ts": 5}]},
+            headers={"Authorization": "Bearer tok"},
+        )
         assert r.status_code == 503
         print({"bypass_answer_s": round(bypass_s, 3)})

@@ -8,9 +8,13 @@ from feature_store.codec import CodecError, decode, encode
 
 def state():
     g = torch.Generator().manual_seed(0)
-    return {"k0": torch.randn(2, 4, 10, 8, generator=g), "valid0": torch.rand(2, 10, generator=g) > 0.3,
-            "latest_ts": torch.tensor([1_700_000_000, -1]), "cls": torch.randn(2, 32, generator=g).half(),
-            "empty": torch.zeros(0, 3)}
+    return {
+        "k0": torch.randn(2, 4, 10, 8, generator=g),
+        "valid0": torch.rand(2, 10, generator=g) > 0.3,
+        "latest_ts": torch.tensor([1_700_000_000, -1]),
+        "cls": torch.randn(2, 32, generator=g).half(),
+        "empty": torch.zeros(0, 3),
+    }
 
 
 def test_fp32_round_trip_is_exact():
@@ -41,7 +45,7 @@ def test_every_corruption_is_a_codec_error():
         if kind == 0:
             b[rng.randrange(len(b))] ^= 1 << rng.randrange(8)
         elif kind == 1:
-            b = b[:rng.randrange(len(b))]
+            b = b[: rng.randrange(len(b))]
         else:
             b += bytes([rng.randrange(256)])
         with pytest.raises(CodecError):
@@ -62,11 +66,25 @@ def test_forged_header_with_valid_checksum_is_refused():
         return body + hashlib.blake2b(body, digest_size=16).digest()
 
     with pytest.raises(CodecError, match="runs past the end"):
-        decode(forge({"meta": {}, "tensors": [{"name": "x", "dtype": "float32", "stored": "float32",
-                                               "shape": [1000]}]}, b"\x00" * 16))
+        decode(
+            forge(
+                {
+                    "meta": {},
+                    "tensors": [{"name": "x", "dtype": "float32", "stored": "float32", "shape": [1000]}],
+                },
+                b"\x00" * 16,
+            )
+        )
     with pytest.raises(CodecError, match="bad tensor entry"):
-        decode(forge({"meta": {}, "tensors": [{"name": "x", "dtype": "object", "stored": "float32", "shape": [1]}]},
-                     b"\x00" * 4))
+        decode(
+            forge(
+                {
+                    "meta": {},
+                    "tensors": [{"name": "x", "dtype": "object", "stored": "float32", "shape": [1]}],
+                },
+                b"\x00" * 4,
+            )
+        )
     with pytest.raises(CodecError, match="trailing bytes"):
         decode(forge({"meta": {}, "tensors": []}, b"\x00"))
     with pytest.raises(CodecError, match="unreadable header"):

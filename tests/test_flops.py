@@ -2,15 +2,22 @@ import pytest
 import torch
 
 from longer.baselines import build_model
-from longer.flops import forward_flops, measured_flops, paper_merge_ratio
 from longer.config import MODELS
+from longer.flops import forward_flops, measured_flops, paper_merge_ratio
 from tests.model_utils import make_batch
 from tests.test_model import TINY
 
-
-CASES = [(name, {}) for name in MODELS] + [("longer", kw) for kw in (
-    {"merge": "concat"}, {"query_select": "learnable"}, {"query_select": "uniform"}, {"phd_copies": 3},
-    {"merge_k": 8, "query_k": 16, "n_layers": 2}, {"norm": "hybrid_star", "inner_layers": 2})]
+CASES = [(name, {}) for name in MODELS] + [
+    ("longer", kw)
+    for kw in (
+        {"merge": "concat"},
+        {"query_select": "learnable"},
+        {"query_select": "uniform"},
+        {"phd_copies": 3},
+        {"merge_k": 8, "query_k": 16, "n_layers": 2},
+        {"norm": "hybrid_star", "inner_layers": 2},
+    )
+]
 
 
 @pytest.mark.parametrize("name,kw", CASES)

@@ -16,8 +16,11 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis.errors import Unsatisfiable  # noqa: E402
 from schemathesis.checks import not_a_server_error  # noqa: E402
 from schemathesis.core.failures import FailureGroup  # noqa: E402
-from schemathesis.specs.openapi.checks import (content_type_conformance, response_schema_conformance,  # noqa: E402
-                                               status_code_conformance)
+from schemathesis.specs.openapi.checks import (  # noqa: E402
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
 
 from serving.app import create_app  # noqa: E402
 from serving.settings import Settings  # noqa: E402
@@ -33,15 +36,25 @@ def fuzz(op, mode, cases: dict, failures: list) -> None:
     """Run `EXAMPLES` cases of one operation in one generation mode, collecting failures."""
     label = f"{op.label} {mode.value}"
 
-    @settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None,
-              suppress_health_check=list(HealthCheck), phases=["explicit", "generate"])
+    @settings(
+        max_examples=EXAMPLES,
+        derandomize=True,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+        phases=["explicit", "generate"],
+    )
     @given(case=op.as_strategy(generation_mode=mode, headers={"Authorization": "Bearer tok"}))
     def run(case):
         cases[label] = cases.get(label, 0) + 1
         try:
             case.call_and_validate(checks=CHECKS)
         except (Exception, FailureGroup) as e:  # collect every failure, keep fuzzing
-            kinds = [type(f).__name__ for f in e.exceptions] if isinstance(e, FailureGroup) else [type(e).__name__]
+            kinds = (
+                [type(f).__name__ for f in e.exceptions]
+                if isinstance(e, FailureGroup)
+                else [type(e).__name__]
+            )
             failures.append((label, kinds, str(e)[:800]))
 
     try:
@@ -60,7 +73,14 @@ def test_no_server_error_and_every_answer_is_documented(tmp_path):
             for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE):
                 fuzz(result.ok(), mode, cases, failures)
         kinds = Counter(k for _, ks, _ in failures for k in ks)
-        report = {"cases": sum(cases.values()), "per_operation": cases, "failures": len(failures), "kinds": kinds}
+        report = {
+            "cases": sum(cases.values()),
+            "per_operation": cases,
+            "failures": len(failures),
+            "kinds": kinds,
+        }
         print(json.dumps(report, indent=2))
         assert not failures, "\n".join(f"{label}: {text}" for label, _, text in failures[:10])
-        assert all(op in " ".join(cases) for op in ("/v1/score", "/v1/events", "/v1/admin/reload", "/metrics"))
+        assert all(
+            op in " ".join(cases) for op in ("/v1/score", "/v1/events", "/v1/admin/reload", "/metrics")
+        )

@@ -33,31 +33,47 @@ def client(bundle):
 
 
 def post_raw(client, path, text: str, headers=None):
-    return client.post(path, content=text.encode("utf-8", "surrogatepass"),
-                       headers={"content-type": "application/json", **(headers or {})})
+    return client.post(
+        path,
+        content=text.encode("utf-8", "surrogatepass"),
+        headers={"content-type": "application/json", **(headers or {})},
+    )
 
 
 SCORE = '{"user_id": 1, "candidates": [{"item_id": 2, "category_id": 3}], "ts": 1700000000%s}'
 EVENT = '{"events": [{"user_id": 1, "item_id": 2, "ts": 1700000000, "label": 1%s}]}'
 
 
-@pytest.mark.parametrize("path,template,extra,field", [
-    ("/v1/score", SCORE, ', "user_id": "5"', "user_id"),  # lax coercion refused
-    ("/v1/score", SCORE.replace('"item_id": 2', '"item_id": true'), "", "item_id"),
-    ("/v1/score", SCORE.replace('"item_id": 2', '"item_id": 2.0'), "", "item_id"),
-    ("/v1/score", SCORE.replace('"item_id": 2', '"item_id": 9223372036854775808'), "", "item_id"),  # int64 + 1
-    ("/v1/score", SCORE.replace("1700000000", "1790000000000"), "", "ts"),  # milliseconds
-    ("/v1/score", SCORE, ', "history": [{"item_id": 1, "ts": 1790000000000}]', "ts"),
-    ("/v1/score", SCORE, ', "history": [{"item_id": 1, "ts": 5, "action": 99999999999999999999}]', "action"),
-    ("/v1/score", SCORE.replace("1700000000", "NaN"), "", "ts"),
-    ("/v1/score", SCORE.replace("1700000000", "-Infinity"), "", "ts"),
-    ("/v1/score", SCORE.replace("1700000000", '"\\ud800"'), "", "ts"),  # a lone surrogate
-    ("/v1/events", EVENT, ', "label": false', "label"),
-    ("/v1/events", EVENT, ', "category_id": 1e400', "category_id"),
-    ("/v1/events", EVENT.replace("1700000000", "1790000000000"), "", "ts"),
-    ("/v1/events", EVENT, ', "event_id": "\\udfff"', "event_id"),
-    ("/v1/events", EVENT, ', "event_id": 7', "event_id"),
-])
+@pytest.mark.parametrize(
+    "path,template,extra,field",
+    [
+        ("/v1/score", SCORE, ', "user_id": "5"', "user_id"),  # lax coercion refused
+        ("/v1/score", SCORE.replace('"item_id": 2', '"item_id": true'), "", "item_id"),
+        ("/v1/score", SCORE.replace('"item_id": 2', '"item_id": 2.0'), "", "item_id"),
+        (
+            "/v1/score",
+            SCORE.replace('"item_id": 2', '"item_id": 9223372036854775808'),
+            "",
+            "item_id",
+        ),  # int64 + 1
+        ("/v1/score", SCORE.replace("1700000000", "1790000000000"), "", "ts"),  # milliseconds
+        ("/v1/score", SCORE, ', "history": [{"item_id": 1, "ts": 1790000000000}]', "ts"),
+        (
+            "/v1/score",
+            SCORE,
+            ', "history": [{"item_id": 1, "ts": 5, "action": 99999999999999999999}]',
+            "action",
+        ),
+        ("/v1/score", SCORE.replace("1700000000", "NaN"), "", "ts"),
+        ("/v1/score", SCORE.replace("1700000000", "-Infinity"), "", "ts"),
+        ("/v1/score", SCORE.replace("1700000000", '"\\ud800"'), "", "ts"),  # a lone surrogate
+        ("/v1/events", EVENT, ', "label": false', "label"),
+        ("/v1/events", EVENT, ', "category_id": 1e400', "category_id"),
+        ("/v1/events", EVENT.replace("1700000000", "1790000000000"), "", "ts"),
+        ("/v1/events", EVENT, ', "event_id": "\\udfff"', "event_id"),
+        ("/v1/events", EVENT, ', "event_id": 7', "event_id"),
+    ],
+)
 def test_bad_fields_get_422_naming_them(client, path, template, extra, field):
     r = post_raw(client, path, template % extra, AUTH)
     assert r.status_code == 422, r.text
@@ -68,18 +84,28 @@ def test_bad_fields_get_422_naming_them(client, path, template, extra, field):
 def test_limits_are_422_in_the_validation_shape(client):
     r = client.post("/v1/score", json={"user_id": 1, "candidates": [{"item_id": i} for i in range(51)]})
     assert r.status_code == 422
-    assert r.json()["detail"][0]["loc"] == ["body", "candidates"] and "at most 50" in r.json()["detail"][0]["msg"]
+    assert (
+        r.json()["detail"][0]["loc"] == ["body", "candidates"]
+        and "at most 50" in r.json()["detail"][0]["msg"]
+    )
 
 
 def test_appended_counts_only_new_events(client):
-    ev = {"events": [{"user_id": 11, "item_id": 2, "ts": TS, "event_id": "e1"},
-                     {"user_id": 11, "item_id": 3, "ts": TS, "event_id": "e2"}]}
+    ev = {
+        "events": [
+            {"user_id": 11, "item_id": 2, "ts": TS, "event_id": "e1"},
+            {"user_id": 11, "item_id": 3, "ts": TS, "event_id": "e2"},
+        ]
+    }
     first = client.post("/v1/events", json=ev, headers=AUTH).json()
     again = client.post("/v1/events", json=ev, headers=AUTH).json()
     assert (first["appended"], again["appended"]) == (2, 0)
     assert first["versions"] == again["versions"] == {"11": 1}
     one_new = {"events": ev["events"] + [{"user_id": 11, "item_id": 4, "ts": TS, "event_id": "e3"}]}
-    assert client.post("/v1/events", json=one_new, headers=AUTH).json() == {"appended": 1, "versions": {"11": 2}}
+    assert client.post("/v1/events", json=one_new, headers=AUTH).json() == {
+        "appended": 1,
+        "versions": {"11": 2},
+    }
     metrics = client.get("/metrics").text
     assert "longer_events_appended_total 3.0" in metrics
 
@@ -87,7 +113,9 @@ def test_appended_counts_only_new_events(client):
 def test_bearer_scheme_is_case_insensitive_and_the_token_exact(client):
     ev = {"events": [{"user_id": 12, "item_id": 2, "ts": TS}]}
     for header in ("Bearer tok", "bearer tok", "BEARER  tok"):
-        assert client.post("/v1/events", json=ev, headers={"Authorization": header}).status_code == 200, header
+        assert client.post("/v1/events", json=ev, headers={"Authorization": header}).status_code == 200, (
+            header
+        )
     for header in ("Bearer tok2", "Bearer to", "Basic tok", "tok", "", "Bearer"):
         r = client.post("/v1/events", json=ev, headers={"Authorization": header})
         assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", header
@@ -97,8 +125,11 @@ def test_bearer_scheme_is_case_insensitive_and_the_token_exact(client):
 def test_a_state_copied_from_another_user_is_a_miss(client):
     store = client.store
     for user in (21, 22):  # same sequence version and length: only the user differs
-        client.post("/v1/events", json={"events": [{"user_id": user, "item_id": 5 + user, "ts": TS - 10}]},
-                    headers=AUTH)
+        client.post(
+            "/v1/events",
+            json={"events": [{"user_id": user, "item_id": 5 + user, "ts": TS - 10}]},
+            headers=AUTH,
+        )
     body = {"candidates": [{"item_id": 9}], "ts": TS}
     own = client.post("/v1/score", json={"user_id": 21, **body}).json()
     assert client.post("/v1/score", json={"user_id": 22, **body}).json()["user_state"] == "miss"
@@ -110,12 +141,15 @@ def test_a_state_copied_from_another_user_is_a_miss(client):
     assert np.allclose(copied["scores"], own["scores"], atol=1e-6)  # user 21's own score, recomputed
 
 
-@pytest.mark.parametrize("kind,corrupt", [
-    ("seq", lambda r, k: r.set(k, "not a list")),
-    ("ver", lambda r, k: r.set(k, "abc")),
-    ("ver", lambda r, k: r.rpush(k, "1")),
-    ("ids", lambda r, k: r.set(k, "x")),
-])
+@pytest.mark.parametrize(
+    "kind,corrupt",
+    [
+        ("seq", lambda r, k: r.set(k, "not a list")),
+        ("ver", lambda r, k: r.set(k, "abc")),
+        ("ver", lambda r, k: r.rpush(k, "1")),
+        ("ids", lambda r, k: r.set(k, "x")),
+    ],
+)
 def test_a_bad_key_is_a_503_naming_it_and_counted(client, kind, corrupt):
     store = client.store
     client.post("/v1/events", json={"events": [{"user_id": 31, "item_id": 1, "ts": TS - 5}]}, headers=AUTH)
@@ -171,7 +205,9 @@ def test_reload_of_an_unloadable_bundle_is_409_and_the_old_model_serves(bundle, 
             shutil.copytree(bundle, live)
             app = create_app(Settings(model=str(live), token="tok"), store=store)
             with TestClient(app) as c:
-                before = c.post("/v1/score", json={"user_id": 1, "candidates": [{"item_id": 1}], "ts": TS}).json()
+                before = c.post(
+                    "/v1/score", json={"user_id": 1, "candidates": [{"item_id": 1}], "ts": TS}
+                ).json()
                 cfg = json.loads((live / "config.json").read_text())
                 (live / "config.json").write_text(json.dumps({**cfg, "model_version": "f" * 16}))
                 corrupt(live / "model.safetensors")
@@ -180,8 +216,12 @@ def test_reload_of_an_unloadable_bundle_is_409_and_the_old_model_serves(bundle, 
                 assert "still serving the old model" in r.json()["detail"], name
                 if name.startswith("symlink"):
                     assert "symlink out of the bundle directory" in r.json()["detail"], name
-                after = c.post("/v1/score", json={"user_id": 1, "candidates": [{"item_id": 1}], "ts": TS}).json()
-                assert after["model_version"] == before["model_version"] and after["scores"] == before["scores"]
+                after = c.post(
+                    "/v1/score", json={"user_id": 1, "candidates": [{"item_id": 1}], "ts": TS}
+                ).json()
+                assert (
+                    after["model_version"] == before["model_version"] and after["scores"] == before["scores"]
+                )
         assert not (tmp_path / "pwned").exists()
 
 

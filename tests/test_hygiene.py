@@ -20,9 +20,26 @@ def daemonized_redis(where) -> psutil.Process:
     if server is None:
         pytest.skip("redis-server binary not installed")
     pidfile = where / "redis.pid"
-    subprocess.run([server, "--port", "0", "--unixsocket", str(where / "r.sock"), "--daemonize", "yes",
-                    "--pidfile", str(pidfile), "--dir", str(where), "--save", ""], check=True,
-                   stdout=subprocess.DEVNULL, env={"PATH": os.environ.get("PATH", "")})  # no session marker
+    subprocess.run(
+        [
+            server,
+            "--port",
+            "0",
+            "--unixsocket",
+            str(where / "r.sock"),
+            "--daemonize",
+            "yes",
+            "--pidfile",
+            str(pidfile),
+            "--dir",
+            str(where),
+            "--save",
+            "",
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        env={"PATH": os.environ.get("PATH", "")},
+    )  # no session marker
     for _ in range(100):
         if pidfile.is_file() and pidfile.read_text().strip():
             return psutil.Process(int(pidfile.read_text()))

@@ -44,10 +44,14 @@ def test_movielens_bad_inputs(tmp_path):
     with pytest.raises(LogError, match="movies.csv, column 'genres', row 1: unknown genre 'Polka'"):
         import_movielens(tmp_path / "ml", tmp_path / "out", progress=False)
     (tmp_path / "ml" / "movies.csv").write_text("movieId,title,genres\n1,A,Comedy\n")
-    (tmp_path / "ml" / "ratings.csv").write_text("userId,movieId,rating,timestamp\n1,1,4.0,100\n1,9,3.0,101\n")
+    (tmp_path / "ml" / "ratings.csv").write_text(
+        "userId,movieId,rating,timestamp\n1,1,4.0,100\n1,9,3.0,101\n"
+    )
     with pytest.raises(LogError, match="row 1: movie 9 is rated but not listed"):
         import_movielens(tmp_path / "ml", tmp_path / "out", progress=False)
-    (tmp_path / "ml" / "ratings.csv").write_text("userId,movieId,rating,timestamp\n1,1,4.0,100\n-2,1,3.0,101\n")
+    (tmp_path / "ml" / "ratings.csv").write_text(
+        "userId,movieId,rating,timestamp\n1,1,4.0,100\n-2,1,3.0,101\n"
+    )
     with pytest.raises(LogError, match="column 'user_id', row 1: negative id"):
         import_movielens(tmp_path / "ml", tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
@@ -61,8 +65,16 @@ def write_taobao(path, rows):
 def test_taobao_import_and_build(tmp_path):
     rng = np.random.default_rng(0)
     beh = np.array(["pv", "fav", "cart", "buy"])
-    rows = [(rng.integers(1, 30), rng.integers(1, 500), rng.integers(1, 20), beh[rng.choice(4, p=[.85, .05, .05, .05])],
-             1_511_600_000 + rng.integers(0, 8 * 86400)) for _ in range(3000)]
+    rows = [
+        (
+            rng.integers(1, 30),
+            rng.integers(1, 500),
+            rng.integers(1, 20),
+            beh[rng.choice(4, p=[0.85, 0.05, 0.05, 0.05])],
+            1_511_600_000 + rng.integers(0, 8 * 86400),
+        )
+        for _ in range(3000)
+    ]
     src = write_taobao(tmp_path / "UserBehavior.csv", rows)
     summary = import_taobao(src, tmp_path / "log", progress=False, block_size=4096)  # many blocks
     assert summary["rows"] == 3000

@@ -43,10 +43,9 @@ def test_stale_partials_are_removed_and_live_ones_kept(tmp_path, capsys):
 
 
 def test_a_failed_write_leaves_nothing(tmp_path):
-    with pytest.raises(RuntimeError):
-        with atomic_dir(tmp_path / "data") as tmp:
-            (tmp / "x").write_text("half")
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), atomic_dir(tmp_path / "data") as tmp:
+        (tmp / "x").write_text("half")
+        raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
     assert remove_stale_partials(tmp_path / "data") == []
 
@@ -56,9 +55,22 @@ def test_the_next_build_removes_what_a_killed_build_left(tmp_path):
     from feature_store.synth import SynthConfig, synthesize
     from tests.conftest import REPO
 
-    synthesize(SynthConfig(users=400, items=2000, events_per_user=500, seed=1), tmp_path / "log", progress=False)
-    cmd = [sys.executable, "-m", "longer_cli", "build", "--log", str(tmp_path / "log"), "--out", str(tmp_path / "data"),
-           "--max-len", "64", "--quiet"]
+    synthesize(
+        SynthConfig(users=400, items=2000, events_per_user=500, seed=1), tmp_path / "log", progress=False
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "longer_cli",
+        "build",
+        "--log",
+        str(tmp_path / "log"),
+        "--out",
+        str(tmp_path / "data"),
+        "--max-len",
+        "64",
+        "--quiet",
+    ]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         while proc.poll() is None and not list(tmp_path.glob(".data.partial-*")):
@@ -71,5 +83,7 @@ def test_the_next_build_removes_what_a_killed_build_left(tmp_path):
         pytest.skip("the build finished before it could be killed")
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
-    assert f"removed {left[0]} (a partial output left by pid {proc.pid}, which is no longer running)" in r.stderr
+    assert (
+        f"removed {left[0]} (a partial output left by pid {proc.pid}, which is no longer running)" in r.stderr
+    )
     assert not list(tmp_path.glob(".data.partial-*")) and (tmp_path / "data" / "meta.json").is_file()

@@ -23,8 +23,12 @@ def test_history_is_point_in_time_slice(tmp_path):
     rng = np.random.default_rng(3)
     log = random_log(rng, users=12, rows=1500, ts_range=60)
     write_log(tmp_path / "log.parquet", log)
-    build(tmp_path / "log.parquet", tmp_path / "d", BuildConfig(max_len=40, split_ts=1_600_000_045, bucket_rows=400),
-          progress=False)
+    build(
+        tmp_path / "log.parquet",
+        tmp_path / "d",
+        BuildConfig(max_len=40, split_ts=1_600_000_045, bucket_rows=400),
+        progress=False,
+    )
     ref = reference(log)
     seen = 0
     for split in ("train", "eval"):
@@ -94,8 +98,10 @@ def test_resume_state_checks(synth_dataset):
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_ranks_are_disjoint_and_complete(synth_dataset, world):
-    per_rank = [flat(row_ids(BatchLoader(synth_dataset, batch_size=50, seed=2, rank=r, world_size=world)))
-                for r in range(world)]
+    per_rank = [
+        flat(row_ids(BatchLoader(synth_dataset, batch_size=50, seed=2, rank=r, world_size=world)))
+        for r in range(world)
+    ]
     union = [i for ids in per_rank for i in ids]
     assert len(union) == len(set(union))
     assert sorted(union) == list(range(BatchLoader(synth_dataset).num_rows))
@@ -120,7 +126,7 @@ def test_resume_with_other_world_size_sees_every_sample_once(synth_dataset, befo
     assert sorted(everything) == list(range(loaders[0].num_rows))
     # and the resumed stream is the uninterrupted epoch's, just dealt to a different number of ranks
     single = flat(row_ids(BatchLoader(synth_dataset, **kw)))
-    assert set(single[len(done):]) == set(rest)
+    assert set(single[len(done) :]) == set(rest)
 
 
 def test_max_len_cannot_exceed_the_build(synth_dataset):
@@ -158,6 +164,7 @@ def test_prefetch_stops_cleanly_when_abandoned(synth_dataset):
     next(it)
     it.close()  # the producer thread must exit, not block on a full queue
     import threading
+
     assert not any(t.name == "longer-loader" and t.is_alive() for t in threading.enumerate())
 
 
@@ -168,20 +175,40 @@ def test_batch_feeds_an_embedding_collection(synth_dataset):
     from feature_store.builder import read_meta
 
     card = read_meta(synth_dataset)["cardinalities"]
-    tables = [EmbeddingConfig(name="item", embedding_dim=8, num_embeddings=card["item_id"]["max_id"] + 1,
-                              feature_names=["hist_item_id", "item_id"]),
-              EmbeddingConfig(name="category", embedding_dim=8, num_embeddings=card["category_id"]["max_id"] + 1,
-                              feature_names=["hist_category_id", "category_id"]),
-              EmbeddingConfig(name="action", embedding_dim=8, num_embeddings=card["action"]["max_id"] + 1,
-                              feature_names=["hist_action"]),
-              EmbeddingConfig(name="user", embedding_dim=8, num_embeddings=card["user_id"]["max_id"] + 1,
-                              feature_names=["user_id"])]
+    tables = [
+        EmbeddingConfig(
+            name="item",
+            embedding_dim=8,
+            num_embeddings=card["item_id"]["max_id"] + 1,
+            feature_names=["hist_item_id", "item_id"],
+        ),
+        EmbeddingConfig(
+            name="category",
+            embedding_dim=8,
+            num_embeddings=card["category_id"]["max_id"] + 1,
+            feature_names=["hist_category_id", "category_id"],
+        ),
+        EmbeddingConfig(
+            name="action",
+            embedding_dim=8,
+            num_embeddings=card["action"]["max_id"] + 1,
+            feature_names=["hist_action"],
+        ),
+        EmbeddingConfig(
+            name="user",
+            embedding_dim=8,
+            num_embeddings=card["user_id"]["max_id"] + 1,
+            feature_names=["user_id"],
+        ),
+    ]
     ec = EmbeddingCollection(tables=tables, device=torch.device("cpu"))
     batch = next(iter(BatchLoader(synth_dataset, batch_size=32))).to(torch.device("cpu"), non_blocking=False)
     out = ec(batch.sparse)
     n_hist = int(batch.hist_lengths.sum())
     assert out["hist_item_id"].values().shape == (n_hist, 8)
-    assert torch.equal(out["hist_item_id"].lengths(), batch.hist_lengths.to(out["hist_item_id"].lengths().dtype))
+    assert torch.equal(
+        out["hist_item_id"].lengths(), batch.hist_lengths.to(out["hist_item_id"].lengths().dtype)
+    )
     assert out["item_id"].values().shape == (32, 8)
     # the shared table: the same id gives the same vector whether it is history or candidate
     item = int(batch.sparse["item_id"].values()[0])
@@ -195,8 +222,10 @@ def test_batch_feeds_an_embedding_collection(synth_dataset):
 
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_drop_last_gives_every_rank_the_same_number_of_full_batches(synth_dataset, world):
-    loaders = [BatchLoader(synth_dataset, batch_size=96, seed=1, rank=r, world_size=world, drop_last=True)
-               for r in range(world)]
+    loaders = [
+        BatchLoader(synth_dataset, batch_size=96, seed=1, rank=r, world_size=world, drop_last=True)
+        for r in range(world)
+    ]
     counts = {len(ld) for ld in loaders}
     batches = [row_ids(ld) for ld in loaders]
     assert {len(b) for b in batches} == counts == {loaders[0].num_rows // (96 * world)}

@@ -30,8 +30,17 @@ def test_split_equals_unsplit_reference(norm, R):
     torch.testing.assert_close(split, ref, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("kw", [{"query_select": "uniform"}, {"query_select": "learnable"}, {"merge": "concat"},
-                                {"merge_k": 1}, {"model": "transformer"}, {"query_k": 64}])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"query_select": "uniform"},
+        {"query_select": "learnable"},
+        {"merge": "concat"},
+        {"merge_k": 1},
+        {"model": "transformer"},
+        {"query_k": 64},
+    ],
+)
 def test_split_equals_reference_other_settings(kw):
     m = model(**kw)
     b = make_batch(LENGTHS, seed=1)
@@ -51,9 +60,14 @@ def test_many_candidates_against_one_state_equal_per_sample_forward(name):
     with torch.no_grad():
         expected = m(per_sample)
         state = m.encode_user(base)
-        got = m.score(state, Candidates(item_id=torch.tensor([[c[0] for c in cands]]),
-                                        category_id=torch.tensor([[c[1] for c in cands]]),
-                                        ts=torch.tensor(ts)))
+        got = m.score(
+            state,
+            Candidates(
+                item_id=torch.tensor([[c[0] for c in cands]]),
+                category_id=torch.tensor([[c[1] for c in cands]]),
+                ts=torch.tensor(ts),
+            ),
+        )
     torch.testing.assert_close(got[0], expected, atol=1e-5, rtol=0)
 
 
@@ -71,8 +85,9 @@ def test_candidate_never_changes_the_user_state(name):
         assert not torch.allclose(m(b), m(other))  # while the scores do depend on the candidate
 
 
-@pytest.mark.parametrize("kw", [{}, {"query_select": "uniform"}, {"merge": "concat"}, {"norm": "pre"},
-                                {"model": "transformer"}])
+@pytest.mark.parametrize(
+    "kw", [{}, {"query_select": "uniform"}, {"merge": "concat"}, {"norm": "pre"}, {"model": "transformer"}]
+)
 def test_queries_never_see_later_events(kw):
     """Perturbing events more recent than recency r leaves every sequence query at recency >= r unchanged."""
     m = model(**kw)
@@ -127,9 +142,20 @@ def test_history_beyond_max_len_is_ignored():
         torch.testing.assert_close(m(b), m(make_batch([64], hist=cut, cand=cand, ts=ts)), atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("kw", [{}, {"phd_copies": 2, "norm": "hybrid_star"}, {"query_select": "learnable"},
-                                {"merge": "concat"}, {"model": "transformer"}, {"model": "din"},
-                                {"model": "din_recent50"}, {"model": "sumpool"}, {"model": "hstu"}])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"phd_copies": 2, "norm": "hybrid_star"},
+        {"query_select": "learnable"},
+        {"merge": "concat"},
+        {"model": "transformer"},
+        {"model": "din"},
+        {"model": "din_recent50"},
+        {"model": "sumpool"},
+        {"model": "hstu"},
+    ],
+)
 def test_every_parameter_gets_a_gradient(kw):
     m = model(**kw).train()
     b = make_batch([64, 70, 30, 5, 64, 64], seed=8)
@@ -182,12 +208,18 @@ def test_each_model_learns(name):
     assert losses[-1] < 0.5 * losses[0], losses[::5]
 
 
-@pytest.mark.parametrize("kw,msg", [
-    ({"n_heads": 5}, "does not divide d_model"), ({"query_k": 65}, "query_k=65 is larger than max_len=64"),
-    ({"merge_k": 128}, "larger than max_len"), ({"merge_k": 3}, "must divide max_len"),
-    ({"norm": "layer"}, "norm must be one of"), ({"phd_copies": 0}, "phd_copies must be an integer >= 1"),
-    ({"model": "gpt"}, "model must be one of"),
-])
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        ({"n_heads": 5}, "does not divide d_model"),
+        ({"query_k": 65}, "query_k=65 is larger than max_len=64"),
+        ({"merge_k": 128}, "larger than max_len"),
+        ({"merge_k": 3}, "must divide max_len"),
+        ({"norm": "layer"}, "norm must be one of"),
+        ({"phd_copies": 0}, "phd_copies must be an integer >= 1"),
+        ({"model": "gpt"}, "model must be one of"),
+    ],
+)
 def test_impossible_configs_are_refused(kw, msg):
     with pytest.raises(ConfigError, match=msg):
         TINY.replace(**kw)
@@ -219,7 +251,9 @@ def test_phd_copy_j_never_sees_later_copies():
         with torch.no_grad():
             m.net.copy_emb[2] += bump
             captured = []
-            hooks = [blk.register_forward_hook(lambda mod, a, out: captured.append(out)) for blk in m.net.blocks]
+            hooks = [
+                blk.register_forward_hook(lambda mod, a, out: captured.append(out)) for blk in m.net.blocks
+            ]
             m.eval()(b)
             for h in hooks:
                 h.remove()

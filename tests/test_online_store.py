@@ -4,7 +4,15 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from feature_store.online import EVENT_DTYPE, BadKeyError, Event, OnlineStore, connect, stop_embedded, unpack_events
+from feature_store.online import (
+    EVENT_DTYPE,
+    BadKeyError,
+    Event,
+    OnlineStore,
+    connect,
+    stop_embedded,
+    unpack_events,
+)
 from feature_store.store_check import check_store
 from tests.conftest import fresh_prefix
 from tests.serving_utils import delete_prefix, shared_redis
@@ -60,7 +68,9 @@ def test_concurrent_writers_lose_nothing(store):
     def write(w):
         for i in range(per_writer):
             u = users[(w + i) % len(users)]
-            v = store.append([Event(u, w * 1000 + i, 10_000 + w * per_writer + i, event_id=f"{w}-{i}")]).versions[u]
+            v = store.append(
+                [Event(u, w * 1000 + i, 10_000 + w * per_writer + i, event_id=f"{w}-{i}")]
+            ).versions[u]
             with lock:
                 seen_versions[u].append(v)
 
@@ -72,7 +82,9 @@ def test_concurrent_writers_lose_nothing(store):
     total = 0
     for u in users:
         events, version, _ = store.read(u)
-        expected = sorted(w * 1000 + i for w in range(writers) for i in range(per_writer) if users[(w + i) % 3] == u)
+        expected = sorted(
+            w * 1000 + i for w in range(writers) for i in range(per_writer) if users[(w + i) % 3] == u
+        )
         assert sorted(events["item_id"].tolist()) == expected
         assert sorted(seen_versions[u]) == list(range(1, len(expected) + 1))  # each append its own version
         assert version == len(expected)
@@ -117,8 +129,11 @@ def test_one_users_memory_is_bounded_by_the_idempotency_window(client, prefix):
     sizes, n = {}, 0
     for target in (300, 3_000, 30_000):
         while n < target:
-            store.append([Event(5, n + i, 1_600_000_000 + n + i, event_id=f"evt-{n + i:08d}") for i in range(500)][
-                         :target - n])
+            store.append(
+                [Event(5, n + i, 1_600_000_000 + n + i, event_id=f"evt-{n + i:08d}") for i in range(500)][
+                    : target - n
+                ]
+            )
             n = min(target, n + 500)
         sizes[target] = user_bytes(store, 5)
     print({"user_key_bytes": sizes})
@@ -161,8 +176,15 @@ def test_store_check_finds_bad_keys_and_repair_keeps_valid_events(client, store)
     if "path" in url:  # the embedded server: check the in-process API only
         fixed = check_store(client, store.prefix, repair=True)
     else:
-        argv = ["store", "check", "--redis", f"redis://{url['host']}:{url['port']}/{url['db']}",
-                "--prefix", store.prefix, "--quiet"]
+        argv = [
+            "store",
+            "check",
+            "--redis",
+            f"redis://{url['host']}:{url['port']}/{url['db']}",
+            "--prefix",
+            store.prefix,
+            "--quiet",
+        ]
         assert main(argv) == 1  # problems found, not repaired
         assert main([*argv, "--repair"]) == 0
         fixed = {"ok": True}

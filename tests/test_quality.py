@@ -20,13 +20,18 @@ FAST_LEARNING = "lr = 5e-3\nwarmup_steps = 20\nemb_lr = 0.2"
 
 def train_and_eval(tmp_path, data, **fmt) -> dict:
     (tmp_path / "run.toml").write_text(run_toml(**fmt, train_extra=FAST_LEARNING))
-    summary = json.loads(run(["train", "--config", tmp_path / "run.toml", "--data", data,
-                              "--out", tmp_path / "run", "--quiet"]).stdout)
+    summary = json.loads(
+        run(
+            ["train", "--config", tmp_path / "run.toml", "--data", data, "--out", tmp_path / "run", "--quiet"]
+        ).stdout
+    )
     return summary["eval"]
 
 
 def test_synthetic_run_reaches_most_of_the_oracle_lift(tmp_path):
-    synthesize(SynthConfig(users=300, items=300, events_per_user=120, seed=3), tmp_path / "log", progress=False)
+    synthesize(
+        SynthConfig(users=300, items=300, events_per_user=120, seed=3), tmp_path / "log", progress=False
+    )
     build(tmp_path / "log", tmp_path / "data", BuildConfig(max_len=64, test_days=5), progress=False)
     ev = pq.read_table(tmp_path / "data" / "eval", columns=["label", "p_true"]).to_pydict()
     oracle = auc(ev["label"], ev["p_true"])

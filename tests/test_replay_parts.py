@@ -1,3 +1,5 @@
+import itertools
+
 import numpy as np
 import pytest
 
@@ -8,12 +10,20 @@ from trainer.metrics import auc
 
 
 def test_requests_group_a_users_window_in_time_order(tmp_path):
-    log = {"user_id": [2, 1, 1, 1, 2, 1], "item_id": [5, 3, 4, 9, 6, 7], "ts": [100, 100, 100, 101, 100, 103],
-           "label": [1, 0, 1, 0, 0, 1]}
+    log = {
+        "user_id": [2, 1, 1, 1, 2, 1],
+        "item_id": [5, 3, 4, 9, 6, 7],
+        "ts": [100, 100, 100, 101, 100, 103],
+        "label": [1, 0, 1, 0, 0, 1],
+    }
     write_log(tmp_path / "log.parquet", log)
     reqs = requests_from_log(tmp_path / "log.parquet")
-    assert [(r.user_id, r.ts, r.item_id) for r in reqs] == [(1, 100, (3, 4)), (2, 100, (5, 6)), (1, 101, (9,)),
-                                                           (1, 103, (7,))]
+    assert [(r.user_id, r.ts, r.item_id) for r in reqs] == [
+        (1, 100, (3, 4)),
+        (2, 100, (5, 6)),
+        (1, 101, (9,)),
+        (1, 103, (7,)),
+    ]
     assert reqs[0].label == (0, 1)
     two = requests_from_log(tmp_path / "log.parquet", window_s=2)
     assert [(r.user_id, r.item_id) for r in two] == [(1, (3, 4, 9)), (2, (5, 6)), (1, (7,))]
@@ -63,6 +73,7 @@ def test_bootstrap_ci_covers_a_known_difference_and_zero_for_identical_arms():
 
 def outcome(arm, index, user, labels, scores, latency=5.0):
     from serving.replay.driver import Outcome
+
     return Outcome(arm, index, user, 1_700_000_000 + index, tuple(labels), list(scores), "miss", latency)
 
 
@@ -77,7 +88,10 @@ def test_ndcg_counts_only_ranking_requests_and_is_not_judged_on_few():
             outs.append(outcome(arm, i, i % 40, labels, rng.random(len(labels))))
     ranking = [(200 + i, [1, 0, 0]) for i in range(MIN_RANKING_REQUESTS - 1)]
     for i, labels in ranking:  # A ranks the positive last, B first
-        outs += [outcome("A", i, i % 40, labels, [0.1, 0.5, 0.9]), outcome("B", i, i % 40, labels, [0.9, 0.5, 0.1])]
+        outs += [
+            outcome("A", i, i % 40, labels, [0.1, 0.5, 0.9]),
+            outcome("B", i, i % 40, labels, [0.9, 0.5, 0.1]),
+        ]
     s = summarize(outs, ["A", "B"], n_boot=50)
     assert s["arms"]["A"]["ranking_requests"] == s["arms"]["B"]["ranking_requests"] == len(ranking)
     assert s["arms"]["A"]["ndcg@10"] == pytest.approx(0.5) and s["arms"]["B"]["ndcg@10"] == 1.0
@@ -94,8 +108,12 @@ def test_ndcg_counts_only_ranking_requests_and_is_not_judged_on_few():
 
 def test_verdicts_follow_each_metrics_direction():
     from serving.replay.report import verdict
+
     assert verdict("auc", 0.01, 0.02) == "B better" and verdict("logloss", 0.01, 0.02) == "B worse"
-    assert verdict("logloss", -0.02, -0.01) == "B better" and verdict("gauc", -0.01, 0.01) == "no clear difference"
+    assert (
+        verdict("logloss", -0.02, -0.01) == "B better"
+        and verdict("gauc", -0.01, 0.01) == "no clear difference"
+    )
 
 
 def _shown_tick_labels(fig, ax) -> list:
@@ -103,13 +121,15 @@ def _shown_tick_labels(fig, ax) -> list:
     fig.canvas.draw()
     lo, hi = ax.get_xlim()
     ticks = [*ax.xaxis.get_major_ticks(), *ax.xaxis.get_minor_ticks()]
-    return [t.label1 for t in ticks if t.label1.get_visible() and t.label1.get_text() and lo <= t.get_loc() <= hi]
+    return [
+        t.label1 for t in ticks if t.label1.get_visible() and t.label1.get_text() and lo <= t.get_loc() <= hi
+    ]
 
 
 def _tick_labels_overlap(fig, ax) -> bool:
     boxes = [t.get_window_extent() for t in _shown_tick_labels(fig, ax)]
     boxes.sort(key=lambda b: b.x0)
-    return any(a.x1 > b.x0 for a, b in zip(boxes, boxes[1:]))
+    return any(a.x1 > b.x0 for a, b in itertools.pairwise(boxes))
 
 
 @pytest.mark.parametrize("lo,hi", [(21.0, 34.0), (3.0, 40.0), (2.0, 300.0), (0.5, 4000.0), (0.05, 90000.0)])
@@ -119,8 +139,12 @@ def test_latency_axis_labels_do_not_overlap(lo, hi):
     from serving.replay.plots import latency_figure
 
     rng = np.random.default_rng(1)
-    fig = latency_figure({"A": np.exp(rng.uniform(np.log(lo), np.log(hi), 500)),
-                          "B": np.exp(rng.uniform(np.log(lo), np.log(hi), 500))})
+    fig = latency_figure(
+        {
+            "A": np.exp(rng.uniform(np.log(lo), np.log(hi), 500)),
+            "B": np.exp(rng.uniform(np.log(lo), np.log(hi), 500)),
+        }
+    )
     ax = fig.axes[0]
     assert len(_shown_tick_labels(fig, ax)) >= 2
     assert not _tick_labels_overlap(fig, ax)
@@ -132,9 +156,13 @@ def test_deltas_plot_right_is_better_for_every_metric():
 
     from serving.replay.plots import deltas_figure
 
-    deltas = {"B-A": {"auc": {"diff": 0.01, "ci_low": 0.005, "ci_high": 0.02},
-                      "logloss": {"diff": -0.03, "ci_low": -0.04, "ci_high": -0.02},
-                      "ndcg@10": {"diff": None, "ci_low": None, "ci_high": None}}}
+    deltas = {
+        "B-A": {
+            "auc": {"diff": 0.01, "ci_low": 0.005, "ci_high": 0.02},
+            "logloss": {"diff": -0.03, "ci_low": -0.04, "ci_high": -0.02},
+            "ndcg@10": {"diff": None, "ci_low": None, "ci_high": None},
+        }
+    }
     fig = deltas_figure(deltas)
     ax = fig.axes[0]
     labels = [t.get_text() for t in ax.get_yticklabels()]
@@ -168,7 +196,9 @@ def test_replay_refuses_an_existing_report_before_sending_anything(tmp_path):
     out.mkdir()
     (out / "report.md").write_text("an earlier report")
     with pytest.raises(OutputExistsError, match="--overwrite"):
-        run_replay(str(tmp_path / "no-log"), str(out), arms_http=["A=http://127.0.0.1:9", "B=http://127.0.0.1:9"])
+        run_replay(
+            str(tmp_path / "no-log"), str(out), arms_http=["A=http://127.0.0.1:9", "B=http://127.0.0.1:9"]
+        )
     assert (out / "report.md").read_text() == "an earlier report"
 
 
@@ -181,18 +211,32 @@ def test_bootstrap_keeps_what_a_full_replay_of_the_history_would(tmp_path):
 
     rng = np.random.default_rng(3)
     n = 3000
-    log = {"user_id": rng.integers(0, 30, n), "item_id": rng.integers(0, 50, n),
-           "ts": 1_700_000_000 + rng.integers(0, 500, n), "label": rng.integers(0, 2, n),
-           "category_id": rng.integers(0, 5, n), "action": rng.integers(0, 3, n)}
+    log = {
+        "user_id": rng.integers(0, 30, n),
+        "item_id": rng.integers(0, 50, n),
+        "ts": 1_700_000_000 + rng.integers(0, 500, n),
+        "label": rng.integers(0, 2, n),
+        "category_id": rng.integers(0, 5, n),
+        "action": rng.integers(0, 3, n),
+    }
     path = write_log(tmp_path / "log.parquet", log)
     client = connect(None)
     try:
-        trimmed, full = OnlineStore(client, max_len=7, prefix="trim"), OnlineStore(client, max_len=7, prefix="full")
+        trimmed, full = (
+            OnlineStore(client, max_len=7, prefix="trim"),
+            OnlineStore(client, max_len=7, prefix="full"),
+        )
         appended = bootstrap_store(trimmed, path, 1_700_000_400)
         cols = log_columns(path)
         rows = by_user_then_time(cols, np.flatnonzero(cols["ts"] < 1_700_000_400))
-        full.append([Event(*(int(cols[c][i]) for c in ("user_id", "item_id", "ts", "category_id", "action", "label")))
-                     for i in rows])
+        full.append(
+            [
+                Event(
+                    *(int(cols[c][i]) for c in ("user_id", "item_id", "ts", "category_id", "action", "label"))
+                )
+                for i in rows
+            ]
+        )
         assert appended == 30 * 7 < len(rows)
         for u in range(30):
             assert full.read(u)[0].tolist() == trimmed.read(u)[0].tolist()

@@ -79,7 +79,7 @@ def test_milliseconds_as_int_refused(tmp_path):
 
 @pytest.mark.parametrize("bad", [[0, 2, 1], [0, 1, -1]])
 def test_label_not_binary(tmp_path, bad):
-    row = [i for i, v in enumerate(bad) if v not in (0, 1)][0]
+    row = next(i for i, v in enumerate(bad) if v not in (0, 1))
     expect_error(log_with(tmp_path, label=bad), "label", row, "label must be 0 or 1")
 
 
@@ -89,10 +89,16 @@ def test_label_wrong_type(tmp_path):
 
 def test_row_index_counts_within_file_across_batches(tmp_path):
     n = 10
-    cols = {"user_id": np.arange(n), "item_id": np.arange(n), "ts": np.arange(n), "label": np.zeros(n, np.int8)}
+    cols = {
+        "user_id": np.arange(n),
+        "item_id": np.arange(n),
+        "ts": np.arange(n),
+        "label": np.zeros(n, np.int8),
+    }
     cols["item_id"][7] = -3
     path = write_log(tmp_path / "log.parquet", cols)
     from feature_store.schema import iter_log
+
     with pytest.raises(LogError, match="row 7"):
         list(iter_log(path, batch_rows=3))
 
@@ -105,7 +111,9 @@ def test_timestamp_units_normalised_to_seconds(tmp_path, unit, scale):
 
 
 def test_timezone_aware_and_string_and_date_ts(tmp_path):
-    aware = pa.array([dt.datetime(2024, 1, 1, 1, tzinfo=dt.timezone.utc)] * 3, pa.timestamp("s", tz="Europe/Paris"))
+    aware = pa.array(
+        [dt.datetime(2024, 1, 1, 1, tzinfo=dt.timezone.utc)] * 3, pa.timestamp("s", tz="Europe/Paris")
+    )
     expected = int(dt.datetime(2024, 1, 1, 1, tzinfo=dt.timezone.utc).timestamp())
     assert read_log(log_with(tmp_path, "a.parquet", ts=aware))["ts"].to_pylist() == [expected] * 3
     strings = ["2024-01-01T01:00:00Z"] * 3

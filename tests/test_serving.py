@@ -32,8 +32,20 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def trained(small, tmp_path_factory):  # noqa: F811
     out = tmp_path_factory.mktemp("serve") / "run"
-    run(["train", "--config", small / "run.toml", "--data", small / "data", "--out", out, "--quiet",
-         "train.steps=8", "train.eval_every=0"])
+    run(
+        [
+            "train",
+            "--config",
+            small / "run.toml",
+            "--data",
+            small / "data",
+            "--out",
+            out,
+            "--quiet",
+            "train.steps=8",
+            "train.eval_every=0",
+        ]
+    )
     preds = out / "preds.parquet"
     run(["eval", "--model", out / "export", "--data", small / "data", "--quiet", "--predictions", preds])
     return out / "export", small / "data", preds
@@ -56,9 +68,14 @@ def test_online_scores_equal_offline_predictions(trained, app_and_store):
     rows = np.random.default_rng(0).choice(len(ev["user_id"]), 40, replace=False)
     with TestClient(app) as client:
         for i in rows:
-            r = client.post("/v1/score", json={"user_id": ev["user_id"][i], "ts": ev["ts"][i],
-                                               "candidates": [{"item_id": ev["item_id"][i],
-                                                               "category_id": ev["category_id"][i]}]})
+            r = client.post(
+                "/v1/score",
+                json={
+                    "user_id": ev["user_id"][i],
+                    "ts": ev["ts"][i],
+                    "candidates": [{"item_id": ev["item_id"][i], "category_id": ev["category_id"][i]}],
+                },
+            )
             assert r.status_code == 200, r.text
             assert pred["row_id"][i] == i
             assert abs(r.json()["scores"][0] - pred["prediction"][i]) < 1e-5
@@ -67,16 +84,33 @@ def test_online_scores_equal_offline_predictions(trained, app_and_store):
 def test_hit_after_miss_and_an_event_invalidates(app_and_store):
     app, store = app_and_store
     user = int(store.r.keys(f"{store.prefix}:*:seq")[0].decode().split("{u")[1].split("}")[0])
-    body = {"user_id": user, "candidates": [{"item_id": 3, "category_id": 1}, {"item_id": 9, "category_id": 2}]}
+    body = {
+        "user_id": user,
+        "candidates": [{"item_id": 3, "category_id": 1}, {"item_id": 9, "category_id": 2}],
+    }
     with TestClient(app) as client:
         first = client.post("/v1/score", json=body).json()
         second = client.post("/v1/score", json=body).json()
         assert (first["user_state"], second["user_state"]) == ("miss", "hit")
         assert np.allclose(first["scores"], second["scores"], atol=1e-6)
         now = int(time.time())
-        r = client.post("/v1/events", headers={"Authorization": "Bearer s3cret"},
-                        json={"events": [{"user_id": user, "item_id": 3, "category_id": 1, "action": 3,
-                                          "label": 1, "ts": now - 5, "event_id": "e1"}]})
+        r = client.post(
+            "/v1/events",
+            headers={"Authorization": "Bearer s3cret"},
+            json={
+                "events": [
+                    {
+                        "user_id": user,
+                        "item_id": 3,
+                        "category_id": 1,
+                        "action": 3,
+                        "label": 1,
+                        "ts": now - 5,
+                        "event_id": "e1",
+                    }
+                ]
+            },
+        )
         assert r.status_code == 200 and r.json()["appended"] == 1
         third = client.post("/v1/score", json={**body, "ts": now}).json()
         assert third["user_state"] == "miss" and third["scores"] != second["scores"]
@@ -106,10 +140,13 @@ def test_stale_or_corrupt_states_are_never_used(app_and_store):
 def test_client_mistakes_are_4xx_naming_the_problem(app_and_store):
     app, _ = app_and_store
     with TestClient(app) as client:
-        cases = [({"user_id": 1}, "candidates"), ({"user_id": -1, "candidates": [{"item_id": 1}]}, "user_id"),
-                 ({"user_id": 1, "candidates": [{"item_id": "x"}]}, "item_id"),
-                 ({"user_id": 1, "candidates": [{"item_id": 1}], "colour": "red"}, "colour"),
-                 ({"user_id": 1, "candidates": []}, "candidates")]
+        cases = [
+            ({"user_id": 1}, "candidates"),
+            ({"user_id": -1, "candidates": [{"item_id": 1}]}, "user_id"),
+            ({"user_id": 1, "candidates": [{"item_id": "x"}]}, "item_id"),
+            ({"user_id": 1, "candidates": [{"item_id": 1}], "colour": "red"}, "colour"),
+            ({"user_id": 1, "candidates": []}, "candidates"),
+        ]
         for body, field in cases:
             r = client.post("/v1/score", json=body)
             assert r.status_code == 422 and field in r.text, (body, r.text)
@@ -139,8 +176,10 @@ def test_redis_down_means_bypass_then_hits_resume(trained, tmp_path):
     port = free_port()
 
     def start():
-        p = subprocess.Popen([server, "--port", str(port), "--save", "", "--appendonly", "no", "--bind", "127.0.0.1"],
-                             stdout=subprocess.DEVNULL)
+        p = subprocess.Popen(
+            [server, "--port", str(port), "--save", "", "--appendonly", "no", "--bind", "127.0.0.1"],
+            stdout=subprocess.DEVNULL,
+        )
         for _ in range(100):
             try:
                 connect(f"redis://127.0.0.1:{port}/0").ping()
@@ -156,9 +195,15 @@ def test_redis_down_means_bypass_then_hits_resume(trained, tmp_path):
         store.load_sequences(data, progress=False)
         app = create_app(Settings(model=str(bundle)), runtime=ModelRuntime(str(bundle)), store=store)
         seq = pq.read_table(data / "sequences").to_pydict()
-        user, hist = seq["user_id"][0], [
-            {"item_id": i, "ts": t, "category_id": c, "action": a, "label": lab}
-            for i, t, c, a, lab in zip(*(seq[k][0] for k in ("item_id", "ts", "category_id", "action", "label")))]
+        user, hist = (
+            seq["user_id"][0],
+            [
+                {"item_id": i, "ts": t, "category_id": c, "action": a, "label": lab}
+                for i, t, c, a, lab in zip(
+                    *(seq[k][0] for k in ("item_id", "ts", "category_id", "action", "label"))
+                )
+            ],
+        )
         body = {"user_id": user, "candidates": [{"item_id": 5, "category_id": 2}], "history": hist}
         with TestClient(app) as client:
             assert client.post("/v1/score", json=body).json()["user_state"] == "miss"
@@ -170,7 +215,12 @@ def test_redis_down_means_bypass_then_hits_resume(trained, tmp_path):
             assert r.status_code == 200 and r.json()["user_state"] == "bypass"
             assert np.allclose(r.json()["scores"], online["scores"], atol=1e-5)  # same history, same score
             assert client.get("/readyz").status_code == 503
-            assert client.post("/v1/events", json={"events": [{"user_id": 1, "item_id": 2, "ts": 5}]}).status_code == 503
+            assert (
+                client.post(
+                    "/v1/events", json={"events": [{"user_id": 1, "item_id": 2, "ts": 5}]}
+                ).status_code
+                == 503
+            )
             proc = start()
             store.load_sequences(data, progress=False)  # a restarted Redis comes back empty here
             assert client.get("/readyz").status_code == 200
@@ -184,6 +234,7 @@ def test_redis_down_means_bypass_then_hits_resume(trained, tmp_path):
 
 def perturbed_bundle(src, dst, delta=0.05):
     from trainer.export import load_bundle, write_bundle
+
     b = load_bundle(src)
     tensors = {k: v + delta if k.endswith("head.mlp.2.bias") else v for k, v in b.model.state_dict().items()}
     return write_bundle(dst, tensors, b.config, {})
@@ -205,7 +256,9 @@ def reload_and_watch(bundle, live, data, store):
     with TestClient(app) as client:
         before = client.post("/v1/score", json=body).json()
         assert client.post("/v1/admin/reload").status_code == 401
-        assert client.post("/v1/admin/reload", headers={"Authorization": "Bearer t"}).json()["reloaded"] is False
+        assert (
+            client.post("/v1/admin/reload", headers={"Authorization": "Bearer t"}).json()["reloaded"] is False
+        )
         new_version = perturbed_bundle(bundle, live)  # atomic directory swap, as the trainer's export does
         for _ in range(100):  # the watcher picks it up
             if client.get("/v1/model").json()["model_version"] == new_version:
@@ -239,8 +292,12 @@ def test_concurrent_misses_for_one_user_encode_once(app_and_store):
     async def burst():
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
-            rs = await asyncio.gather(*[c.post("/v1/score", json={"user_id": user, "candidates": [{"item_id": i}]})
-                                        for i in range(8)])
+            rs = await asyncio.gather(
+                *[
+                    c.post("/v1/score", json={"user_id": user, "candidates": [{"item_id": i}]})
+                    for i in range(8)
+                ]
+            )
         return [r.json() for r in rs]
 
     out = asyncio.run(burst())
@@ -253,8 +310,15 @@ def test_users_without_history_are_scored(app_and_store):
         for user in (10**12, 0):
             r = client.post("/v1/score", json={"user_id": user, "candidates": [{"item_id": 1}], "ts": 5})
             assert r.status_code == 200 and r.json()["user_state"] in ("miss", "hit"), r.text
-        r = client.post("/v1/score", json={"user_id": 7, "candidates": [{"item_id": 1}], "ts": 1_700_000_000,
-                                           "history": [{"item_id": 3, "ts": 1_600_000_000}]})
+        r = client.post(
+            "/v1/score",
+            json={
+                "user_id": 7,
+                "candidates": [{"item_id": 1}],
+                "ts": 1_700_000_000,
+                "history": [{"item_id": 3, "ts": 1_600_000_000}],
+            },
+        )
         assert r.status_code == 200
 
 
@@ -263,8 +327,14 @@ def start_serve(bundle, redis_dir, *extra, timeout_s=120):
     and its first stdout line (the listening line), or '' if it exited first."""
     env = {**os.environ, "LONGER_REDIS_DIR": str(redis_dir), "PYTHONUNBUFFERED": "1"}
     env.pop("REDIS_URL", None)
-    p = subprocess.Popen([sys.executable, "-m", "longer_cli", "serve", "--model", str(bundle), "--port", "0", *extra],
-                         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "longer_cli", "serve", "--model", str(bundle), "--port", "0", *extra],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     with selectors.DefaultSelector() as sel:
         sel.register(p.stdout, selectors.EVENT_READ)
         if not sel.select(timeout_s):
@@ -278,8 +348,11 @@ def embedded_servers(redis_dir) -> list[psutil.Process]:
     out = []
     for q in psutil.process_iter(["name"]):
         try:
-            if "redis-server" in (q.info["name"] or "") and q.cwd() == str(redis_dir) and \
-                    q.status() != psutil.STATUS_ZOMBIE:
+            if (
+                "redis-server" in (q.info["name"] or "")
+                and q.cwd() == str(redis_dir)
+                and q.status() != psutil.STATUS_ZOMBIE
+            ):
                 out.append(q)
         except psutil.Error:
             continue
@@ -293,8 +366,11 @@ def test_serve_says_where_it_listens_and_a_stop_signal_stops_its_redis(trained, 
     redis_dir = tmp_path / "redis"
     p, line = start_serve(bundle, redis_dir)
     try:
-        m = re.fullmatch(r"longer serve: listening on http://127\.0\.0\.1:(\d+) \(model (\w+), redis embedded, "
-                         r"data in (.+)\)\n", line)
+        m = re.fullmatch(
+            r"longer serve: listening on http://127\.0\.0\.1:(\d+) \(model (\w+), redis embedded, "
+            r"data in (.+)\)\n",
+            line,
+        )
         assert m, (line, p.stderr.read() if p.poll() is not None else "")
         assert m.group(2) == version and m.group(3) == str(redis_dir / "store.rdb")
         assert httpx.get(f"http://127.0.0.1:{m.group(1)}/readyz", timeout=10).json()["status"] == "ready"
@@ -314,10 +390,17 @@ def test_serve_on_a_taken_port_is_a_one_line_error(trained, tmp_path):
         s.listen()
         port = s.getsockname()[1]
         env = {**os.environ, "LONGER_REDIS_DIR": str(tmp_path / "redis")}
-        r = subprocess.run([sys.executable, "-m", "longer_cli", "serve", "--model", str(trained[0]), "--port",
-                            str(port)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and r.stderr.strip() == (f"longer serve: error: cannot listen on 127.0.0.1:{port}: "
-                                                      "Address already in use"), r.stderr
+        r = subprocess.run(
+            [sys.executable, "-m", "longer_cli", "serve", "--model", str(trained[0]), "--port", str(port)],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert r.returncode == 2 and r.stderr.strip() == (
+        f"longer serve: error: cannot listen on 127.0.0.1:{port}: Address already in use"
+    ), r.stderr
     assert not (tmp_path / "redis").exists()  # refused before the store or the model was touched
 
 
@@ -327,9 +410,13 @@ def test_docs_are_served_without_a_network(app_and_store):
         page = client.get("/docs")
         assert page.status_code == 200
         assets = re.findall(r"""(?:src|href)\s*=\s*['"]([^'"]+)['"]""", page.text)
-        assets += re.findall(r"""url:\s*['"]([^'"]+)['"]""", page.text)  # the OpenAPI URL in the page's script
+        assets += re.findall(
+            r"""url:\s*['"]([^'"]+)['"]""", page.text
+        )  # the OpenAPI URL in the page's script
         assert assets and all(a.startswith("/") and not a.startswith("//") for a in assets), assets
         for a in assets:
             assert client.get(a).status_code == 200, a
-        assert "cdn" not in page.text.lower() and '"validatorUrl": null' in page.text  # no online validator badge
+        assert (
+            "cdn" not in page.text.lower() and '"validatorUrl": null' in page.text
+        )  # no online validator badge
         assert client.get("/redoc").status_code == 200

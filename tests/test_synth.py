@@ -19,8 +19,13 @@ def test_seeded_and_contract_valid(tmp_path):
     synthesize(cfg, tmp_path / "b", progress=False)
     ta, tb = read_log(tmp_path / "a"), read_log(tmp_path / "b")
     assert ta.equals(tb) and a["files"] > 1  # chunked, several files, still identical
-    assert not ta.equals(read_log(synthesize(SynthConfig(users=30, items=200, events_per_user=50, seed=4),
-                                             tmp_path / "c", progress=False)["out"]))
+    assert not ta.equals(
+        read_log(
+            synthesize(
+                SynthConfig(users=30, items=200, events_per_user=50, seed=4), tmp_path / "c", progress=False
+            )["out"]
+        )
+    )
     assert set(ta.column_names) == {"user_id", "item_id", "ts", "label", "category_id", "action", "p_true"}
     p = ta["p_true"].to_numpy()
     assert ((p > 0) & (p < 1)).all()
@@ -31,7 +36,9 @@ def test_seeded_and_contract_valid(tmp_path):
 
 
 def test_power_law_popularity(tmp_path):
-    synthesize(SynthConfig(users=200, items=2000, events_per_user=200, seed=1), tmp_path / "log", progress=False)
+    synthesize(
+        SynthConfig(users=200, items=2000, events_per_user=200, seed=1), tmp_path / "log", progress=False
+    )
     counts = np.sort(np.bincount(read_log(tmp_path / "log")["item_id"].to_numpy()))[::-1]
     top1 = counts[:20].sum() / counts.sum()
     assert top1 > 0.15  # the top 1% of items draw a large share (uniform would give 1%)
@@ -49,7 +56,9 @@ def long_log(tmp_path_factory):
 def category_ctr_scores(data, window):
     """Score each eval sample by the smoothed CTR of its category in the last `window` events."""
     seq = pq.read_table(data / "sequences").to_pydict()
-    cat_of = {u: (np.array(c), np.array(lab)) for u, c, lab in zip(seq["user_id"], seq["category_id"], seq["label"])}
+    cat_of = {
+        u: (np.array(c), np.array(lab)) for u, c, lab in zip(seq["user_id"], seq["category_id"], seq["label"])
+    }
     ev = pq.read_table(data / "eval").to_pydict()
     scores = []
     for u, c, h in zip(ev["user_id"], ev["category_id"], ev["hist_len"]):

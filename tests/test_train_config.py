@@ -1,25 +1,37 @@
+import itertools
+
 import pytest
 
 from longer.config import ConfigError
-from trainer.config import RunConfig, TrainConfig, parse_override
 from tests.conftest import REPO
+from trainer.config import RunConfig, TrainConfig, parse_override
 
 
 def test_overrides_are_typed_and_validated():
-    cfg = RunConfig.load(REPO / "configs" / "tiny.toml", ["model.merge_k=8", "train.lr=1e-3", "model.norm=pre",
-                                                          "train.bf16=true", "train.emb_lr=1"])
+    cfg = RunConfig.load(
+        REPO / "configs" / "tiny.toml",
+        ["model.merge_k=8", "train.lr=1e-3", "model.norm=pre", "train.bf16=true", "train.emb_lr=1"],
+    )
     assert (cfg.model.merge_k, cfg.model.norm, cfg.train.lr, cfg.train.bf16) == (8, "pre", 1e-3, True)
     assert cfg.train.emb_lr == 1.0 and isinstance(cfg.train.emb_lr, float)
     assert parse_override("model.norm=hybrid_star") == ("model", "norm", "hybrid_star")
 
 
-@pytest.mark.parametrize("override,msg", [
-    ("train.lr=abc", "lr must be float"), ("model.merge_k=3", "must divide max_len"),
-    ("foo.x=1", "section must be 'model' or 'train'"), ("train.steps=2.5", "steps must be int"),
-    ("model.nope=1", "unknown key 'nope'"), ("lr=3", "expected section.key=value"),
-    ("train.decay=exp", "decay must be one of"), ("train.sharding=column", "sharding must be one of"),
-    ("model.checkpoint=5", "checkpoint must be bool"), ("train.steps=0", "steps must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "override,msg",
+    [
+        ("train.lr=abc", "lr must be float"),
+        ("model.merge_k=3", "must divide max_len"),
+        ("foo.x=1", "section must be 'model' or 'train'"),
+        ("train.steps=2.5", "steps must be int"),
+        ("model.nope=1", "unknown key 'nope'"),
+        ("lr=3", "expected section.key=value"),
+        ("train.decay=exp", "decay must be one of"),
+        ("train.sharding=column", "sharding must be one of"),
+        ("model.checkpoint=5", "checkpoint must be bool"),
+        ("train.steps=0", "steps must be >= 1"),
+    ],
+)
 def test_bad_overrides_name_the_problem(override, msg):
     with pytest.raises(ConfigError, match=msg):
         RunConfig.load(REPO / "configs" / "tiny.toml", [override])
@@ -39,4 +51,4 @@ def test_learning_rate_schedule():
     assert lin.lr_at(50) == pytest.approx(0.5)
     assert TrainConfig(steps=100, lr=2.0, warmup_steps=0, decay="none").lr_at(77) == 2.0
     values = [t.lr_at(s) for s in range(10, 100)]
-    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(values))

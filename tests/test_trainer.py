@@ -17,6 +17,7 @@ from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
 
+
 def run_toml(max_len=64, steps=16, batch=64, train_extra="") -> str:
     """A small run config: the model shape every trainer test uses, and its [train] table."""
     return f"""
@@ -58,8 +59,16 @@ def run(args, world=1, check=True):
     if world == 1:
         cmd = [sys.executable, "-m", "longer_cli", *map(str, args)]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-               "-m", "trainer", *map(str, args[1:])]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={world}",
+            "-m",
+            "trainer",
+            *map(str, args[1:]),
+        ]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
     if check:
         assert r.returncode == 0, r.stderr[-4000:]
@@ -67,7 +76,17 @@ def run(args, world=1, check=True):
 
 
 def train(small, out, *overrides, world=1, resume=False, check=True):
-    args = ["train", "--config", small / "run.toml", "--data", small / "data", "--out", out, "--quiet", *overrides]
+    args = [
+        "train",
+        "--config",
+        small / "run.toml",
+        "--data",
+        small / "data",
+        "--out",
+        out,
+        "--quiet",
+        *overrides,
+    ]
     if resume:
         args.append("--resume")
     return run(args, world=world, check=check)
@@ -88,8 +107,20 @@ def test_two_processes_shard_a_table_and_match_the_bundle_eval(small, tmp_path):
     assert "rank 0 rows" in plan and "rank 1 rows" in plan  # a table split across both ranks
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2  # step 8 and the end
     trained = last_metrics(out)
-    evaluated = json.loads(run(["eval", "--model", out / "export", "--data", small / "data", "--quiet",
-                                "--predictions", tmp_path / "p.parquet"]).stdout)
+    evaluated = json.loads(
+        run(
+            [
+                "eval",
+                "--model",
+                out / "export",
+                "--data",
+                small / "data",
+                "--quiet",
+                "--predictions",
+                tmp_path / "p.parquet",
+            ]
+        ).stdout
+    )
     for k in ("auc", "gauc"):
         assert abs(trained[k] - evaluated[k]) < 1e-9, k
     for k in ("logloss", "calibration"):
@@ -163,9 +194,15 @@ def test_overwrite_replaces_a_run_only_once_the_new_one_has_finished(small, tmp_
     r = train(small, out, "train.steps=3", "--overwrite")
     assert "replaces" in r.stderr  # never silently
     second = json.loads(r.stdout)
-    assert second["run"] == str(out) and second["steps"] == 3 and second["model_version"] != first["model_version"]
+    assert (
+        second["run"] == str(out)
+        and second["steps"] == 3
+        and second["model_version"] != first["model_version"]
+    )
     assert json.loads((out / "config.json").read_text())["train"]["steps"] == 3
-    assert json.loads((out / "export" / "config.json").read_text())["model_version"] == second["model_version"]
+    assert (
+        json.loads((out / "export" / "config.json").read_text())["model_version"] == second["model_version"]
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no partial or old directory left
 
 

@@ -11,7 +11,10 @@ from trainer.yardstick import yardsticks
 def test_yardsticks_match_brute_force(synth_dataset):
     train = pq.read_table(synth_dataset / "train", columns=["item_id", "label"]).to_pydict()
     ev = pq.read_table(synth_dataset / "eval", columns=["item_id", "label", "p_true"]).to_pydict()
-    shown, clicks = Counter(train["item_id"]), Counter(i for i, y in zip(train["item_id"], train["label"]) if y)
+    shown, clicks = (
+        Counter(train["item_id"]),
+        Counter(i for i, y in zip(train["item_id"], train["label"]) if y),
+    )
     got = yardsticks(synth_dataset)
     assert got["n"] == len(ev["label"])
     assert abs(got["item_popularity_auc"] - auc(ev["label"], [shown[i] for i in ev["item_id"]])) < 1e-12

@@ -27,7 +27,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
@@ -50,8 +49,11 @@ def step_of(path: Path) -> int:
 
 def complete_checkpoints(run: str | Path) -> list[Path]:
     """Checkpoint directories that finished writing (they hold a manifest), newest first."""
-    done = [p for p in (Path(run) / "checkpoints").glob("step-*")
-            if p.name.removeprefix("step-").isdigit() and (p / MANIFEST).is_file()]
+    done = [
+        p
+        for p in (Path(run) / "checkpoints").glob("step-*")
+        if p.name.removeprefix("step-").isdigit() and (p / MANIFEST).is_file()
+    ]
     return sorted(done, key=step_of, reverse=True)
 
 
@@ -78,8 +80,11 @@ def _sha256(path: Path) -> str:
 
 
 def write_manifest(path: Path) -> None:
-    files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
-             for p in sorted(path.iterdir()) if p.name != MANIFEST}
+    files = {
+        p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(path.iterdir())
+        if p.name != MANIFEST
+    }
     tmp = path / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps({"format": 1, "files": files}, indent=2) + "\n")
     tmp.rename(path / MANIFEST)
@@ -103,10 +108,14 @@ def verify_checkpoint(path: Path) -> None:
         if f.is_symlink() or not f.is_file():
             raise CheckpointError(f"{path}: {name} is not a regular file")
         if f.stat().st_size != size:
-            raise CheckpointError(f"{path}: {name} has {f.stat().st_size} bytes, the manifest says {size} "
-                                  f"(truncated or replaced)")
+            raise CheckpointError(
+                f"{path}: {name} has {f.stat().st_size} bytes, the manifest says {size} "
+                f"(truncated or replaced)"
+            )
         if _sha256(f) != digest:
-            raise CheckpointError(f"{path}: {name} does not match its sha256 in the manifest (corrupt or edited)")
+            raise CheckpointError(
+                f"{path}: {name} does not match its sha256 in the manifest (corrupt or edited)"
+            )
 
 
 def choose_checkpoint(run: str | Path, fallback: bool, log=print) -> Path | None:
@@ -119,8 +128,10 @@ def choose_checkpoint(run: str | Path, fallback: bool, log=print) -> Path | None
             return path
         except CheckpointError as e:
             if not fallback:
-                raise CheckpointError(f"{e}; refusing to resume from it (--auto-resume falls back to the "
-                                      f"previous valid checkpoint)") from None
+                raise CheckpointError(
+                    f"{e}; refusing to resume from it (--auto-resume falls back to the "
+                    f"previous valid checkpoint)"
+                ) from None
             log(f"auto-resume: skipping {path.name}: {e}")
     return None
 
@@ -170,10 +181,14 @@ def load_checkpoint(path: Path, dmp, optimizer) -> dict:
     target = {"model": dmp.state_dict(), "optim": optimizer.state_dict()}
     try:
         dcp.load(target, storage_reader=HuggingFaceStorageReader(str(path)))
-    except (Exception, CheckpointException) as e:  # files matching their manifest, but no checkpoint of this model
+    except (
+        Exception,
+        CheckpointException,
+    ) as e:  # files matching their manifest, but no checkpoint of this model
         last = str(e).strip().splitlines()[-1] if str(e).strip() else ""
-        raise CheckpointError(f"{path}: not a readable checkpoint of this model ({type(e).__name__}: {last[:300]})") \
-            from e
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint of this model ({type(e).__name__}: {last[:300]})"
+        ) from e
     dmp.load_state_dict(target["model"])
     optimizer.load_state_dict(target["optim"])
     torch.set_rng_state(torch.frombuffer(bytearray((path / RNG_FILE).read_bytes()), dtype=torch.uint8))

@@ -6,9 +6,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import tomllib
 
 from longer.config import ConfigError, ModelConfig, dataclass_from_dict
 
@@ -54,8 +55,10 @@ class TrainConfig:
         need(self.weight_decay >= 0 and self.grad_clip >= 0, "weight_decay and grad_clip must be >= 0")
         need(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         need(self.decay in DECAYS, f"decay must be one of {DECAYS}, got {self.decay!r}")
-        need(self.emb_optimizer in EMB_OPTIMIZERS, f"emb_optimizer must be one of {EMB_OPTIMIZERS}, "
-                                                   f"got {self.emb_optimizer!r}")
+        need(
+            self.emb_optimizer in EMB_OPTIMIZERS,
+            f"emb_optimizer must be one of {EMB_OPTIMIZERS}, got {self.emb_optimizer!r}",
+        )
         need(self.sharding in SHARDINGS, f"sharding must be one of {SHARDINGS}, got {self.sharding!r}")
 
     def lr_at(self, step: int) -> float:
@@ -78,15 +81,17 @@ class RunConfig:
         return {"model": dataclasses.asdict(self.model), "train": dataclasses.asdict(self.train)}
 
     @classmethod
-    def from_dict(cls, d: dict, where: str = "config") -> "RunConfig":
+    def from_dict(cls, d: dict, where: str = "config") -> RunConfig:
         unknown = sorted(set(d) - {"model", "train"})
         if unknown:
             raise ConfigError(f"{where}: unknown table [{unknown[0]}] (expected [model] and [train])")
-        return cls(model=ModelConfig.from_dict(d.get("model", {}), f"{where} [model]"),
-                   train=dataclass_from_dict(TrainConfig, d.get("train", {}), f"{where} [train]"))
+        return cls(
+            model=ModelConfig.from_dict(d.get("model", {}), f"{where} [model]"),
+            train=dataclass_from_dict(TrainConfig, d.get("train", {}), f"{where} [train]"),
+        )
 
     @classmethod
-    def load(cls, path: str | Path, overrides: list[str] = ()) -> "RunConfig":
+    def load(cls, path: str | Path, overrides: list[str] = ()) -> RunConfig:
         path = Path(path)
         try:
             data = tomllib.loads(path.read_text())

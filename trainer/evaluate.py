@@ -3,8 +3,8 @@ metrics of `trainer.metrics` over all of them (`longer eval` for a bundle)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -22,8 +22,12 @@ from .metrics import all_metrics
 PREDICTION_COLUMNS = ("row_id", "user_id", "item_id", "ts", "label", "logit")
 
 
-def predict_split(predict: Callable[[Batch], torch.Tensor], loader: BatchLoader, device: torch.device,
-                  progress: bool = False) -> dict[str, np.ndarray] | None:
+def predict_split(
+    predict: Callable[[Batch], torch.Tensor],
+    loader: BatchLoader,
+    device: torch.device,
+    progress: bool = False,
+) -> dict[str, np.ndarray] | None:
     """Predictions for every sample of `loader`'s split, on rank 0 (None on other ranks).
 
     Under a process group every rank makes the same number of `predict` calls (sharded
@@ -64,20 +68,32 @@ def metrics_of(pred: dict[str, np.ndarray]) -> dict:
 def write_predictions(pred: dict[str, np.ndarray], path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    table = pa.table({**{c: pred[c] for c in PREDICTION_COLUMNS},
-                      "prediction": 1.0 / (1.0 + np.exp(-pred["logit"].astype(np.float64)))})
+    table = pa.table(
+        {
+            **{c: pred[c] for c in PREDICTION_COLUMNS},
+            "prediction": 1.0 / (1.0 + np.exp(-pred["logit"].astype(np.float64))),
+        }
+    )
     tmp = path.with_name(f".{path.name}.partial")
     pq.write_table(table, tmp)
     tmp.replace(path)
 
 
-def eval_bundle(bundle_path: str | Path, data: str | Path, predictions: str | Path | None = None,
-                batch_size: int = 1024, split: str = "eval", progress: bool = True) -> dict:
+def eval_bundle(
+    bundle_path: str | Path,
+    data: str | Path,
+    predictions: str | Path | None = None,
+    batch_size: int = 1024,
+    split: str = "eval",
+    progress: bool = True,
+) -> dict:
     """`longer eval`: load a bundle without any process group and evaluate it on a split."""
     from .export import load_bundle
 
     bundle = load_bundle(bundle_path)
-    loader = BatchLoader(data, split, batch_size=batch_size, max_len=bundle.config.model.max_len, shuffle=False)
+    loader = BatchLoader(
+        data, split, batch_size=batch_size, max_len=bundle.config.model.max_len, shuffle=False
+    )
     pred = predict_split(bundle.model, loader, torch.device("cpu"), progress=progress)
     if predictions:
         write_predictions(pred, predictions)

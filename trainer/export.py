@@ -45,7 +45,9 @@ def feature_schema(cfg: RunConfig, data_meta: dict) -> dict:
         "candidate_features": ["item_id", "category_id"],
         "max_len": cfg.model.max_len,
         "tables": table_sizes(cfg.model),
-        "dataset": {k: data_meta.get(k) for k in ("schema_version", "columns", "cardinalities", "split", "max_len")},
+        "dataset": {
+            k: data_meta.get(k) for k in ("schema_version", "columns", "cardinalities", "split", "max_len")
+        },
     }
 
 
@@ -79,7 +81,11 @@ def bundle_file(path: Path, name: str) -> Path:
     the directory (to /etc/passwd, say) or a device is refused."""
     f = path / name
     if not f.is_file():
-        hint = f"; a run directory? its bundle is {path / 'export'}" if (path / "export" / name).is_file() else ""
+        hint = (
+            f"; a run directory? its bundle is {path / 'export'}"
+            if (path / "export" / name).is_file()
+            else ""
+        )
         raise BundleError(f"{path}: not a model bundle (missing {name}{hint})")
     real, root = f.resolve(), path.resolve()
     if real.parent != root:
@@ -110,14 +116,18 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
     except Exception as e:  # SafetensorError is not a ValueError; a bundle is input like any other
         raise BundleError(f"{path}: unreadable bundle ({type(e).__name__}: {e})") from e
     if verify and content_version(tensors, cfg.to_dict()) != version:
-        raise BundleError(f"{path}: content does not match model_version {version} (corrupt or edited bundle)")
+        raise BundleError(
+            f"{path}: content does not match model_version {version} (corrupt or edited bundle)"
+        )
     try:
         model = build_model(cfg.model)
         missing, unexpected = model.load_state_dict(tensors, strict=False)
     except Exception as e:  # e.g. a tensor of the wrong shape
         raise BundleError(f"{path}: weights do not fit the config ({type(e).__name__}: {e})") from e
     if missing or unexpected:
-        raise BundleError(f"{path}: weights do not fit the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise BundleError(
+            f"{path}: weights do not fit the config (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     return Bundle(model.eval(), cfg, schema, version, path)
 
 

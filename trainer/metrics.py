@@ -1,9 +1,9 @@
 """Ranking and calibration metrics, exact (no binning), vectorised with numpy.
 
-    auc          P(score of a random positive > score of a random negative), ties count 1/2
-    gauc         per-user AUC weighted by the user's sample count; users with one class skipped
-    logloss      mean binary cross-entropy of sigmoid(logit) (computed from logits: stable)
-    calibration  mean predicted probability / mean label (1.0 = calibrated)
+auc          P(score of a random positive > score of a random negative), ties count 1/2
+gauc         per-user AUC weighted by the user's sample count; users with one class skipped
+logloss      mean binary cross-entropy of sigmoid(logit) (computed from logits: stable)
+calibration  mean predicted probability / mean label (1.0 = calibrated)
 """
 
 from __future__ import annotations
@@ -64,5 +64,10 @@ def calibration(labels, logits) -> float:
 
 
 def all_metrics(users, labels, logits) -> dict:
-    return {"auc": auc(labels, logits), "gauc": gauc(users, labels, logits), "logloss": logloss(labels, logits),
-            "calibration": calibration(labels, logits), "n": int(len(labels))}
+    return {
+        "auc": auc(labels, logits),
+        "gauc": gauc(users, labels, logits),
+        "logloss": logloss(labels, logits),
+        "calibration": calibration(labels, logits),
+        "n": len(labels),
+    }

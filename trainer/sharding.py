@@ -70,17 +70,25 @@ def _constraints(cfg: TrainConfig) -> dict[str, ParameterConstraints] | None:
     return {t: ParameterConstraints(sharding_types=[kind]) for t in TABLES}
 
 
-def shard(model: RecModel, cfg: TrainConfig, ctx: DistContext) -> tuple[DistributedModelParallel, CombinedOptimizer,
-                                                                          DenseOptimizer, ShardingPlan]:
+def shard(
+    model: RecModel, cfg: TrainConfig, ctx: DistContext
+) -> tuple[DistributedModelParallel, CombinedOptimizer, DenseOptimizer, ShardingPlan]:
     emb_opt = RowWiseAdagrad if cfg.emb_optimizer == "rowwise_adagrad" else torch.optim.Adam
     apply_optimizer_in_backward(emb_opt, model.embedding.ec.parameters(), {"lr": cfg.emb_lr})
     sharders = [EmbeddingCollectionSharder()]
     module = TrainModule(model, ctx.device.type, bf16=cfg.bf16)
     topology = TopologyFactory.create_topology(
-        TrainerConfig(world_size=ctx.world_size, local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))),
-        kernel_config=KernelConfig(compute_device=ctx.device.type))
-    planner = EmbeddingShardingPlanner(topology=topology, constraints=_constraints(cfg),
-                                       storage_reservation=FixedPercentageStorageReservation(0.15))
+        TrainerConfig(
+            world_size=ctx.world_size,
+            local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size)),
+        ),
+        kernel_config=KernelConfig(compute_device=ctx.device.type),
+    )
+    planner = EmbeddingShardingPlanner(
+        topology=topology,
+        constraints=_constraints(cfg),
+        storage_reservation=FixedPercentageStorageReservation(0.15),
+    )
     plan = planner.collective_plan(module, sharders, dist.GroupMember.WORLD)
     dmp = DistributedModelParallel(module=module, device=ctx.device, plan=plan, sharders=sharders)
     dense = DenseOptimizer(dict(in_backward_optimizer_filter(dmp.named_parameters())), cfg)
@@ -93,8 +101,10 @@ def plan_table(plan: ShardingPlan) -> str:
     for module, params in plan.plan.items():
         for table, p in params.items():
             shards = p.sharding_spec.shards if p.sharding_spec is not None else []
-            where = ", ".join(f"rank {s.placement.rank()} rows {s.shard_offsets[0]}..{s.shard_offsets[0] + s.shard_sizes[0] - 1}"
-                              for s in shards) or str(p.ranks)
+            where = ", ".join(
+                f"rank {s.placement.rank()} rows {s.shard_offsets[0]}..{s.shard_offsets[0] + s.shard_sizes[0] - 1}"
+                for s in shards
+            ) or str(p.ranks)
             lines.append(f"{module}.{table}: {p.sharding_type} ({p.compute_kernel}) → {where}")
     return "\n".join(lines)
 

@@ -48,8 +48,10 @@ class _TrainBatches:
     def __iter__(self):
         while True:
             if len(self.loader) == 0:
-                raise ValueError(f"{self.loader.data_dir}: train split smaller than one global batch "
-                                 f"({self.loader.world_size} ranks × {self.loader.batch_size})")
+                raise ValueError(
+                    f"{self.loader.data_dir}: train split smaller than one global batch "
+                    f"({self.loader.world_size} ranks × {self.loader.batch_size})"
+                )
             for batch in self.loader:
                 self.count += 1
                 self.states[self.count] = self.loader.state_dict()
@@ -67,10 +69,14 @@ def _check_resume(saved: dict, cfg: RunConfig) -> None:
     if saved["model"] != now["model"]:
         diff = sorted(k for k in now["model"] if saved["model"].get(k) != now["model"][k])
         raise ConfigError(f"--resume: model config differs from the checkpoint's ({', '.join(diff)})")
-    diff = sorted(k for k in now["train"] if saved["train"].get(k) != now["train"][k] and k not in RESUMABLE_CHANGES)
+    diff = sorted(
+        k for k in now["train"] if saved["train"].get(k) != now["train"][k] and k not in RESUMABLE_CHANGES
+    )
     if diff:
-        raise ConfigError(f"--resume: train config differs from the checkpoint's in {', '.join(diff)} "
-                          f"(only {', '.join(sorted(RESUMABLE_CHANGES))} may change)")
+        raise ConfigError(
+            f"--resume: train config differs from the checkpoint's in {', '.join(diff)} "
+            f"(only {', '.join(sorted(RESUMABLE_CHANGES))} may change)"
+        )
 
 
 def _seed(seed: int, deterministic: bool) -> None:
@@ -85,7 +91,10 @@ def _restartable(run: Path, cfg: RunConfig) -> bool:
     """A run directory that this very run started and left before its first checkpoint: it holds
     no complete checkpoint and a config.json equal to `cfg` (what an elastic restart finds)."""
     try:
-        return ckpt.latest_checkpoint(run) is None and json.loads((run / "config.json").read_text()) == cfg.to_dict()
+        return (
+            ckpt.latest_checkpoint(run) is None
+            and json.loads((run / "config.json").read_text()) == cfg.to_dict()
+        )
     except (OSError, ValueError):
         return False
 
@@ -116,10 +125,13 @@ def _drop_metrics_after(run: Path, step: int) -> None:
     tmp.replace(path)
 
 
-def _start_point(run: Path, cfg: RunConfig, resume: bool, auto_resume: bool) -> tuple[Path | None, str | None]:
+def _start_point(
+    run: Path, cfg: RunConfig, resume: bool, auto_resume: bool
+) -> tuple[Path | None, str | None]:
     """(checkpoint to resume from or None, error) — rank 0 only: checks the run directory,
     verifies the checkpoint's files against its manifest, trims metrics.jsonl and removes
     the partial checkpoints of a killed attempt."""
+
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
 
@@ -128,13 +140,22 @@ def _start_point(run: Path, cfg: RunConfig, resume: bool, auto_resume: bool) -> 
     except ckpt.CheckpointError as e:
         return None, str(e)
     if latest is None and (resume or auto_resume) and ckpt.complete_checkpoints(run):
-        return None, (f"{run}: no checkpoint in {run}/checkpoints passes its manifest check (see above); move them "
-                      f"aside to start the run over")
+        return None, (
+            f"{run}: no checkpoint in {run}/checkpoints passes its manifest check (see above); move them "
+            f"aside to start the run over"
+        )
     if resume and latest is None:
         return None, f"{run}: --resume, but no complete checkpoint in {run}/checkpoints"
-    if latest is None and run.exists() and any(run.iterdir()) and not (auto_resume and _restartable(run, cfg)):
-        return None, (f"{run}: run directory exists and is not empty (pass --resume to continue it, or --overwrite "
-                      "to replace it)")
+    if (
+        latest is None
+        and run.exists()
+        and any(run.iterdir())
+        and not (auto_resume and _restartable(run, cfg))
+    ):
+        return None, (
+            f"{run}: run directory exists and is not empty (pass --resume to continue it, or --overwrite "
+            "to replace it)"
+        )
     if latest is not None:
         try:
             _check_resume(json.loads((latest / ckpt.STATE_FILE).read_text())["config"], cfg)
@@ -149,8 +170,15 @@ def _start_point(run: Path, cfg: RunConfig, resume: bool, auto_resume: bool) -> 
     return latest, None
 
 
-def train(cfg: RunConfig, data: str | Path, out: str | Path, resume: bool = False,
-          progress: bool = True, auto_resume: bool = False, overwrite: bool = False) -> dict | None:
+def train(
+    cfg: RunConfig,
+    data: str | Path,
+    out: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+    auto_resume: bool = False,
+    overwrite: bool = False,
+) -> dict | None:
     """Train, evaluate, checkpoint and export; returns a summary on rank 0 (None elsewhere).
 
     `auto_resume` (for schedulers that restart a job with its original arguments, e.g. torchrun
@@ -164,14 +192,18 @@ def train(cfg: RunConfig, data: str | Path, out: str | Path, resume: bool = Fals
     ctx = init_distributed()
     data, run = Path(data), Path(out)
     if overwrite and (resume or auto_resume):
-        raise ConfigError("--overwrite starts a new run; it cannot be combined with --resume or --auto-resume")
+        raise ConfigError(
+            "--overwrite starts a new run; it cannot be combined with --resume or --auto-resume"
+        )
     target = run  # where the run ends up; `run` is where it is written
     if overwrite and run.is_dir() and any(run.iterdir()):
         run = run.parent / f".{run.name}.partial-overwrite"  # the same name on every rank
     tc = cfg.train
     meta = read_meta(data)
     if cfg.model.max_len > meta["max_len"]:
-        raise ConfigError(f"model.max_len={cfg.model.max_len} exceeds the dataset's --max-len {meta['max_len']}")
+        raise ConfigError(
+            f"model.max_len={cfg.model.max_len} exceeds the dataset's --max-len {meta['max_len']}"
+        )
     if ctx.device.type == "cpu":  # TorchRec warns about CUDA streams that a CPU run does not have
         logging.getLogger("torchrec.distributed.train_pipeline.postproc").setLevel(logging.ERROR)
     # Deprecation notices inside TorchRec 1.8 itself (DDP's broadcast_buffers, ShardedTensor): not ours to act on.
@@ -180,8 +212,11 @@ def train(cfg: RunConfig, data: str | Path, out: str | Path, resume: bool = Fals
 
     if ctx.is_main and run != target:  # --overwrite: a previous attempt's leftovers are not this run's
         shutil.rmtree(run, ignore_errors=True)
-        print(f"train: --overwrite: training in {run}; it replaces {target} once it has finished",
-              file=sys.stderr, flush=True)
+        print(
+            f"train: --overwrite: training in {run}; it replaces {target} once it has finished",
+            file=sys.stderr,
+            flush=True,
+        )
     latest, err = _start_point(run, cfg, resume, auto_resume) if ctx.is_main else (None, None)
     latest, err = broadcast((str(latest) if latest else None, err))
     if err:
@@ -191,11 +226,27 @@ def train(cfg: RunConfig, data: str | Path, out: str | Path, resume: bool = Fals
     _seed(tc.seed, tc.deterministic)
     model = build_model(cfg.model)
     dmp, optimizer, dense_opt, plan = shard(model, tc, ctx)
-    loader = BatchLoader(data, "train", batch_size=tc.batch_size, max_len=cfg.model.max_len, seed=tc.seed,
-                         shuffle_window=tc.shuffle_window, rank=ctx.rank, world_size=ctx.world_size,
-                         drop_last=True, prefetch=tc.prefetch)
-    eval_loader = BatchLoader(data, "eval", batch_size=tc.eval_batch_size, max_len=cfg.model.max_len,
-                              rank=ctx.rank, world_size=ctx.world_size, sequences=loader.sequences)
+    loader = BatchLoader(
+        data,
+        "train",
+        batch_size=tc.batch_size,
+        max_len=cfg.model.max_len,
+        seed=tc.seed,
+        shuffle_window=tc.shuffle_window,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        drop_last=True,
+        prefetch=tc.prefetch,
+    )
+    eval_loader = BatchLoader(
+        data,
+        "eval",
+        batch_size=tc.eval_batch_size,
+        max_len=cfg.model.max_len,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        sequences=loader.sequences,
+    )
     step = 0
     if latest is not None:
         state = ckpt.load_checkpoint(latest, dmp, optimizer)
@@ -206,9 +257,13 @@ def train(cfg: RunConfig, data: str | Path, out: str | Path, resume: bool = Fals
     if ctx.is_main:
         (run / "config.json").write_text(cfg.dumps() + "\n")
         (run / "plan.txt").write_text(plan_table(plan) + "\n")
-        print(f"sharding plan ({ctx.world_size} rank{'s' * (ctx.world_size > 1)}):\n{plan_table(plan)}",
-              file=sys.stderr, flush=True)  # stdout carries only the summary JSON
+        print(
+            f"sharding plan ({ctx.world_size} rank{'s' * (ctx.world_size > 1)}):\n{plan_table(plan)}",
+            file=sys.stderr,
+            flush=True,
+        )  # stdout carries only the summary JSON
         from torch.utils.tensorboard import SummaryWriter
+
         # purge_step: TensorBoard drops what a killed attempt logged after the resumed checkpoint
         writer = SummaryWriter(log_dir=str(run / "tb"), purge_step=step + 1 if latest is not None else None)
 
@@ -232,7 +287,9 @@ def train(cfg: RunConfig, data: str | Path, out: str | Path, resume: bool = Fals
         pipe.detach()
         it.close()
         dmp.eval()
-        pred = predict_split(lambda b: dmp(b)[1][1], eval_loader, ctx.device, progress=progress and ctx.is_main)
+        pred = predict_split(
+            lambda b: dmp(b)[1][1], eval_loader, ctx.device, progress=progress and ctx.is_main
+        )
         dmp.train()
         if not final:
             loader.load_state_dict(resume_at)
@@ -248,7 +305,9 @@ def train(cfg: RunConfig, data: str | Path, out: str | Path, resume: bool = Fals
                 writer.add_scalar(f"eval/{k}", result[k], at_step)
         return result
 
-    bar = tqdm(total=tc.steps, initial=step, desc="train", unit="step", disable=not (progress and ctx.is_main))
+    bar = tqdm(
+        total=tc.steps, initial=step, desc="train", unit="step", disable=not (progress and ctx.is_main)
+    )
     s0, loss_sum, loss_n, train_seconds = step, 0.0, 0, 0.0  # train_seconds: steps only, not evals
     dmp.train()
     while step < tc.steps:
@@ -277,13 +336,20 @@ def train(cfg: RunConfig, data: str | Path, out: str | Path, resume: bool = Fals
     last_eval = run_eval(step, final=True)
 
     from .export import gather_unsharded
+
     tensors = gather_unsharded(dmp)
     version = write_bundle(run / "export", tensors, cfg, meta) if ctx.is_main else None
     if writer:
         writer.close()
     if ctx.is_main and run != target:
         _replace_run(run, target)
-    summary = {"run": str(target), "steps": step, "world_size": ctx.world_size, "train_samples_per_s": round(samples_per_s, 1),
-               "gflops_fwd_per_sample": round(forward_flops(cfg.model) / 1e9, 4), "model_version": version,
-               "eval": last_eval}
+    summary = {
+        "run": str(target),
+        "steps": step,
+        "world_size": ctx.world_size,
+        "train_samples_per_s": round(samples_per_s, 1),
+        "gflops_fwd_per_sample": round(forward_flops(cfg.model) / 1e9, 4),
+        "model_version": version,
+        "eval": last_eval,
+    }
     return summary if ctx.is_main else None

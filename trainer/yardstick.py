@@ -27,7 +27,9 @@ def yardsticks(data: str | Path) -> dict:
     data = Path(data)
     train = pq.read_table(data / "train", columns=["item_id", "label"])
     names = pq.read_schema(next((data / "eval").glob("*.parquet"))).names
-    ev = pq.read_table(data / "eval", columns=["item_id", "label"] + (["p_true"] if "p_true" in names else []))
+    ev = pq.read_table(
+        data / "eval", columns=["item_id", "label"] + (["p_true"] if "p_true" in names else [])
+    )
     t_item, t_label = train.column("item_id").to_numpy(), train.column("label").to_numpy()
     e_item, e_label = ev.column("item_id").to_numpy(), ev.column("label").to_numpy()
     items, t_idx = np.unique(t_item, return_inverse=True)
@@ -41,7 +43,7 @@ def yardsticks(data: str | Path) -> dict:
         "item_popularity_auc": auc(e_label, e_shown),
         "item_ctr_auc": auc(e_label, (e_clicks + 1) / (e_shown + 2)),
         "oracle_auc": auc(e_label, ev.column("p_true").to_numpy()) if "p_true" in names else None,
-        "n": int(len(e_label)),
+        "n": len(e_label),
     }
 
 

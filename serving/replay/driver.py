@@ -42,8 +42,9 @@ class Outcome:
     event_errors: int = field(default=0)
 
 
-async def _call(client: httpx.AsyncClient, path: str, body: dict, retries: int, backoff_s: float,
-                timeout_s: float):
+async def _call(
+    client: httpx.AsyncClient, path: str, body: dict, retries: int, backoff_s: float, timeout_s: float
+):
     """POST with retries on transport errors, timeouts and 5xx; returns (response or None, error,
     retries used). The timeout is enforced here, so it holds for in-process arms too."""
     error = None
@@ -64,9 +65,17 @@ async def _call(client: httpx.AsyncClient, path: str, body: dict, retries: int, 
     return None, error, retries
 
 
-async def replay(requests: list[Request], arms: list[Arm], route, concurrency: int = 8, qps: float = 0.0,
-                 retries: int = 2, backoff_s: float = 0.05, timeout_s: float = 30.0,
-                 progress: bool = True) -> list[Outcome]:
+async def replay(
+    requests: list[Request],
+    arms: list[Arm],
+    route,
+    concurrency: int = 8,
+    qps: float = 0.0,
+    retries: int = 2,
+    backoff_s: float = 0.05,
+    timeout_s: float = 30.0,
+    progress: bool = True,
+) -> list[Outcome]:
     """`route(request) -> list of arm names` decides which arms get each request."""
     by_name = {a.name: a for a in arms}
     sem = asyncio.Semaphore(concurrency)
@@ -78,20 +87,37 @@ async def replay(requests: list[Request], arms: list[Arm], route, concurrency: i
         if previous is not None:
             await previous  # one user's requests reach an arm in order, each after the last one's events
         out = Outcome(arm.name, i, req.user_id, req.ts, req.label)
-        body = {"user_id": req.user_id, "ts": req.ts,
-                "candidates": [{"item_id": it, "category_id": c} for it, c in zip(req.item_id, req.category_id)]}
+        body = {
+            "user_id": req.user_id,
+            "ts": req.ts,
+            "candidates": [{"item_id": it, "category_id": c} for it, c in zip(req.item_id, req.category_id)],
+        }
         async with sem:
             t0 = time.perf_counter()
-            r, out.error, out.retries = await _call(arm.client, "/v1/score", body, retries, backoff_s, timeout_s)
+            r, out.error, out.retries = await _call(
+                arm.client, "/v1/score", body, retries, backoff_s, timeout_s
+            )
             out.latency_ms = (time.perf_counter() - t0) * 1e3
             if r is not None:
                 data = r.json()
                 out.scores, out.user_state = data["scores"], data["user_state"]
-            events = {"events": [{"user_id": req.user_id, "item_id": it, "category_id": c, "action": a, "label": y,
-                                  "ts": t, "event_id": f"replay-{req.user_id}-{t}-{it}-{k}"}
-                                 for k, (it, c, a, y, t) in enumerate(zip(req.item_id, req.category_id, req.action,
-                                                                          req.label, req.event_ts))]}
-            r2, err, _ = await _call(arm.client, "/v1/events", events, retries, backoff_s, timeout_s)
+            events = {
+                "events": [
+                    {
+                        "user_id": req.user_id,
+                        "item_id": it,
+                        "category_id": c,
+                        "action": a,
+                        "label": y,
+                        "ts": t,
+                        "event_id": f"replay-{req.user_id}-{t}-{it}-{k}",
+                    }
+                    for k, (it, c, a, y, t) in enumerate(
+                        zip(req.item_id, req.category_id, req.action, req.label, req.event_ts)
+                    )
+                ]
+            }
+            r2, _err, _ = await _call(arm.client, "/v1/events", events, retries, backoff_s, timeout_s)
             out.event_errors = int(r2 is None)
         outcomes.append(out)
         bar.update(1)

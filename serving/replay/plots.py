@@ -40,8 +40,12 @@ def latency_figure(latencies: dict[str, np.ndarray]):
         lat = np.sort(lat)
         if len(lat):
             ax.plot(lat, np.arange(1, len(lat) + 1) / len(lat), label=arm)
-    ax.set(xlabel="latency (ms, log scale)", ylabel="fraction of requests", title="/v1/score latency CDF",
-           xscale="log")
+    ax.set(
+        xlabel="latency (ms, log scale)",
+        ylabel="fraction of requests",
+        title="/v1/score latency CDF",
+        xscale="log",
+    )
     if shown:
         lo, hi = min(v[0] for v in shown), max(v[-1] for v in shown)
         decades = np.log10(max(hi, 1e-9) / max(lo, 1e-9))
@@ -75,13 +79,25 @@ def calibration_figure(rows_by_arm: dict[str, dict]):
             err.append(1.96 * np.sqrt(max(rate * (1 - rate), 1e-12) / sel.sum()))
             counts.append(int(sel.sum()))
         count = f"{min(counts):,}" if min(counts) == max(counts) else f"{min(counts):,}–{max(counts):,}"
-        ax.errorbar(xs, ys, yerr=err, marker="o", ms=4, capsize=2,
-                    label=f"{arm}: {len(xs)} quantile bins, {count} candidates each")
+        ax.errorbar(
+            xs,
+            ys,
+            yerr=err,
+            marker="o",
+            ms=4,
+            capsize=2,
+            label=f"{arm}: {len(xs)} quantile bins, {count} candidates each",
+        )
         top = max(top, max(xs), max(ys) + max(err))
     top = min(1.0, top * 1.05 + 0.02)
     ax.plot([0, top], [0, top], "k--", lw=0.8, label="perfectly calibrated")
-    ax.set(xlabel="mean predicted probability (bin)", ylabel="observed click rate (bin, 95 % CI)",
-           title="calibration", xlim=(0, top), ylim=(0, top))
+    ax.set(
+        xlabel="mean predicted probability (bin)",
+        ylabel="observed click rate (bin, 95 % CI)",
+        title="calibration",
+        xlim=(0, top),
+        ylim=(0, top),
+    )
     ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     return fig
@@ -121,9 +137,15 @@ def write_plots(summary: dict, outcomes: list[Outcome], out: Path) -> None:
     plt = _pyplot()
     arms = list(summary["arms"])
     figures = {
-        "latency_cdf.png": latency_figure({a: np.array([o.latency_ms for o in outcomes
-                                                        if o.arm == a and o.scores is not None]) for a in arms}),
-        "calibration.png": calibration_figure({a: arm_rows([o for o in outcomes if o.arm == a]) for a in arms}),
+        "latency_cdf.png": latency_figure(
+            {
+                a: np.array([o.latency_ms for o in outcomes if o.arm == a and o.scores is not None])
+                for a in arms
+            }
+        ),
+        "calibration.png": calibration_figure(
+            {a: arm_rows([o for o in outcomes if o.arm == a]) for a in arms}
+        ),
         "deltas.png": deltas_figure(summary["deltas"]),
     }
     for name, fig in figures.items():

@@ -33,7 +33,8 @@ HIT_RATE_NOTE = (
     "replay posts each request's own events to the arm right after scoring it, as production would, "
     "and a new event invalidates the user's cached state — so a user's next request is a miss, and "
     "the rate is 0 when every request is followed by its own events (a log where each request is "
-    "the events it produced). Hits come from a user scored again before new events arrive.")
+    "the events it produced). Hits come from a user scored again before new events arrive."
+)
 
 
 def _logit(p: np.ndarray) -> np.ndarray:
@@ -67,6 +68,7 @@ def metric(name: str):
             return float(np.mean(vals)) if vals else float("nan")
         m = all_metrics(cols["user_id"][rows], cols["label"][rows], cols["logit"][rows])
         return m[name]
+
     return value
 
 
@@ -83,8 +85,13 @@ def compare(rows_a: dict, rows_b: dict, name: str, n_boot: int, seed: int) -> di
     if name == "ndcg@10":
         n = min(len(rows_a["ndcg"]), len(rows_b["ndcg"]))
         if n < MIN_RANKING_REQUESTS:
-            return {"diff": None, "ci_low": None, "ci_high": None, "ranking_requests": n,
-                    "verdict": f"too few ranking requests to judge ({n} < {MIN_RANKING_REQUESTS})"}
+            return {
+                "diff": None,
+                "ci_low": None,
+                "ci_high": None,
+                "ranking_requests": n,
+                "verdict": f"too few ranking requests to judge ({n} < {MIN_RANKING_REQUESTS})",
+            }
     d = bootstrap_diff(rows_a, rows_b, metric(name), n_boot=n_boot, seed=seed)
     return {**d, "verdict": verdict(name, d["ci_low"], d["ci_high"])}
 
@@ -96,21 +103,31 @@ def summarize(outcomes: list[Outcome], arms: list[str], n_boot: int = 500, seed:
         rows[arm] = arm_rows(mine)
         lat = np.array([o.latency_ms for o in mine if o.scores is not None])
         states = [o.user_state for o in mine if o.user_state]
-        m = all_metrics(rows[arm]["user_id"], rows[arm]["label"], rows[arm]["logit"]) if len(rows[arm]["label"]) \
+        m = (
+            all_metrics(rows[arm]["user_id"], rows[arm]["label"], rows[arm]["logit"])
+            if len(rows[arm]["label"])
             else {}
+        )
         per_arm[arm] = {
-            "requests": len(mine), "errors": sum(o.error is not None for o in mine),
-            "retries": sum(o.retries for o in mine), "event_errors": sum(o.event_errors for o in mine),
+            "requests": len(mine),
+            "errors": sum(o.error is not None for o in mine),
+            "retries": sum(o.retries for o in mine),
+            "event_errors": sum(o.event_errors for o in mine),
             **{k: m.get(k) for k in ("auc", "gauc", "logloss", "calibration", "n")},
-            "ndcg@10": metric("ndcg@10")(rows[arm], np.arange(len(rows[arm]["label"]))) if rows[arm]["ndcg"] else None,
+            "ndcg@10": metric("ndcg@10")(rows[arm], np.arange(len(rows[arm]["label"])))
+            if rows[arm]["ndcg"]
+            else None,
             "ranking_requests": len(rows[arm]["ndcg"]),
             "latency_ms": {f"p{q}": float(np.percentile(lat, q)) for q in (50, 95, 99)} if len(lat) else {},
             "state_hit_rate": states.count("hit") / len(states) if states else None,
             "errors_sample": [o.error for o in mine if o.error][:5],
         }
     base = arms[0]
-    deltas = {f"{arm}-{base}": {name: compare(rows[base], rows[arm], name, n_boot, seed) for name in DELTA_METRICS}
-              for arm in arms[1:] if len(rows[arm]["label"]) and len(rows[base]["label"])}
+    deltas = {
+        f"{arm}-{base}": {name: compare(rows[base], rows[arm], name, n_boot, seed) for name in DELTA_METRICS}
+        for arm in arms[1:]
+        if len(rows[arm]["label"]) and len(rows[base]["label"])
+    }
     return {"arms": per_arm, "deltas": deltas}
 
 
@@ -119,30 +136,45 @@ def _fmt(v, d: int = 4) -> str:
 
 
 def markdown(summary: dict, meta: dict) -> str:
-    lines = ["# Replay report", "", f"Log: `{meta.get('log')}`; requests: {meta.get('requests')}; "
-             f"assignment: {meta.get('assignment')}", "",
-             "| arm | requests | errors | AUC | GAUC | LogLoss | calibration | NDCG@10 (ranking requests) "
-             "| p50 ms | p99 ms | state hit rate |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Replay report",
+        "",
+        f"Log: `{meta.get('log')}`; requests: {meta.get('requests')}; assignment: {meta.get('assignment')}",
+        "",
+        "| arm | requests | errors | AUC | GAUC | LogLoss | calibration | NDCG@10 (ranking requests) "
+        "| p50 ms | p99 ms | state hit rate |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for arm, a in summary["arms"].items():
         lat = a["latency_ms"]
-        lines.append(f"| {arm} | {a['requests']} | {a['errors']} | {_fmt(a['auc'])} | {_fmt(a['gauc'])} | "
-                     f"{_fmt(a['logloss'])} | {_fmt(a['calibration'], 3)} | {_fmt(a['ndcg@10'])} "
-                     f"({a['ranking_requests']}) | {_fmt(lat.get('p50'), 1)} | {_fmt(lat.get('p99'), 1)} | "
-                     f"{_fmt(a['state_hit_rate'], 2)} |")
+        lines.append(
+            f"| {arm} | {a['requests']} | {a['errors']} | {_fmt(a['auc'])} | {_fmt(a['gauc'])} | "
+            f"{_fmt(a['logloss'])} | {_fmt(a['calibration'], 3)} | {_fmt(a['ndcg@10'])} "
+            f"({a['ranking_requests']}) | {_fmt(lat.get('p50'), 1)} | {_fmt(lat.get('p99'), 1)} | "
+            f"{_fmt(a['state_hit_rate'], 2)} |"
+        )
     for pair, d in summary["deltas"].items():
         lines += ["", f"**{pair}** (95 % bootstrap CI, users resampled):", ""]
         for k, v in d.items():
             way = "higher" if HIGHER_IS_BETTER[k] else "lower"
-            value = f"{v['diff']:+.4f} [{v['ci_low']:+.4f}, {v['ci_high']:+.4f}] — " if v["ci_low"] is not None \
+            value = (
+                f"{v['diff']:+.4f} [{v['ci_low']:+.4f}, {v['ci_high']:+.4f}] — "
+                if v["ci_low"] is not None
                 else ""
+            )
             lines.append(f"- {LABELS[k]} ({way} is better): {value}{v['verdict']}")
-    lines += ["", "Notes:", "",
-              f"- NDCG@10 averages only the requests whose candidates include a positive and a negative (the "
-              f"count in brackets); others score the same under any order. Fewer than {MIN_RANKING_REQUESTS} "
-              "such requests: no difference is judged.",
-              f"- {HIT_RATE_NOTE}",
-              "", "![latency](latency_cdf.png) ![calibration](calibration.png) ![deltas](deltas.png)", ""]
+    lines += [
+        "",
+        "Notes:",
+        "",
+        f"- NDCG@10 averages only the requests whose candidates include a positive and a negative (the "
+        f"count in brackets); others score the same under any order. Fewer than {MIN_RANKING_REQUESTS} "
+        "such requests: no difference is judged.",
+        f"- {HIT_RATE_NOTE}",
+        "",
+        "![latency](latency_cdf.png) ![calibration](calibration.png) ![deltas](deltas.png)",
+        "",
+    ]
     return "\n".join(lines)
 
 

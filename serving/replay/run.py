@@ -30,9 +30,20 @@ def bootstrap_store(store: OnlineStore, log: str | Path, before_ts: int, chunk: 
     keep = keep[from_end < store.max_len]
     cat, act = cols["category_id"], cols["action"]
     for lo in range(0, len(keep), chunk):
-        rows = keep[lo:lo + chunk]
-        store.append([Event(int(cols["user_id"][i]), int(cols["item_id"][i]), int(cols["ts"][i]), int(cat[i]),
-                            int(act[i]), int(cols["label"][i])) for i in rows])
+        rows = keep[lo : lo + chunk]
+        store.append(
+            [
+                Event(
+                    int(cols["user_id"][i]),
+                    int(cols["item_id"][i]),
+                    int(cols["ts"][i]),
+                    int(cat[i]),
+                    int(act[i]),
+                    int(cols["label"][i]),
+                )
+                for i in rows
+            ]
+        )
     return len(keep)
 
 
@@ -45,14 +56,19 @@ def offline_arm(name: str, bundle: str, log: str | Path, before_ts: int, workdir
     from serving.runtime import ModelRuntime
     from serving.settings import Settings
 
-    runtime = ModelRuntime(bundle, threads=Settings.from_env().threads)  # LONGER_THREADS, as a server reads it
+    runtime = ModelRuntime(
+        bundle, threads=Settings.from_env().threads
+    )  # LONGER_THREADS, as a server reads it
     client = EmbeddedRedis(str(workdir / f"{name}-{uuid.uuid4().hex[:6]}.rdb"))
     store = OnlineStore(client, max_len=runtime.max_len, prefix=f"replay-{name}")
     bootstrap_store(store, log, before_ts)
     app = create_app(Settings(model=bundle), runtime=runtime, store=store)
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)  # a crash is a 500, counted
-    return Arm(name, httpx.AsyncClient(transport=transport, base_url="http://offline"),
-               on_close=[lambda: stop_embedded(client, save=False)])
+    return Arm(
+        name,
+        httpx.AsyncClient(transport=transport, base_url="http://offline"),
+        on_close=[lambda: stop_embedded(client, save=False)],
+    )
 
 
 def parse_pairs(values: list[str], what: str) -> list[tuple[str, str]]:
@@ -64,11 +80,27 @@ def parse_pairs(values: list[str], what: str) -> list[tuple[str, str]]:
     return out
 
 
-def run_replay(log: str, out: str, arms_http: list[str] = (), bundles: list[str] = (), split: str | None = None,
-               all_arms: bool = False, start: int | None = None, end: int | None = None, window_s: int = 1,
-               limit: int | None = None, concurrency: int = 8, qps: float = 0.0, retries: int = 2,
-               timeout_s: float = 10.0, token: str = "", salt: str = "longer", n_boot: int = 500,
-               progress: bool = True, overwrite: bool = False) -> dict:
+def run_replay(
+    log: str,
+    out: str,
+    arms_http: list[str] = (),
+    bundles: list[str] = (),
+    split: str | None = None,
+    all_arms: bool = False,
+    start: int | None = None,
+    end: int | None = None,
+    window_s: int = 1,
+    limit: int | None = None,
+    concurrency: int = 8,
+    qps: float = 0.0,
+    retries: int = 2,
+    timeout_s: float = 10.0,
+    token: str = "",
+    salt: str = "longer",
+    n_boot: int = 500,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> dict:
     """Replay, then write the report into `out` atomically (an existing report needs `overwrite`,
     checked before any request is sent)."""
     check_output(out, overwrite)
@@ -94,8 +126,16 @@ def run_replay(log: str, out: str, arms_http: list[str] = (), bundles: list[str]
         try:
             for n, p in offline:  # inside the try: a bad second bundle still stops the first arm's Redis
                 arms.append(offline_arm(n, p, log, requests[0].ts, tmp))
-            return await replay(requests, arms, route, concurrency=concurrency, qps=qps, retries=retries,
-                                timeout_s=timeout_s, progress=progress)
+            return await replay(
+                requests,
+                arms,
+                route,
+                concurrency=concurrency,
+                qps=qps,
+                retries=retries,
+                timeout_s=timeout_s,
+                progress=progress,
+            )
         finally:
             for a in arms:
                 await a.close()
@@ -103,9 +143,13 @@ def run_replay(log: str, out: str, arms_http: list[str] = (), bundles: list[str]
     with tempfile.TemporaryDirectory() as tmp:
         outcomes = asyncio.run(go(Path(tmp)))
     summary = summarize(outcomes, names, n_boot=n_boot)
-    meta = {"log": str(log), "requests": len(requests), "window_s": window_s,
-            "assignment": "all arms (paired)" if all_arms else f"hash split {weights} (salt {salt!r})",
-            "arms": {**dict(http), **{n: f"bundle {p}" for n, p in offline}}}
+    meta = {
+        "log": str(log),
+        "requests": len(requests),
+        "window_s": window_s,
+        "assignment": "all arms (paired)" if all_arms else f"hash split {weights} (salt {salt!r})",
+        "arms": {**dict(http), **{n: f"bundle {p}" for n, p in offline}},
+    }
     with atomic_dir(out, overwrite) as tmp:
         write_report(summary, outcomes, tmp, meta)
     return {"out": str(out), **meta, **summary}

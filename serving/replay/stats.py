@@ -3,7 +3,7 @@ intervals that resample users (a user's requests stay together, as they are not 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -16,7 +16,7 @@ def ndcg_at_k(labels, scores, k: int = 10) -> float:
     discount = 1.0 / np.log2(np.arange(2, k + 2))
     order = np.argsort(-scores, kind="stable")[:k]
     ideal = np.sort(labels)[::-1][:k]
-    return float((labels[order] * discount[:len(order)]).sum() / (ideal * discount[:len(ideal)]).sum())
+    return float((labels[order] * discount[: len(order)]).sum() / (ideal * discount[: len(ideal)]).sum())
 
 
 Metric = Callable[[dict, np.ndarray], float]  # metric(arm columns, row indices) → value
@@ -28,8 +28,9 @@ def _rows_by_user(users: np.ndarray) -> dict[int, np.ndarray]:
     return dict(zip(uniq.tolist(), np.split(order, first[1:])))
 
 
-def bootstrap_diff(a: dict, b: dict, metric: Metric, n_boot: int = 1000, seed: int = 0,
-                   level: float = 0.95) -> dict:
+def bootstrap_diff(
+    a: dict, b: dict, metric: Metric, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+) -> dict:
     """metric(B) − metric(A) and its percentile bootstrap CI.
 
     `a` and `b` hold per-row arrays, among them `user_id`. Each draw resamples the users of
@@ -50,4 +51,10 @@ def bootstrap_diff(a: dict, b: dict, metric: Metric, n_boot: int = 1000, seed: i
     draws = np.asarray(draws, float)
     draws = draws[np.isfinite(draws)]
     lo, hi = np.quantile(draws, [(1 - level) / 2, 1 - (1 - level) / 2]) if len(draws) else (np.nan, np.nan)
-    return {"diff": float(point), "ci_low": float(lo), "ci_high": float(hi), "level": level, "n_boot": int(len(draws))}
+    return {
+        "diff": float(point),
+        "ci_low": float(lo),
+        "ci_high": float(hi),
+        "level": level,
+        "n_boot": len(draws),
+    }

@@ -38,8 +38,9 @@ def by_user_then_time(cols: dict[str, np.ndarray], rows: np.ndarray) -> np.ndarr
     return rows[np.lexsort((cols["item_id"][rows], cols["ts"][rows], cols["user_id"][rows]))]
 
 
-def requests_from_log(log: str | Path, window_s: int = 1, start: int | None = None,
-                      end: int | None = None) -> list[Request]:
+def requests_from_log(
+    log: str | Path, window_s: int = 1, start: int | None = None, end: int | None = None
+) -> list[Request]:
     """Group each user's events into requests: a request starts at an event and holds that
     user's events until `window_s` seconds later (default 1: the same second). Requests come in
     (ts, user_id) order; only events with start <= ts < end are replayed."""
@@ -62,8 +63,16 @@ def requests_from_log(log: str | Path, window_s: int = 1, start: int | None = No
         while j < len(order) and cols["user_id"][order[j]] == u and cols["ts"][order[j]] < t0 + window_s:
             j += 1
         rows = order[i:j]
-        out.append(Request(int(u), int(t0), *(tuple(int(v) for v in a[rows]) for a in
-                                              (cols["item_id"], cat, act, cols["label"], cols["ts"]))))
+        out.append(
+            Request(
+                int(u),
+                int(t0),
+                *(
+                    tuple(int(v) for v in a[rows])
+                    for a in (cols["item_id"], cat, act, cols["label"], cols["ts"])
+                ),
+            )
+        )
         i = j
     out.sort(key=lambda r: (r.ts, r.user_id))
     return out
