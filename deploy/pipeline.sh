@@ -91,7 +91,7 @@ sys.exit(0 if next(r.scan_iter(match=f"{sys.argv[1]}:*", count=1000), None) is N
 PY
 then
   step "bootstrap the online store from $shared/data (prefix $prefix)"
-  longer store load --data "$shared/data" --prefix "$prefix" --quiet
+  longer store load --data "$shared/data" --key-prefix "$prefix" --quiet
 else
   step "online store already holds sequences under '$prefix:': not reloaded"
 fi

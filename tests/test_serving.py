@@ -20,8 +20,9 @@ from fastapi.testclient import TestClient
 
 from feature_store.online import OnlineStore, connect
 from serving.app import create_app
-from serving.runtime import ModelRuntime, state_tag
+from serving.runtime import ModelRuntime
 from serving.settings import Settings
+from serving.state_cache import state_tag
 from tests.conftest import REPO
 from tests.serving_utils import prefixed_store, shared_redis
 from tests.test_trainer import run, small  # noqa: F401  (the module fixture)
@@ -121,18 +122,18 @@ def test_stale_or_corrupt_states_are_never_used(app_and_store):
     app, store = app_and_store
     user = int(store.r.keys(f"{store.prefix}:*:seq")[0].decode().split("{u")[1].split("}")[0])
     body = {"user_id": user, "candidates": [{"item_id": 4}]}
-    rt = app.state.service.runtime
+    rt, cache = app.state.service.runtime, app.state.service.cache
     with TestClient(app) as client:
         good = client.post("/v1/score", json=body).json()
-        key = store._key(user, f"st:{rt.version}")
+        key = store._key(user, f"st:{rt.model_version}")
         for bad in (b"garbage", store.r.get(key)[:-1] + b"\x00"):
             store.r.set(key, bad)
             again = client.post("/v1/score", json=body).json()
             assert again["user_state"] == "miss" and np.allclose(again["scores"], good["scores"], atol=1e-6)
-        events, version, blob = store.read(user, rt.version)
-        state = rt.loads(blob, state_tag(user, version, len(events)))
+        events, seq_version, blob = store.read(user, rt.model_version)
+        state = cache.loads(rt, blob, state_tag(user, seq_version, len(events)))
         assert state is not None  # rewritten after the miss
-        stale = rt.dumps(state, state_tag(user, version - 1, len(events)))
+        stale = cache.dumps(rt, state, state_tag(user, seq_version - 1, len(events)))
         store.r.set(key, stale)
         assert client.post("/v1/score", json=body).json()["user_state"] == "miss"
 
