@@ -13,12 +13,9 @@ import json
 import os
 import sys
 
-from longer.config import ConfigError
 from longer.errors import LongerError, UsageError
-
-# What exits 2 with one line. ConfigError (longer/config.py) is listed until it derives from
-# LongerError there, the one line of that file this branch may not touch.
-USER_ERRORS = (LongerError, ConfigError)
+from trainer.cli import USER_ERRORS  # what exits 2 with one line: LongerError (and, for now, ConfigError)
+from trainer.cli import add_arguments as train_arguments
 
 
 class StoreUnreachable(LongerError):
@@ -60,22 +57,9 @@ def _build(a):
 
 
 def _train(a):
-    from trainer.config import RunConfig
-    from trainer.distributed import shutdown
-    from trainer.train import train
+    from trainer.cli import run
 
-    try:
-        return train(
-            RunConfig.load(a.config, a.overrides),
-            a.data,
-            a.out,
-            resume=a.resume,
-            progress=not a.quiet,
-            auto_resume=a.auto_resume,
-            overwrite=a.overwrite,
-        )
-    finally:
-        shutdown()
+    return run(a)
 
 
 def _eval(a):
@@ -244,27 +228,7 @@ def parser() -> argparse.ArgumentParser:
     output(s)
 
     s = add("train", _train, "train a model (one process; `torchrun -m trainer` for several)")
-    s.add_argument("--config", required=True, help="TOML file with [model] and [train] tables")
-    s.add_argument("--data", required=True, help="dataset directory from `longer build`")
-    s.add_argument("--out", required=True, help="run directory: checkpoints, metrics.jsonl, tb/, export/")
-    s.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
-    s.add_argument(
-        "--auto-resume",
-        action="store_true",
-        help="resume if the run has a complete checkpoint, else "
-        "start from step 0 (also over a start of the same config that died before its first "
-        "checkpoint): for restarts with the original arguments, e.g. torchrun elastic",
-    )
-    s.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace --out if it holds a run: the new run trains "
-        "in a hidden sibling directory and replaces the old one only once it has finished",
-    )
-    s.add_argument("--quiet", action="store_true", help="no progress bars")
-    s.add_argument(
-        "overrides", nargs="*", metavar="section.key=value", help="e.g. model.merge_k=4 train.lr=1e-3"
-    )
+    train_arguments(s)
 
     s = add("eval", _eval, "evaluate a model bundle on a dataset split; prints metrics JSON")
     s.add_argument(
