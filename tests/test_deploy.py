@@ -351,7 +351,7 @@ def test_compose_trainer_serving_replay_agree(compose):
     assert vol in compose["volumes"] and serving_vols.get(vol) == shared
     assert serving["environment"]["LONGER_BUNDLE"] == f"{shared}/bundles/live"
     # Sequences bootstrapped under the prefix serving reads.
-    assert flag(argv, "--prefix") == resolve_default(
+    assert flag(argv, "--key-prefix") == resolve_default(
         str(serving["environment"].get("LONGER_KEY_PREFIX", "lg"))
     )
     config = REPO / flag(argv, "--config")
@@ -793,7 +793,7 @@ def test_k8s_serving_settings_and_store(rendered, monkeypatch):
         prep = one(docs, "Job", "longer-prepare")
         prep_args = command_list(prep["spec"]["template"]["spec"]["containers"][0]["args"])
         assert prep_args[0] == "deploy/pipeline.sh" and "--no-train" in prep_args
-        assert flag(prep_args, "--prefix") == settings.key_prefix
+        assert flag(prep_args, "--key-prefix") == settings.key_prefix
         assert f"{flag(prep_args, '--shared')}/bundles/live" == settings.model
 
 
