@@ -107,13 +107,3 @@ def plan_table(plan: ShardingPlan) -> str:
             ) or str(p.ranks)
             lines.append(f"{module}.{table}: {p.sharding_type} ({p.compute_kernel}) → {where}")
     return "\n".join(lines)
-
-
-def sharded_across_ranks(plan: ShardingPlan) -> list[str]:
-    """Tables whose rows are split over more than one rank."""
-    out = []
-    for params in plan.plan.values():
-        for table, p in params.items():
-            if p.sharding_spec is not None and len({s.placement.rank() for s in p.sharding_spec.shards}) > 1:
-                out.append(table)
-    return out
