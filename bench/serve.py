@@ -106,7 +106,7 @@ def bench_length(work: Path, L: int, cand_counts, reps: int, naive_reps: int) ->
             for path in ("miss", "hit"):
                 for _ in range(reps):
                     if path == "miss":
-                        store.r.delete(store._key(user, f"st:{runtime.version}"))
+                        store.r.delete(store._key(user, f"st:{runtime.model_version}"))
                     else:
                         client.post("/v1/score", json=body)  # make sure the state is cached
                     t0 = time.perf_counter()

@@ -29,6 +29,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from longer.errors import InputError, MissingInputError, UsageError
+
 from .io import atomic_dir
 from .schema import LogError, LogSchema, iter_file, scan_log
 
@@ -47,15 +49,15 @@ class BuildConfig:
 
     def __post_init__(self):
         if self.max_len < 1:
-            raise ValueError(f"--max-len must be >= 1, got {self.max_len}")
+            raise UsageError(f"--max-len must be >= 1, got {self.max_len}")
         if self.test_days is not None and self.split_ts is not None:
-            raise ValueError("give --test-days or --split-ts, not both")
+            raise UsageError("give --test-days or --split-ts, not both")
         if self.test_days is not None and not self.test_days > 0:
-            raise ValueError(f"--test-days must be > 0, got {self.test_days}")
+            raise UsageError(f"--test-days must be > 0, got {self.test_days}")
         if self.split_ts is not None and self.split_ts < 0:
-            raise ValueError(f"--split-ts must be >= 0, got {self.split_ts}")
+            raise UsageError(f"--split-ts must be >= 0, got {self.split_ts}")
         if self.bucket_rows < 1 or self.batch_rows < 1:
-            raise ValueError("bucket_rows and batch_rows must be >= 1")
+            raise UsageError("bucket_rows and batch_rows must be >= 1")
 
 
 def bucket_of(user_id: np.ndarray, n_buckets: int) -> np.ndarray:
@@ -289,10 +291,10 @@ def _meta(
 def read_meta(data: str | Path) -> dict:
     path = Path(data) / "meta.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{data}: not a dataset directory (no meta.json; run `longer build`)")
+        raise MissingInputError(f"{data}: not a dataset directory (no meta.json; run `longer build`)")
     meta = json.loads(path.read_text())
     if meta.get("schema_version") != SCHEMA_VERSION:
-        raise ValueError(
+        raise InputError(
             f"{path}: schema_version {meta.get('schema_version')} is not the supported "
             f"{SCHEMA_VERSION}; rebuild the dataset with this version of `longer build`"
         )

@@ -27,6 +27,8 @@ import pyarrow.parquet as pq
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from longer.errors import InputError, UsageError
+
 from .batch import Batch, hist_key
 from .builder import read_meta
 
@@ -53,7 +55,7 @@ class SequenceStore:
         order = np.argsort(users, kind="stable")
         self.user_ids = users[order]
         if len(self.user_ids) > 1 and (np.diff(self.user_ids) == 0).any():
-            raise ValueError(f"{data_dir}/sequences: a user appears in two rows; rebuild the dataset")
+            raise InputError(f"{data_dir}/sequences: a user appears in two rows; rebuild the dataset")
         # Offsets of the file-order flat arrays, then permuted to user-id order (no value copy).
         file_offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         self.starts = file_offsets[:-1][order]
@@ -65,7 +67,7 @@ class SequenceStore:
         row = np.minimum(row, len(self.user_ids) - 1)
         bad = self.user_ids[row] != user_id if len(self.user_ids) else np.ones(len(user_id), bool)
         if bad.any():
-            raise ValueError(f"user_id {user_id[bad][0]} has samples but no sequence; rebuild the dataset")
+            raise InputError(f"user_id {user_id[bad][0]} has samples but no sequence; rebuild the dataset")
         return row
 
 
@@ -110,33 +112,33 @@ class BatchLoader:
         self.data_dir = Path(data_dir)
         self.meta = read_meta(self.data_dir)
         if split not in ("train", "eval"):
-            raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+            raise UsageError(f"split must be 'train' or 'eval', got {split!r}")
         built = self.meta["max_len"]
         max_len = built if max_len is None else max_len
         if not 1 <= max_len <= built:
-            raise ValueError(
+            raise UsageError(
                 f"max_len must be in [1, {built}] (the dataset was built with --max-len {built}), "
                 f"got {max_len}"
             )
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise UsageError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+            raise UsageError(f"rank must be in [0, world_size={world_size}), got {rank}")
         if shuffle_window < 1 or prefetch < 0:
-            raise ValueError("shuffle_window must be >= 1 and prefetch >= 0")
+            raise UsageError("shuffle_window must be >= 1 and prefetch >= 0")
         seq_cols = set(self.meta["columns"]["sequence"]) - {"ts"}
         sample_cols = self.meta["columns"]["sample"]
         for f in history_features:
             if f not in seq_cols:
-                raise ValueError(f"history feature {f!r} is not a sequence column (have {sorted(seq_cols)})")
+                raise UsageError(f"history feature {f!r} is not a sequence column (have {sorted(seq_cols)})")
         for f in candidate_features:
             if f not in sample_cols or f in ("action", "label", "ts", "hist_len"):
-                raise ValueError(f"candidate feature {f!r} is not an id column of the samples")
+                raise UsageError(f"candidate feature {f!r} is not an id column of the samples")
         float_cols = self.meta["columns"]["log"]["extra_float"]
         dense_features = float_cols if dense_features is None else list(dense_features)
         for f in dense_features:
             if f not in float_cols:
-                raise ValueError(f"dense feature {f!r} is not a float column (have {float_cols})")
+                raise UsageError(f"dense feature {f!r} is not a float column (have {float_cols})")
 
         self.split, self.batch_size, self.max_len = split, batch_size, max_len
         self.shuffle = split == "train" if shuffle is None else shuffle
@@ -179,11 +181,11 @@ class BatchLoader:
     def load_state_dict(self, state: dict) -> None:
         for k in ("seed", "num_rows", "split"):
             if state[k] != getattr(self, k):
-                raise ValueError(
+                raise InputError(
                     f"loader state is for {k}={state[k]!r}, this loader has {getattr(self, k)!r}"
                 )
         if not 0 <= state["position"] <= self.num_rows:
-            raise ValueError(f"loader state position {state['position']} outside [0, {self.num_rows}]")
+            raise InputError(f"loader state position {state['position']} outside [0, {self.num_rows}]")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
     def rewind(self) -> None:

@@ -22,6 +22,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from longer.errors import LongerError
+
 REQUIRED = ("user_id", "item_id", "ts", "label")
 OPTIONAL = ("category_id", "action")
 # Event columns carried into a user's sequence (DESIGN.md "Training data").
@@ -32,7 +34,7 @@ _INT64_MAX = np.iinfo(np.int64).max
 _UNIT_DIVISOR = {"s": 1, "ms": 10**3, "us": 10**6, "ns": 10**9}
 
 
-class LogError(ValueError):
+class LogError(LongerError, ValueError):
     """Input that breaks the behaviour-log contract. The message names file, column and row."""
 
     def __init__(self, file: str | Path, message: str, column: str | None = None, row: int | None = None):

@@ -43,6 +43,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from longer.errors import UsageError
+
 from .io import atomic_dir
 
 T0 = 1_700_000_000  # 2023-11-14T22:13:20Z
@@ -63,13 +65,13 @@ class SynthConfig:
     def __post_init__(self):
         for name in ("users", "items", "events_per_user", "days", "chunk_events", "rows_per_file"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+                raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.events_per_user < 2:
-            raise ValueError("--events-per-user must be >= 2")
+            raise UsageError("--events-per-user must be >= 2")
         if self.items < 2:
-            raise ValueError("--items must be >= 2")
+            raise UsageError("--items must be >= 2")
         if self.categories < 0 or self.categories > self.items:
-            raise ValueError(f"--categories must be in [0, items], got {self.categories}")
+            raise UsageError(f"--categories must be in [0, items], got {self.categories}")
 
     @property
     def n_categories(self) -> int:

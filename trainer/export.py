@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from feature_store.io import atomic_dir
 from longer.embedding import FEATURE_KEYS, table_sizes
+from longer.errors import LongerError
 from longer.recmodel import RecModel, build_model
 
 from .config import RunConfig
@@ -72,7 +73,7 @@ class Bundle:
     path: Path
 
 
-class BundleError(ValueError):
+class BundleError(LongerError, ValueError):
     pass
 
 
