@@ -270,7 +270,9 @@ def build(
         scratch.rmdir()
         assert stats.item_last is not None
         pq.write_table(stats.item_last.drop_columns(["ts"]), tmp / "items" / "part-00000.parquet")
-        meta = _meta(log, cfg, schema, spec, seq_cols, stats, split_ts, counts, n_buckets, time.perf_counter() - t0)
+        meta = _meta(
+            log, cfg, schema, spec, seq_cols, stats, split_ts, counts, n_buckets, time.perf_counter() - t0
+        )
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
 
@@ -305,7 +307,9 @@ def _write_bucket(
     last = pa.array(np.r_[starts[1:], n] - 1 if n else np.zeros(0, np.int64))  # each user's last row
     pq.write_table(table.select(spec.user_keys).take(last), tmp / "users" / f"part-{k:05d}.parquet")
     seen = [stats.item_last] if stats.item_last is not None else []
-    stats.item_last = _latest_per_item(pa.concat_tables([*seen, table.select(["item_id", "ts", *spec.candidate])]))
+    stats.item_last = _latest_per_item(
+        pa.concat_tables([*seen, table.select(["item_id", "ts", *spec.candidate])])
+    )
     stats.users += len(starts)
     if n:
         stats.hist_len_max = max(stats.hist_len_max, int(hist_len.max()))

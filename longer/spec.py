@@ -111,7 +111,9 @@ class FeatureSpec:
             for n in getattr(self, kind):
                 if n in self.sequence or n in self.candidate or n in owner:
                     other = owner.get(n) or ("sequence" if n in self.sequence else "candidate")
-                    raise SpecError(f"[features] {kind}: column '{n}' is also in {other}; a column has one kind")
+                    raise SpecError(
+                        f"[features] {kind}: column '{n}' is also in {other}; a column has one kind"
+                    )
                 owner[n] = kind
         for n, rows in self.buckets.items():
             if n not in self.categorical and n != "item_id" and n != "user_id":
@@ -163,7 +165,9 @@ class FeatureSpec:
         dense_stats = {}
         for col in self.dense:
             if col not in stats:
-                raise SpecError(f"column '{col}': declared dense in [features] but the dataset has no float column by that name")
+                raise SpecError(
+                    f"column '{col}': declared dense in [features] but the dataset has no float column by that name"
+                )
             dense_stats[col] = (float(stats[col]["mean"]), float(stats[col]["std"]))
         lists = tuple(c for c in self.categorical if kinds.get(c) == "list")
         return dataclasses.replace(self, buckets=buckets, lists=lists, dense_stats=dense_stats)
@@ -223,7 +227,11 @@ class FeatureSpec:
     @property
     def sample_columns(self) -> tuple[str, ...]:
         """Logged columns a training sample needs besides its history."""
-        return tuple(dict.fromkeys(("user_id", "item_id", "ts", "label", *self.candidate, *self.user, *self.context, *self.dense)))
+        return tuple(
+            dict.fromkeys(
+                ("user_id", "item_id", "ts", "label", *self.candidate, *self.user, *self.context, *self.dense)
+            )
+        )
 
     def tables(self) -> dict[str, tuple[str, ...]]:
         """Embedding table → the KJT keys that look it up (a history key and its candidate key share)."""

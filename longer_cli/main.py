@@ -41,12 +41,14 @@ def _spec(config):
     """The `[features]` table of a run config (None: the default spec)."""
     if config is None:
         return None
+    from pathlib import Path
+
     import tomllib
 
     from longer.spec import FeatureSpec, SpecError
 
     try:
-        table = tomllib.loads(open(config).read()).get("features")
+        table = tomllib.loads(Path(config).read_text()).get("features")
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise ValueError(f"{config}: {e}") from e
     try:
@@ -228,7 +230,10 @@ def parser() -> argparse.ArgumentParser:
     split.add_argument("--test-days", type=float, help="eval = the last D days of the log (default 1)")
     split.add_argument("--split-ts", type=int, help="eval = samples with ts >= T (unix seconds)")
     s.add_argument("--bucket-rows", type=int, default=4_000_000, help="events per user bucket (memory bound)")
-    s.add_argument("--config", help="run config whose [features] table says which columns to carry (default spec without)")
+    s.add_argument(
+        "--config",
+        help="run config whose [features] table says which columns to carry (default spec without)",
+    )
     output(s)
 
     s = add("train", _train, "train a model (one process; `torchrun -m trainer` for several)")

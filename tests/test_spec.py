@@ -87,7 +87,12 @@ META = {
 
 def test_resolve_fills_buckets_lists_and_stats():
     s = FeatureSpec.from_config(
-        {"candidate": ["category_id", "genres"], "user": ["zip"], "dense": ["price"], "buckets": {"genres": 64}}
+        {
+            "candidate": ["category_id", "genres"],
+            "user": ["zip"],
+            "dense": ["price"],
+            "buckets": {"genres": 64},
+        }
     ).resolve(META, model_buckets={"item_id": 2003, "category_id": 32})
     assert s.buckets == {"genres": 64, "category_id": 32, "zip": next_prime(100)}
     assert s.lists == ("genres",) and s.is_list("genres") and not s.is_list("zip")
