@@ -23,6 +23,7 @@ def _synth(a):
             seed=a.seed,
             categories=a.categories,
             days=a.days,
+            extra_columns=a.extra_columns,
         ),
         a.out,
         a.overwrite,
@@ -216,6 +217,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--categories", type=int, default=0, help="item categories (0: from --items)")
     s.add_argument("--days", type=int, default=60, help="length of the logged time window")
+    s.add_argument(
+        "--extra-columns",
+        action="store_true",
+        help="also write tier (user), brand (item), device (context), price (dense), tags (list) columns",
+    )
     output(s)
 
     s = add("import", _import, "convert a public dataset into a behaviour log")
