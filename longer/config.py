@@ -17,14 +17,16 @@ from typing import ClassVar
 
 import tomllib
 
+from .errors import LongerError
+
 ARCHS = ("longer", "transformer", "din", "din_recent50", "sumpool", "hstu")
 NORMS = ("pre", "post", "hybrid", "hybrid_star")
 MERGES = ("concat", "inner_trans")
 QUERY_SELECTIONS = ("recent", "uniform", "learnable")
 
 
-class ConfigError(ValueError):
-    pass
+class ConfigError(LongerError, ValueError):
+    """A config file, table or key with a bad value; the message names the key."""
 
 
 class ConfigSection:
