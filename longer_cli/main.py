@@ -57,16 +57,17 @@ def _spec(config):
 
     import tomllib
 
+    from longer.config import ConfigError
     from longer.spec import FeatureSpec, SpecError
 
     try:
         table = tomllib.loads(Path(config).read_text()).get("features")
     except (OSError, tomllib.TOMLDecodeError) as e:
-        raise ValueError(f"{config}: {e}") from e
+        raise ConfigError(f"{config}: {e}") from e
     try:
         return FeatureSpec.from_config(table)
     except SpecError as e:
-        raise ValueError(f"{config}: {e}") from None
+        raise ConfigError(f"{config}: {e}") from None
 
 
 def _build(a):
