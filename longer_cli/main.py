@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 
@@ -33,6 +34,7 @@ def _synth(a):
             seed=a.seed,
             categories=a.categories,
             days=a.days,
+            extra_columns=a.extra_columns,
         ),
         a.out,
         a.overwrite,
@@ -47,13 +49,33 @@ def _import(a):
     return fn(a.src, a.out, overwrite=a.overwrite, progress=not a.quiet)
 
 
+def _spec(config):
+    """The `[features]` table of a run config (None: the default spec)."""
+    if config is None:
+        return None
+    from pathlib import Path
+
+    import tomllib
+
+    from longer.spec import FeatureSpec, SpecError
+
+    try:
+        table = tomllib.loads(Path(config).read_text()).get("features")
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ValueError(f"{config}: {e}") from e
+    try:
+        return FeatureSpec.from_config(table)
+    except SpecError as e:
+        raise ValueError(f"{config}: {e}") from None
+
+
 def _build(a):
     from feature_store.builder import BuildConfig, build
 
     cfg = BuildConfig(
         max_len=a.max_len, test_days=a.test_days, split_ts=a.split_ts, bucket_rows=a.bucket_rows
     )
-    return build(a.log, a.out, cfg, overwrite=a.overwrite, progress=not a.quiet)
+    return build(a.log, a.out, cfg, overwrite=a.overwrite, progress=not a.quiet, spec=_spec(a.config))
 
 
 def _train(a):
@@ -211,6 +233,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--categories", type=int, default=0, help="item categories (0: from --items)")
     s.add_argument("--days", type=int, default=60, help="length of the logged time window")
+    s.add_argument(
+        "--extra-columns",
+        action="store_true",
+        help="also write tier (user), brand (item), device (context), price (dense), tags (list) columns",
+    )
     output(s)
 
     s = add("import", _import, "convert a public dataset into a behaviour log")
@@ -225,6 +252,10 @@ def parser() -> argparse.ArgumentParser:
     split.add_argument("--test-days", type=float, help="eval = the last D days of the log (default 1)")
     split.add_argument("--split-ts", type=int, help="eval = samples with ts >= T (unix seconds)")
     s.add_argument("--bucket-rows", type=int, default=4_000_000, help="events per user bucket (memory bound)")
+    s.add_argument(
+        "--config",
+        help="run config whose [features] table says which columns to carry (default spec without)",
+    )
     output(s)
 
     s = add("train", _train, "train a model (one process; `torchrun -m trainer` for several)")
@@ -371,6 +402,9 @@ def error_text(e: Exception, args) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    # torch logs a one-time notice whenever TorchRec asks `is_fx_tracing()` (every KJT does); it
+    # is about torch.export internals, not about anything a user of this command can act on.
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
     try:
         result = args.fn(args)
     except USER_ERRORS as e:  # anything else is a bug: its traceback, exit status 1

@@ -29,7 +29,7 @@ import numpy as np
 
 from feature_store import codec
 from feature_store.online import EVENT_DTYPE, OnlineStore, sort_events, store_errors
-from longer.features import UserState
+from longer.interface import UserState
 
 from .runtime import ModelRuntime
 

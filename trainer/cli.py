@@ -8,11 +8,9 @@ import argparse
 import json
 import sys
 
-from longer.config import ConfigError
 from longer.errors import LongerError
 
-# ConfigError until longer/config.py derives it from LongerError.
-USER_ERRORS = (LongerError, ConfigError)
+USER_ERRORS = (LongerError,)  # what exits 2 with one line; anything else is a bug
 
 
 def add_arguments(s: argparse.ArgumentParser) -> None:

@@ -24,9 +24,10 @@ from tqdm import tqdm
 
 from feature_store.builder import read_meta
 from feature_store.loader import BatchLoader
-from longer.baselines import build_model
+from longer.config import renamed_model_key
 from longer.errors import InputError
 from longer.flops import forward_flops
+from longer.recmodel import build_model
 
 from . import checkpoint as ckpt
 from .config import ConfigError, RunConfig
@@ -67,6 +68,7 @@ class _TrainBatches:
 
 def _check_resume(saved: dict, cfg: RunConfig) -> None:
     now = cfg.to_dict()
+    saved = {**saved, "model": renamed_model_key(saved["model"], "--resume: the checkpoint's [model]")}
     if saved["model"] != now["model"]:
         diff = sorted(k for k in now["model"] if saved["model"].get(k) != now["model"][k])
         raise ConfigError(f"--resume: model config differs from the checkpoint's ({', '.join(diff)})")
