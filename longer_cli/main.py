@@ -15,7 +15,7 @@ import os
 import sys
 
 from longer.errors import LongerError, UsageError
-from trainer.cli import USER_ERRORS  # what exits 2 with one line: LongerError (and, for now, ConfigError)
+from trainer.cli import USER_ERRORS  # what exits 2 with one line: LongerError only
 from trainer.cli import add_arguments as train_arguments
 
 
