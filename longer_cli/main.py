@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 
-from longer.errors import LongerError, UsageError
+from longer.errors import InputError, LongerError, UsageError
 from trainer.cli import USER_ERRORS  # what exits 2 with one line: LongerError only
 from trainer.cli import add_arguments as train_arguments
 
@@ -62,11 +62,11 @@ def _spec(config):
     try:
         table = tomllib.loads(Path(config).read_text()).get("features")
     except (OSError, tomllib.TOMLDecodeError) as e:
-        raise ValueError(f"{config}: {e}") from e
+        raise InputError(f"{config}: {e}") from e
     try:
         return FeatureSpec.from_config(table)
-    except SpecError as e:
-        raise ValueError(f"{config}: {e}") from None
+    except SpecError as e:  # a LongerError already: say which file it is in
+        raise InputError(f"{config}: {e}") from None
 
 
 def _build(a):
