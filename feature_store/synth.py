@@ -26,6 +26,12 @@ User u (about K events, K·exp(N(0, 0.3²)) clipped to [K/2, 2K])
     its end. Gaps: 25% exactly 0 (same-second events: the builder's tie handling matters),
     60% in-session gaps ~ Exp(60 s), 15% session breaks, scaled to fill the user's span.
 
+Requests (`--impressions-per-request k`, default 1): a user's events are cut into runs of k
+consecutive impressions shown at one request, all carrying the run's first timestamp (so
+they share hist_len: none sees the others); everything else is drawn as above, with no extra
+random draws, so k = 1 is the default log. Such a log is what request-level batching (RLB,
+`train.rlb`) encodes once per request.
+
 Extra columns (`--extra-columns`, for tests of declared features; no signal, drawn from a
 second Generator so the default log is unchanged): `tier` (user profile, int: 1 for the first
 half of a user's events, 2 after: a profile that changes mid-log), `brand` (item column, int,
@@ -68,9 +74,11 @@ class SynthConfig:
     chunk_events: int = 2_000_000  # working-set bound: events generated and written at a time
     rows_per_file: int = 5_000_000
     extra_columns: bool = False  # add tier, brand, device, price, tags (module docstring)
+    impressions_per_request: int = 1  # events per request, sharing one ts (module docstring)
 
     def __post_init__(self):
-        for name in ("users", "items", "events_per_user", "days", "chunk_events", "rows_per_file"):
+        names = ("users", "items", "events_per_user", "days", "chunk_events", "rows_per_file")
+        for name in (*names, "impressions_per_request"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.events_per_user < 2:
@@ -198,6 +206,8 @@ def _chunk(
     cum = np.cumsum(gaps)
     cum -= np.repeat(cum[start] - gaps[start], n)
     ts = np.minimum(t_start[user] + np.floor(cum).astype(np.int64), t_end)
+    if cfg.impressions_per_request > 1:  # a request's impressions share its first event's ts
+        ts = ts[start[user] + e // cfg.impressions_per_request * cfg.impressions_per_request]
 
     return pa.table(
         {
@@ -245,4 +255,5 @@ def synthesize(cfg: SynthConfig, out: str | Path, overwrite: bool = False, progr
         "categories": cfg.n_categories,
         "files": files,
         "seed": cfg.seed,
+        "impressions_per_request": cfg.impressions_per_request,
     }

@@ -35,6 +35,7 @@ def _synth(a):
             categories=a.categories,
             days=a.days,
             extra_columns=a.extra_columns,
+            impressions_per_request=a.impressions_per_request,
         ),
         a.out,
         a.overwrite,
@@ -238,6 +239,13 @@ def parser() -> argparse.ArgumentParser:
         "--extra-columns",
         action="store_true",
         help="also write tier (user), brand (item), device (context), price (dense), tags (list) columns",
+    )
+    s.add_argument(
+        "--impressions-per-request",
+        type=int,
+        default=1,
+        help="consecutive events shown together at one request time (one ts), e.g. 10; "
+        "what request-level batching (train.rlb) encodes once",
     )
     output(s)
 

@@ -43,6 +43,9 @@ class TrainConfig(ConfigSection):
     shuffle_window: int = 8
     deterministic: bool = False
     prefetch: int = 1  # loader thread prefetch depth
+    # request-level batching: the samples of one request (user, ts) are encoded once, and
+    # batch_size / eval_batch_size count requests (feature_store/loader.py "Units")
+    rlb: bool = True
 
     def __post_init__(self):
         need = self.need
