@@ -96,6 +96,7 @@ def _eval(a):
         batch_size=a.batch_size,
         split=a.split,
         progress=not a.quiet,
+        max_len=a.max_len,
     )
 
 
@@ -136,7 +137,12 @@ def _serve(a):
 
     prefix = key_prefix(a) if (a.key_prefix, a.prefix) != (None, None) else None  # else Settings reads it
     settings = Settings.from_env(
-        model=a.bundle, redis_url=a.redis, threads=a.threads, key_prefix=prefix, log_level=a.log_level
+        model=a.bundle,
+        redis_url=a.redis,
+        threads=a.threads,
+        key_prefix=prefix,
+        log_level=a.log_level,
+        max_len=a.max_len,
     )
     if not settings.model:
         raise UsageError("--bundle (or LONGER_BUNDLE) is required")
@@ -278,6 +284,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--predictions", help="write per-sample predictions to this parquet file")
     s.add_argument("--split", default="eval", choices=["eval", "train"])
     s.add_argument("--batch-size", type=int, default=1024)
+    s.add_argument(
+        "--max-len",
+        type=int,
+        help="read histories this long, >= the training max_len (length extrapolation; "
+        "the dataset must be built with at least it)",
+    )
     s.add_argument("--quiet", action="store_true")
 
     store = sub.add_parser("store", help="online store operations").add_subparsers(
@@ -320,6 +332,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument(
         "--threads", type=int, help="torch threads for model compute (default: $LONGER_THREADS or 2)"
+    )
+    s.add_argument(
+        "--max-len",
+        type=int,
+        help="events each user's model input reads, >= the bundle's training max_len "
+        "(length extrapolation; default: $LONGER_MAX_LEN, else the bundle's)",
     )
     key_prefix_flags(s)
     s.add_argument(
