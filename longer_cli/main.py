@@ -136,14 +136,8 @@ def _serve(a):
     from serving.settings import Settings
 
     prefix = key_prefix(a) if (a.key_prefix, a.prefix) != (None, None) else None  # else Settings reads it
-    settings = Settings.from_env(
-        model=a.bundle,
-        redis_url=a.redis,
-        threads=a.threads,
-        key_prefix=prefix,
-        log_level=a.log_level,
-        max_len=a.max_len,
-    )
+    flags = {"model": a.bundle, "redis_url": a.redis, "threads": a.threads, "max_len": a.max_len}
+    settings = Settings.from_env(**flags, key_prefix=prefix, log_level=a.log_level)
     if not settings.model:
         raise UsageError("--bundle (or LONGER_BUNDLE) is required")
     configure_logging(settings.log_level)
