@@ -36,6 +36,7 @@ def _synth(a):
             days=a.days,
             extra_columns=a.extra_columns,
             impressions_per_request=a.impressions_per_request,
+            long_range=a.long_range,
         ),
         a.out,
         a.overwrite,
@@ -246,6 +247,12 @@ def parser() -> argparse.ArgumentParser:
         default=1,
         help="consecutive events shown together at one request time (one ts), e.g. 10; "
         "what request-level batching (train.rlb) encodes once",
+    )
+    s.add_argument(
+        "--long-range",
+        action="store_true",
+        help="clicks depend on interests shown only in the first quarter of a user's life, "
+        "hundreds to thousands of events back; no short-term drift (feature_store/synth.py)",
     )
     output(s)
 
