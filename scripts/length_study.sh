@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Issue 19's length study on the long-range synthetic log (`longer synth --long-range`, 10
+# impressions per request so request-level batching applies): the scaling table (LONGER's AUC
+# against max_len, 2 seeds, power-law fit) and length extrapolation (a bundle trained at 256
+# evaluated at 256 … the longest, beside the scaling runs trained at those lengths).
+#   scripts/length_study.sh [OUT] [extra `longer bench quality` flags]
+# Sizes (environment): SCALE=cpu (default: 400 users × ~2,000 events, L 64…2048, 300 steps) or
+# SCALE=gpu (the paper's scale: 20,000 users × ~10,000 events, L 256…8192, 3,000 steps, d 64;
+# training runs on the GPU when one is visible; pass --device cuda for the throughput columns):
+#   SCALE=gpu scripts/length_study.sh bench-out/length-gpu --device cuda
+# Override any size with USERS, EVENTS, LENGTHS, STEPS, SEEDS, EXTRAPOLATE_FROM.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT="${1:-bench-out/length}"
+shift || true
+LONGER=.venv/bin/longer
+if [ "${SCALE:-cpu}" = gpu ]; then
+  USERS="${USERS:-20000}" EVENTS="${EVENTS:-10000}" LENGTHS="${LENGTHS:-256,512,1024,2048,4096,8192}"
+  STEPS="${STEPS:-3000}" MODEL="model.d_model=64 model.emb_dim=32 train.batch_size=64"
+else
+  USERS="${USERS:-400}" EVENTS="${EVENTS:-2000}" LENGTHS="${LENGTHS:-64,128,256,512,1024,2048}"
+  STEPS="${STEPS:-300}" MODEL="train.batch_size=16"  # 16 requests = ~160 samples per batch
+fi
+SEEDS="${SEEDS:-2}" FROM="${EXTRAPOLATE_FROM:-256}" CFG="${QUALITY_CONFIG:-configs/quality.toml}"
+LONGEST="${LENGTHS##*,}"
+mkdir -p "$OUT"
+
+if [ ! -f "$OUT/data/meta.json" ]; then
+  echo "== long-range log: $USERS users × ~$EVENTS events, 10 impressions per request"
+  $LONGER synth --users "$USERS" --items 20000 --events-per-user "$EVENTS" --long-range \
+    --impressions-per-request 10 --seed 0 --out "$OUT/log" --overwrite --quiet >/dev/null
+  $LONGER build --log "$OUT/log" --out "$OUT/data" --max-len "$LONGEST" --test-days 4 --overwrite --quiet >/dev/null
+fi
+
+echo "== scaling: L = $LENGTHS, $SEEDS seeds, $STEPS steps"
+# shellcheck disable=SC2086  # MODEL is a list of overrides
+$LONGER bench quality --data "$OUT/data" --config "$CFG" --out "$OUT/scaling" --tables scaling \
+  --lengths "$LENGTHS" --seeds "$SEEDS" "$@" model.max_len="$FROM" train.steps="$STEPS" $MODEL >/dev/null
+echo "   → $OUT/scaling/results.md"
+
+echo "== extrapolation: trained at L = $FROM, evaluated at $FROM … $LONGEST"
+# shellcheck disable=SC2086
+[ -f "$OUT/extrapolate-$FROM/export/config.json" ] ||
+  $LONGER train --config "$CFG" --data "$OUT/data" --out "$OUT/extrapolate-$FROM" --quiet --overwrite \
+    model.max_len="$FROM" train.steps="$STEPS" $MODEL >/dev/null
+: > "$OUT/extrapolation.jsonl.tmp"
+for L in ${LENGTHS//,/ }; do
+  [ "$L" -ge "$FROM" ] || continue
+  $LONGER eval --bundle "$OUT/extrapolate-$FROM/export" --data "$OUT/data" --max-len "$L" --quiet |
+    python3 -c "import json,sys; r=json.load(sys.stdin); print(json.dumps({'trained_at': $FROM, **{k: r[k] for k in ('max_len', 'auc', 'gauc', 'logloss')}}))" \
+    >> "$OUT/extrapolation.jsonl.tmp"
+done
+mv "$OUT/extrapolation.jsonl.tmp" "$OUT/extrapolation.jsonl"
+cat "$OUT/extrapolation.jsonl"
+echo "   → $OUT/extrapolation.jsonl (trained at each L: the scaling rows in $OUT/scaling/results.md)"
