@@ -364,6 +364,9 @@ def error_text(e: Exception, args) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from trainer.threads import passive_wait_default
+
+    passive_wait_default()  # before anything imports torch (README "CPU threads")
     args = parser().parse_args(argv)
     from feature_store.io import OutputExistsError
     from feature_store.schema import LogError

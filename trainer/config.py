@@ -40,6 +40,7 @@ class TrainConfig:
     shuffle_window: int = 8
     deterministic: bool = False
     prefetch: int = 1  # loader thread prefetch depth
+    threads: int = 0  # torch threads per process (0: auto, from CPU affinity and quota; trainer/threads.py)
 
     def __post_init__(self):
         def need(cond, msg):
@@ -48,7 +49,7 @@ class TrainConfig:
 
         for name in ("steps", "batch_size", "eval_batch_size", "log_every", "shuffle_window"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every", "checkpoint_every", "warmup_steps", "prefetch"):
+        for name in ("eval_every", "checkpoint_every", "warmup_steps", "prefetch", "threads"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("lr", "emb_lr"):
             need(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")

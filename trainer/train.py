@@ -33,9 +33,18 @@ from .distributed import broadcast, init_distributed
 from .evaluate import metrics_of, predict_split, write_predictions
 from .export import write_bundle
 from .sharding import plan_table, shard
+from .threads import configure_threads
 
 # Settings a resumed run may change; everything else must match the checkpoint.
-RESUMABLE_CHANGES = {"steps", "eval_every", "checkpoint_every", "log_every", "prefetch", "eval_batch_size"}
+RESUMABLE_CHANGES = {
+    "steps",
+    "eval_every",
+    "checkpoint_every",
+    "log_every",
+    "prefetch",
+    "eval_batch_size",
+    "threads",
+}
 
 
 class _TrainBatches:
@@ -199,6 +208,7 @@ def train(
     if overwrite and run.is_dir() and any(run.iterdir()):
         run = run.parent / f".{run.name}.partial-overwrite"  # the same name on every rank
     tc = cfg.train
+    configure_threads(tc.threads or None, "train.threads", log=ctx.is_main)
     meta = read_meta(data)
     if cfg.model.max_len > meta["max_len"]:
         raise ConfigError(
