@@ -280,7 +280,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument(
-        "--threads", type=int, help="torch threads for model compute (default: $LONGER_THREADS or 2)"
+        "--threads",
+        type=int,
+        help="torch threads for model compute (default: $LONGER_THREADS, else the CPUs this process may use)",
     )
 
     s = add("replay", _replay, "replay logged traffic against two or more model arms; writes an A/B report")

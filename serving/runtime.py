@@ -15,6 +15,7 @@ from feature_store import codec
 from feature_store.batch import DEFAULT_KEYS
 from longer.features import Candidates, UserState
 from trainer.export import Bundle, load_bundle
+from trainer.threads import configure_threads
 
 
 @dataclass
@@ -57,12 +58,12 @@ def state_tag(user_id: int, seq_version: int, n_events: int) -> dict:
 
 
 class ModelRuntime:
-    def __init__(self, bundle_dir: str, threads: int = 2, precision: str = "fp32"):
+    def __init__(self, bundle_dir: str, threads: int = 0, precision: str = "fp32"):
         self.bundle: Bundle = load_bundle(bundle_dir)
         self.version = self.bundle.version
         self.max_len = self.bundle.config.model.max_len
         self.precision = precision
-        self.threads = threads
+        self.threads = configure_threads(threads or None, "LONGER_THREADS")  # 0: the CPU budget
         self._lock = threading.Lock()  # torch modules are not re-entrant across threads in eval either
 
     def encode(self, user_id: int, events: np.ndarray) -> UserState:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields
 
+from trainer.threads import threads_setting
+
 ENV = {
     "model": "LONGER_MODEL",
     "redis_url": "REDIS_URL",
@@ -31,7 +33,7 @@ class Settings:
     max_events: int = 1000
     max_body_bytes: int = 4 << 20  # a larger body (any transfer encoding) gets 413
     body_timeout_s: float = 10.0  # a body not complete this long after the request arrived gets 408
-    threads: int = 2  # torch intra-op threads for model compute
+    threads: int = 0  # torch intra-op threads for model compute (0 or "auto": the CPU budget)
     state_precision: str = "fp32"
     state_ttl_s: int = 24 * 3600
     store_max_len: int = 0  # events kept per user (0: the bundle's max_len)
@@ -43,7 +45,9 @@ class Settings:
         values = {}
         for f in fields(cls):
             raw = os.environ.get(ENV[f.name])
-            if raw is not None:
+            if raw is not None and f.name == "threads":
+                values[f.name] = threads_setting(raw, ENV[f.name]) or 0
+            elif raw is not None:
                 try:
                     values[f.name] = type(f.default)(raw)
                 except ValueError:

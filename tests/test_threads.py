@@ -176,3 +176,17 @@ def test_entry_points_default_to_passive_waiting_before_torch_loads(entry):
     env["OMP_WAIT_POLICY"] = "ACTIVE"
     out = subprocess.run([sys.executable, "-c", probe], env=env, cwd=REPO, capture_output=True, text=True)
     assert out.stdout.split() == ["ACTIVE", "ACTIVE"], out.stderr[-2000:]
+
+
+def test_serving_setting_is_auto_unless_given(monkeypatch):
+    from serving.settings import Settings
+
+    monkeypatch.delenv("LONGER_THREADS", raising=False)
+    assert Settings.from_env().threads == 0  # ModelRuntime: 0 → the CPU budget
+    for raw, want in (("auto", 0), ("3", 3)):
+        monkeypatch.setenv("LONGER_THREADS", raw)
+        assert Settings.from_env().threads == want
+    assert Settings.from_env(threads=1).threads == 1  # `longer serve --threads 1`
+    monkeypatch.setenv("LONGER_THREADS", "two")
+    with pytest.raises(ValueError, match="LONGER_THREADS='two'"):
+        Settings.from_env()

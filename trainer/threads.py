@@ -131,6 +131,11 @@ def threads_setting(raw: str | int | None, name: str) -> int | None:
     return n or None
 
 
+def env_threads(name: str = "LONGER_THREADS") -> int | None:
+    """The explicit thread count in environment variable `name` (None: unset or "auto")."""
+    return threads_setting(os.environ.get(name), name)
+
+
 def resolve_threads(n: int | None = None, source: str = "setting") -> tuple[int, str]:
     """(threads, why): `n` from `source` if given; else OMP_NUM_THREADS if set (torchrun sets it
     for its workers); else the CPU budget shared among this node's torchrun workers."""
