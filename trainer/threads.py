@@ -14,8 +14,9 @@ the same number) to `n` from an explicit setting (`train.threads`, `LONGER_THREA
 `passive_wait_default()` sets `OMP_WAIT_POLICY=PASSIVE` unless the environment says otherwise:
 OpenMP threads that wait for work sleep instead of spinning. It must run before torch is
 imported (libgomp reads it once, at load); the `longer` CLI, `python -m trainer` and hence
-torchrun workers call it first thing. Why: two trainings on 2 cores, each spinning 2 threads,
-each finished 7× slower together than one alone (README "CPU threads").
+torchrun workers call it first thing. Why: with libgomp's default spinning, two trainings on
+2 cores (2 threads each) did together 0.4–0.7× the samples/s of one alone, and any other busy
+process on the machine slowed a lone one the same way (README, Training, "CPU threads").
 
 Bad values (a quota file that does not parse, `LONGER_THREADS=abc`) raise `ThreadsError`
 naming the file or the setting.
