@@ -208,12 +208,12 @@ def train(
     if overwrite and run.is_dir() and any(run.iterdir()):
         run = run.parent / f".{run.name}.partial-overwrite"  # the same name on every rank
     tc = cfg.train
-    configure_threads(tc.threads or None, "train.threads", log=ctx.is_main)
     meta = read_meta(data)
     if cfg.model.max_len > meta["max_len"]:
         raise ConfigError(
             f"model.max_len={cfg.model.max_len} exceeds the dataset's --max-len {meta['max_len']}"
         )
+    configure_threads(tc.threads or None, "train.threads", log=ctx.is_main)
     if ctx.device.type == "cpu":  # TorchRec warns about CUDA streams that a CPU run does not have
         logging.getLogger("torchrec.distributed.train_pipeline.postproc").setLevel(logging.ERROR)
     # Deprecation notices inside TorchRec 1.8 itself (DDP's broadcast_buffers, ShardedTensor): not ours to act on.
