@@ -311,7 +311,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument(
-        "--threads", type=int, help="torch threads for model compute (default: $LONGER_THREADS or 2)"
+        "--threads",
+        type=int,
+        help="torch threads for model compute (default: $LONGER_THREADS, else the CPUs this process may use)",
     )
     key_prefix_flags(s)
     s.add_argument(
@@ -402,6 +404,9 @@ def error_text(e: Exception, args) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from trainer.threads import passive_wait_default
+
+    passive_wait_default()  # before anything imports torch (README "CPU threads")
     args = parser().parse_args(argv)
     # torch logs a one-time notice whenever TorchRec asks `is_fx_tracing()` (every KJT does); it
     # is about torch.export internals, not about anything a user of this command can act on.

@@ -35,9 +35,18 @@ from .distributed import broadcast, init_distributed
 from .evaluate import metrics_of, predict_split, write_predictions
 from .export import write_bundle
 from .sharding import plan_table, shard
+from .threads import configure_threads
 
 # Settings a resumed run may change; everything else must match the checkpoint.
-RESUMABLE_CHANGES = {"steps", "eval_every", "checkpoint_every", "log_every", "prefetch", "eval_batch_size"}
+RESUMABLE_CHANGES = {
+    "steps",
+    "eval_every",
+    "checkpoint_every",
+    "log_every",
+    "prefetch",
+    "eval_batch_size",
+    "threads",
+}
 
 
 class _TrainBatches:
@@ -231,6 +240,7 @@ class Trainer:
                 f"model.max_len={self.cfg.model.max_len} exceeds the dataset's --max-len {self.meta['max_len']}"
             )
         _quiet_torchrec(ctx.device.type)
+        configure_threads(tc.threads or None, "train.threads", log=ctx.is_main)
         latest = self._choose_start()
         _seed(tc.seed, tc.deterministic)
         self.dmp, self.optimizer, self.dense_opt, self.plan = shard(build_model(self.cfg.model), tc, ctx)
