@@ -62,11 +62,11 @@ def _spec(config):
     try:
         table = tomllib.loads(Path(config).read_text()).get("features")
     except (OSError, tomllib.TOMLDecodeError) as e:
-        raise ValueError(f"{config}: {e}") from e
+        raise SpecError(f"{config}: {e}") from e
     try:
         return FeatureSpec.from_config(table)
     except SpecError as e:
-        raise ValueError(f"{config}: {e}") from None
+        raise SpecError(f"{config}: {e}") from None
 
 
 def _build(a):
