@@ -15,7 +15,7 @@ import os
 import sys
 
 from longer.errors import LongerError, UsageError
-from trainer.cli import USER_ERRORS  # what exits 2 with one line: LongerError (and, for now, ConfigError)
+from trainer.cli import USER_ERRORS  # what exits 2 with one line: LongerError only
 from trainer.cli import add_arguments as train_arguments
 
 
@@ -57,16 +57,17 @@ def _spec(config):
 
     import tomllib
 
+    from longer.config import ConfigError
     from longer.spec import FeatureSpec, SpecError
 
     try:
         table = tomllib.loads(Path(config).read_text()).get("features")
     except (OSError, tomllib.TOMLDecodeError) as e:
-        raise SpecError(f"{config}: {e}") from e
+        raise ConfigError(f"{config}: {e}") from e
     try:
         return FeatureSpec.from_config(table)
     except SpecError as e:
-        raise SpecError(f"{config}: {e}") from None
+        raise ConfigError(f"{config}: {e}") from None
 
 
 def _build(a):

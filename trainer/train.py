@@ -174,11 +174,12 @@ def _start_point(
 
 
 class Trainer:
-    """One training run: `setup` (run directory, model, sharding, loaders), `resume` (from a
-    checkpoint), `step` (one optimizer step, with its logging, checkpoint and eval), `evaluate`
-    and `export`; `fit` runs them in that order and returns the summary on rank 0.
+    """One training run: `setup` (dataset and run directory checks, model, sharding, loaders),
+    `resume` (from a checkpoint, or step 0), `step` (one optimizer step; `train_steps` loops it
+    with logging and the periodic checkpoints and evals), `evaluate` and `export`; `fit` runs
+    them in that order and returns the summary on rank 0.
 
-    State lives on the instance: `step` count (`self.at`), the TorchRec pipeline, the batch feed
+    State lives on the instance: the steps done (`self.at`), the TorchRec pipeline, the batch feed
     it reads from (`self.batches`, which remembers the loader state after every batch) and its
     iterator. An eval sets the pipeline aside and restarts it after the last trained batch, so
     a run with evals sees exactly the batches of a run without them.
@@ -219,8 +220,8 @@ class Trainer:
 
     # --- setup ------------------------------------------------------------------------------------
     def setup(self) -> Path | None:
-        """Check the dataset and the run directory, build and shard the model, open the loaders
-        and the TensorBoard writer; returns the checkpoint to resume from, or None."""
+        """Check the dataset and the run directory, build and shard the model, open the loaders;
+        returns the checkpoint to resume from, or None."""
         ctx, tc = self.ctx, self.tc
         if self.overwrite and self.run.is_dir() and any(self.run.iterdir()):
             self.run = self.run.parent / f".{self.run.name}.partial-overwrite"  # the same on every rank
