@@ -148,5 +148,8 @@ def profile_hits(app, body: bytes, hits: int, save_to: Path) -> dict:
         "ms_per_hit": stages,
         "profiled_hits": hits + 1,
         "sampled_ms_per_hit": round(sum(stages.values()), 3),
+        # the share of the profiled wall time this process was on a CPU: well below 1 on a
+        # loaded machine, where waiting for a core inflates every stage
+        "cpu_share": round(session.cpu_time / session.duration, 2) if session.duration else None,
         "files": [f.name for f in files.values()],
     }
