@@ -26,7 +26,7 @@ class Server:
     """`longer serve --port 0` as a child process, for use in a `with` block."""
 
     def __init__(self, bundle: str, redis_url: str, prefix: str, threads: int, timeout_s: float = 120):
-        self.cmd = [sys.executable, "-m", "longer_cli", "serve", "--model", bundle, "--port", "0"]
+        self.cmd = [sys.executable, "-m", "longer_cli", "serve", "--bundle", bundle, "--port", "0"]
         self.cmd += ["--redis", redis_url, "--threads", str(threads)]
         self.env = {**os.environ, "LONGER_KEY_PREFIX": prefix, "LONGER_MAX_CANDIDATES": "1000"}
         self.timeout_s = timeout_s

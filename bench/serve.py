@@ -103,10 +103,10 @@ def _state_gone(store, key: str):
 
 def _setup(work: Path, L: int, prefix: str):
     """A random-weight bundle of max_len L, and a store holding one user's L events."""
-    from feature_store.batch import make_batch, split_batch
+    from bench.batches import random_batch, split_batch
     from feature_store.online import Event
-    from longer.baselines import build_model
     from longer.config import ModelConfig
+    from longer.recmodel import build_model
     from trainer.config import RunConfig
     from trainer.export import write_bundle
 
@@ -116,7 +116,7 @@ def _setup(work: Path, L: int, prefix: str):
     bundle = work / f"bundle-{L}"
     write_bundle(bundle, model.state_dict(), RunConfig(model=cfg), {})
     store, url = _store(L, prefix)
-    hist, _, ts = split_batch(make_batch([L], seed=1, items=100_000, categories=500))
+    hist, _, ts = split_batch(random_batch([L], seed=1, items=100_000, categories=500))
     h = hist[0]
     store.append(
         [
@@ -128,10 +128,10 @@ def _setup(work: Path, L: int, prefix: str):
 
 
 def _naive(model, hist, ts: int, cands: list[dict], reps: int) -> list[float]:
-    from feature_store.batch import make_batch
+    from bench.batches import random_batch
 
     n = len(cands)
-    batch = make_batch(
+    batch = random_batch(
         [len(hist[0]["ts"])] * n,
         hist=hist * n,
         cand=[(c["item_id"], c["category_id"]) for c in cands],
@@ -145,7 +145,7 @@ def _naive(model, hist, ts: int, cands: list[dict], reps: int) -> list[float]:
 def bench_cell(ctx: dict, n: int, sizes: dict, profile_to: Path | None) -> dict:
     from bench import http_load
     from bench.hit_profile import InlineExecutor, asgi_latencies, profile_hits
-    from serving.runtime import state_tag
+    from serving.state_cache import state_tag
 
     rt, store, app, port, L = ctx["runtime"], ctx["store"], ctx["app"], ctx["port"], ctx["L"]
     rng = np.random.default_rng(n)
@@ -156,15 +156,16 @@ def bench_cell(ctx: dict, n: int, sizes: dict, profile_to: Path | None) -> dict:
     body = json.dumps({"user_id": USER, "candidates": cands, "ts": ctx["ts"]}).encode()
     request = http_load.request_bytes("/v1/score", body)
     reps = sizes["reps"]
-    state_key = store._key(USER, f"st:{rt.version}")
+    state_key = store._key(USER, f"st:{rt.model_version}")
     miss = asyncio.run(http_load.latencies(port, request, reps, "miss", _state_gone(store, state_key)))
 
     items, cats = [c["item_id"] for c in cands], [c["category_id"] for c in cands]
     hit, score = [], []
     for _ in range(ROUNDS):
         hit += asyncio.run(http_load.latencies(port, request, -(-reps // ROUNDS), "hit"))
-        events, version, blob = store.read(USER, rt.version)  # the state the server cached
-        state = rt.loads(blob, state_tag(USER, version, int((events["ts"] < ctx["ts"]).sum())))
+        events, version, blob = store.read(USER, rt.model_version)  # the state the server cached
+        tag = state_tag(USER, version, int((events["ts"] < ctx["ts"]).sum()))
+        state = app.state.service.cache.loads(rt, blob, tag)
         assert state is not None, "the server's cached state does not decode here"
         score += _timed(lambda s=state: rt.score(s, items, cats, ctx["ts"]), -(-reps // ROUNDS) + 1)[1:]
 
