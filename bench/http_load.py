@@ -91,6 +91,15 @@ def check(status: int, body: bytes, outcome: str | None) -> None:
         raise RuntimeError(f"expected a {outcome}, got {body[:200]!r}")
 
 
+async def accepted(port: int, request: bytes) -> bool:
+    """Whether the server answers `request` with a 200."""
+    conn = await Connection.open(port)
+    try:
+        return (await conn.call(request))[0] == 200
+    finally:
+        conn.close()
+
+
 async def latencies(port: int, request: bytes, n: int, outcome: str, before=None) -> list[float]:
     """ms of `n` sequential requests on one connection, each checked to be a 200 with
     `user_state == outcome`; `before()` (if given) runs before each, outside the timing."""

@@ -45,7 +45,7 @@ SHAPE = dict(
     category_buckets=512,
     user_buckets=100_003,
 )
-FULL = {"cells": {1000: (100, 500), 2000: (100, 500)}, "reps": 30, "naive_reps": 3, "per_level": 64}
+FULL = {"cells": {1000: (100, 500), 2000: (100, 500)}, "reps": 30, "naive_reps": 1, "per_level": 64}
 QUICK = {"cells": {256: (20, 100)}, "reps": 6, "naive_reps": 1, "per_level": 16}
 ROUNDS = 3  # alternations of HTTP hits and in-process scores
 CLIENTS = (1, 4, 8)
@@ -142,10 +142,30 @@ def _naive(model, hist, ts: int, cands: list[dict], reps: int) -> list[float]:
         return _timed(lambda: model(batch), reps)
 
 
+def _hits_and_scores(ctx: dict, forms: dict, items: list, cats: list, reps: int) -> dict:
+    """ms of HTTP hits (per request form) and of in-process `score` on the state the server
+    cached, in alternating rounds."""
+    from bench import http_load
+    from serving.state_cache import state_tag
+
+    rt, store, app = ctx["runtime"], ctx["store"], ctx["app"]
+    out = {form: [] for form in forms} | {"in_process_score": []}
+    per_round = -(-reps // ROUNDS)
+    for _ in range(ROUNDS):
+        for form, request in forms.items():
+            out[form] += asyncio.run(http_load.latencies(ctx["port"], request, per_round, "hit"))
+        events, version, blob = store.read(USER, rt.model_version)  # the state the server cached
+        tag = state_tag(USER, version, int((events["ts"] < ctx["ts"]).sum()))
+        state = app.state.service.cache.loads(rt, blob, tag)
+        assert state is not None, "the server's cached state does not decode here"
+        score = _timed(lambda s=state: rt.score(s, items, cats, ctx["ts"]), per_round + 1)[1:]
+        out["in_process_score"] += score
+    return out
+
+
 def bench_cell(ctx: dict, n: int, sizes: dict, profile_to: Path | None) -> dict:
     from bench import http_load
     from bench.hit_profile import InlineExecutor, asgi_latencies, profile_hits
-    from serving.state_cache import state_tag
 
     rt, store, app, port, L = ctx["runtime"], ctx["store"], ctx["app"], ctx["port"], ctx["L"]
     rng = np.random.default_rng(n)
@@ -160,15 +180,14 @@ def bench_cell(ctx: dict, n: int, sizes: dict, profile_to: Path | None) -> dict:
     miss = asyncio.run(http_load.latencies(port, request, reps, "miss", _state_gone(store, state_key)))
 
     items, cats = [c["item_id"] for c in cands], [c["category_id"] for c in cands]
-    hit, score = [], []
-    for _ in range(ROUNDS):
-        hit += asyncio.run(http_load.latencies(port, request, -(-reps // ROUNDS), "hit"))
-        events, version, blob = store.read(USER, rt.model_version)  # the state the server cached
-        tag = state_tag(USER, version, int((events["ts"] < ctx["ts"]).sum()))
-        state = app.state.service.cache.loads(rt, blob, tag)
-        assert state is not None, "the server's cached state does not decode here"
-        score += _timed(lambda s=state: rt.score(s, items, cats, ctx["ts"]), -(-reps // ROUNDS) + 1)[1:]
-
+    columns = {"user_id": USER, "item_ids": items, "category_ids": cats, "ts": ctx["ts"]}
+    forms = {
+        "hit": request,
+        "hit_columnar": http_load.request_bytes("/v1/score", json.dumps(columns).encode()),
+    }
+    if not asyncio.run(http_load.accepted(port, forms["hit_columnar"])):
+        del forms["hit_columnar"]  # a server from before the columnar form
+    timings = _hits_and_scores(ctx, forms, items, cats, reps)
     asgi_pool = asgi_latencies(app, body, reps)
     svc = app.state.service
     pool, svc.pool = svc.pool, InlineExecutor()
@@ -180,12 +199,13 @@ def bench_cell(ctx: dict, n: int, sizes: dict, profile_to: Path | None) -> dict:
         "L": L,
         "candidates": n,
         "redis": ctx["where"],
-        "hit": _percentiles(hit),
+        **{form: _percentiles(t) for form, t in timings.items()},
         "miss": _percentiles(miss),
-        "in_process_score": _percentiles(score),
         "in_process_asgi": {"pool": _percentiles(asgi_pool), "inline": _percentiles(asgi_inline)},
     }
-    row["hit_overhead_x"] = round(row["hit"]["p50_ms"] / row["in_process_score"]["p50_ms"], 2)
+    for form in forms:
+        x = row[form]["p50_ms"] / row["in_process_score"]["p50_ms"]
+        row[form.replace("hit", "hit_overhead_x")] = round(x, 2)
     row["hit_speedup_over_miss"] = round(row["miss"]["mean_ms"] / row["hit"]["mean_ms"], 2)
     if profile_to is not None:
         row["breakdown"] = profile_hits(app, body, max(4, reps // 2), profile_to)
