@@ -7,11 +7,12 @@ measured apart, as the difference of the in-process p50 with the pool and inline
 (`asgi_latencies`). A sample belongs to the innermost stage on its stack:
 
     parse_validate  reading the body, JSON → dict, request-model validation (FastAPI + pydantic)
-    redis_read      OnlineStore.read: the pipelined round trip and the events' unpacking
-    decode          ModelRuntime.loads: the cached state's bytes → tensors
+    redis_read      OnlineStore.read / read_head: the pipelined round trip (and the events' unpacking)
+    decode          codec.decode: the cached state's bytes → tensors
     compute         ModelRuntime.score: candidates → scores (what `score` costs in-process)
-    serialise       the response: building ScoreResponse and its JSON
-    handler         the endpoint's own code around those (candidate lists, point-in-time cut)
+    serialise       the response's JSON (FastAPI's serialize_response)
+    handler         the route's and UserStateCache's own code around those (candidate lists,
+                    tag checks, the point-in-time cut, building ScoreResponse)
     framework       the rest: Starlette/FastAPI routing, middleware, asyncio
 """
 
@@ -27,14 +28,16 @@ from bench import write_atomic
 # (stage, function name, a piece of its file's path): the first rule a frame matches names it.
 RULES = (
     ("compute", "score", "serving/runtime.py"),
-    ("decode", "loads", "serving/runtime.py"),
+    ("decode", "decode", "feature_store/codec.py"),
     ("redis_read", "read", "feature_store/online.py"),
+    ("redis_read", "read_head", "feature_store/online.py"),
     ("parse_validate", "solve_dependencies", "fastapi/dependencies/utils.py"),
     ("parse_validate", "json", "starlette/requests.py"),
     ("parse_validate", "body", "starlette/requests.py"),
     ("serialise", "serialize_response", "fastapi/routing.py"),
-    ("serialise", "respond", "serving/app.py"),
-    ("handler", "score", "serving/app.py"),
+    ("handler", "score", "serving/routes.py"),
+    ("handler", "score", "serving/state_cache.py"),
+    ("handler", "read_hit", "serving/state_cache.py"),
 )
 STAGES = ("parse_validate", "redis_read", "decode", "compute", "serialise", "handler", "framework")
 

