@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from bench import finish, machine
+from trainer.threads import env_threads, resolve_threads
 
 SHAPE = dict(
     d_model=64,
@@ -264,7 +265,7 @@ def main(
     """Every cell, one JSON (written to `out`, the profiles beside it); `prefix`: the Redis key
     prefix of the bench's keys (default: a fresh one), all deleted at the end."""
     sizes = QUICK if quick else FULL
-    threads = int(os.environ.get("LONGER_THREADS") or torch.get_num_threads())  # honours OMP_NUM_THREADS
+    threads = resolve_threads(env_threads())[0]  # LONGER_THREADS, else OMP_NUM_THREADS, else the CPU budget
     stem = Path(out).with_suffix("") if out else None
     rows = []
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:

@@ -15,7 +15,7 @@ import os
 import sys
 
 from longer.errors import LongerError, UsageError
-from trainer.cli import USER_ERRORS  # what exits 2 with one line: LongerError (and, for now, ConfigError)
+from trainer.cli import USER_ERRORS  # what exits 2 with one line: LongerError only
 from trainer.cli import add_arguments as train_arguments
 
 
@@ -57,16 +57,17 @@ def _spec(config):
 
     import tomllib
 
+    from longer.config import ConfigError
     from longer.spec import FeatureSpec, SpecError
 
     try:
         table = tomllib.loads(Path(config).read_text()).get("features")
     except (OSError, tomllib.TOMLDecodeError) as e:
-        raise ValueError(f"{config}: {e}") from e
+        raise ConfigError(f"{config}: {e}") from e
     try:
         return FeatureSpec.from_config(table)
     except SpecError as e:
-        raise ValueError(f"{config}: {e}") from None
+        raise ConfigError(f"{config}: {e}") from None
 
 
 def _build(a):
@@ -310,7 +311,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument(
-        "--threads", type=int, help="torch threads for model compute (default: $LONGER_THREADS or 2)"
+        "--threads",
+        type=int,
+        help="torch threads for model compute (default: $LONGER_THREADS, else the CPUs this process may use)",
     )
     key_prefix_flags(s)
     s.add_argument(
@@ -401,6 +404,9 @@ def error_text(e: Exception, args) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from trainer.threads import passive_wait_default
+
+    passive_wait_default()  # before anything imports torch (README "CPU threads")
     args = parser().parse_args(argv)
     # torch logs a one-time notice whenever TorchRec asks `is_fx_tracing()` (every KJT does); it
     # is about torch.export internals, not about anything a user of this command can act on.

@@ -15,6 +15,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from feature_store.batch import DEFAULT_KEYS
 from longer.interface import Candidates, UserState
 from trainer.export import Bundle, load_bundle
+from trainer.threads import configure_threads
 
 
 @dataclass
@@ -51,11 +52,11 @@ def history_batch(user_id: int, events: np.ndarray, max_len: int) -> HistoryBatc
 class ModelRuntime:
     """One loaded bundle; `model_version` is its version (a hash of its files)."""
 
-    def __init__(self, bundle_dir: str, threads: int = 2):
+    def __init__(self, bundle_dir: str, threads: int = 0):
         self.bundle: Bundle = load_bundle(bundle_dir)
         self.model_version = self.bundle.version
         self.max_len = self.bundle.config.model.max_len
-        self.threads = threads
+        self.threads = configure_threads(threads or None, "LONGER_THREADS")  # 0: the CPU budget
         self._lock = threading.Lock()  # torch modules are not re-entrant across threads in eval either
 
     def encode(self, user_id: int, events: np.ndarray) -> UserState:

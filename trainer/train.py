@@ -35,9 +35,18 @@ from .distributed import broadcast, init_distributed
 from .evaluate import metrics_of, predict_split, write_predictions
 from .export import write_bundle
 from .sharding import plan_table, shard
+from .threads import configure_threads
 
 # Settings a resumed run may change; everything else must match the checkpoint.
-RESUMABLE_CHANGES = {"steps", "eval_every", "checkpoint_every", "log_every", "prefetch", "eval_batch_size"}
+RESUMABLE_CHANGES = {
+    "steps",
+    "eval_every",
+    "checkpoint_every",
+    "log_every",
+    "prefetch",
+    "eval_batch_size",
+    "threads",
+}
 
 
 class _TrainBatches:
@@ -174,11 +183,12 @@ def _start_point(
 
 
 class Trainer:
-    """One training run: `setup` (run directory, model, sharding, loaders), `resume` (from a
-    checkpoint), `step` (one optimizer step, with its logging, checkpoint and eval), `evaluate`
-    and `export`; `fit` runs them in that order and returns the summary on rank 0.
+    """One training run: `setup` (dataset and run directory checks, model, sharding, loaders),
+    `resume` (from a checkpoint, or step 0), `step` (one optimizer step; `train_steps` loops it
+    with logging and the periodic checkpoints and evals), `evaluate` and `export`; `fit` runs
+    them in that order and returns the summary on rank 0.
 
-    State lives on the instance: `step` count (`self.at`), the TorchRec pipeline, the batch feed
+    State lives on the instance: the steps done (`self.at`), the TorchRec pipeline, the batch feed
     it reads from (`self.batches`, which remembers the loader state after every batch) and its
     iterator. An eval sets the pipeline aside and restarts it after the last trained batch, so
     a run with evals sees exactly the batches of a run without them.
@@ -219,8 +229,8 @@ class Trainer:
 
     # --- setup ------------------------------------------------------------------------------------
     def setup(self) -> Path | None:
-        """Check the dataset and the run directory, build and shard the model, open the loaders
-        and the TensorBoard writer; returns the checkpoint to resume from, or None."""
+        """Check the dataset and the run directory, build and shard the model, open the loaders;
+        returns the checkpoint to resume from, or None."""
         ctx, tc = self.ctx, self.tc
         if self.overwrite and self.run.is_dir() and any(self.run.iterdir()):
             self.run = self.run.parent / f".{self.run.name}.partial-overwrite"  # the same on every rank
@@ -230,6 +240,7 @@ class Trainer:
                 f"model.max_len={self.cfg.model.max_len} exceeds the dataset's --max-len {self.meta['max_len']}"
             )
         _quiet_torchrec(ctx.device.type)
+        configure_threads(tc.threads or None, "train.threads", log=ctx.is_main)
         latest = self._choose_start()
         _seed(tc.seed, tc.deterministic)
         self.dmp, self.optimizer, self.dense_opt, self.plan = shard(build_model(self.cfg.model), tc, ctx)
