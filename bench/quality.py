@@ -41,7 +41,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from bench import machine, median_seconds
+from bench.claims import PAPER, comparison, config_key
 from bench.train import TOKENS_PER_BATCH
+from bench.verdict import N_BOOT, RULE, stack_seeds
 
 TABLES = ("baselines", "merge", "queries", "norms", "phd", "scaling")
 TABLE_TITLES = {
@@ -54,12 +56,6 @@ TABLE_TITLES = {
 }
 BASELINES = ("sumpool", "din_recent50", "din", "hstu", "transformer", "longer")
 SERVE_CANDIDATES = 500
-# The paper's figures (arXiv 2505.04421, Douyin ads): the ones the comparison quotes.
-PAPER = {
-    "transformer": {"auc": 0.85111, "gflops": 3.73},
-    "longer": {"auc": 0.85290, "gflops": 1.91},
-    "queries": "k = 100 recent ≈ k = 250 (and near all); recent > uniform > learnable",
-}
 
 
 @dataclass(frozen=True)
@@ -71,10 +67,6 @@ class Variant:
     @property
     def key(self) -> str:
         return config_key(self.model.to_dict())
-
-
-def config_key(d: dict) -> str:
-    return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def default_lengths(base_len: int, data_len: int, quick: bool) -> list[int]:
@@ -132,9 +124,10 @@ def _worker_init(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _train_one(cfg: dict, data: str, run_dir: str) -> dict:
+def _train_one(cfg: dict, data: str, run_dir: str, preds: str) -> dict:
     """One training run in this worker: the real trainer (TorchRec sharding, pipeline, fused
-    optimizer, exact eval), in-process; its run directory is removed afterwards."""
+    optimizer, exact eval), in-process. Its per-sample eval predictions are kept at `preds`
+    (the paired verdicts need them); the rest of its run directory is removed afterwards."""
     from trainer.config import RunConfig
     from trainer.train import train
 
@@ -142,6 +135,9 @@ def _train_one(cfg: dict, data: str, run_dir: str) -> dict:
     try:
         with contextlib.redirect_stderr(io.StringIO()):  # the sharding plan, per run
             summary = train(RunConfig.from_dict(cfg), data, run_dir, progress=False)
+        tmp = Path(preds).with_name(f".{Path(preds).name}.partial")
+        shutil.copyfile(Path(run_dir) / "predictions.parquet", tmp)
+        tmp.replace(preds)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
     ev = summary["eval"]
@@ -154,6 +150,18 @@ def _train_one(cfg: dict, data: str, run_dir: str) -> dict:
         "trainer_samples_per_s": summary["train_samples_per_s"],
         "wall_s": round(time.perf_counter() - t0, 1),
     }
+
+
+def preds_path(out: Path, key: str) -> Path:
+    return out / "predictions" / f"{key}.parquet"
+
+
+def load_arm(out: Path, keys: list[str]) -> dict:
+    """The eval predictions of one variant's runs (one key per seed), stacked over seeds."""
+    import pyarrow.parquet as pq
+
+    cols = ["row_id", "user_id", "label", "logit"]
+    return stack_seeds([pq.read_table(preds_path(out, k), columns=cols).to_pydict() for k in keys])
 
 
 def _read_journal(path: Path) -> dict[str, dict]:
@@ -175,7 +183,9 @@ def train_all(
     from tqdm import tqdm
 
     journal = out / "runs.jsonl"
-    done = _read_journal(journal)
+    (out / "predictions").mkdir(exist_ok=True)
+    # a run is done when it is journalled and its predictions are kept
+    done = {k: r for k, r in _read_journal(journal).items() if preds_path(out, k).is_file()}
     todo = [(k, c, s) for k, c, s in plan if k not in done]
     threads = max(1, (os.cpu_count() or 1) // jobs)
     bar = tqdm(
@@ -192,7 +202,10 @@ def train_all(
             ) as pool,
             open(journal, "a") as jf,
         ):
-            futures = {pool.submit(_train_one, c, str(data), str(scratch / k)): (k, c, s) for k, c, s in todo}
+            futures = {
+                pool.submit(_train_one, c, str(data), str(scratch / k), str(preds_path(out, k))): (k, c, s)
+                for k, c, s in todo
+            }
             for f in as_completed(futures):
                 k, c, s = futures[f]
                 try:
@@ -317,87 +330,6 @@ def run_key(data_id: str, v: Variant, train: dict, seed: int) -> str:
     return config_key({"data": data_id, "run": run_cfg(v, train, seed)})
 
 
-def comparison(rows: list[dict], base) -> list[dict]:
-    """Where the public-data ordering agrees with the paper's, computed from the rows."""
-    by = {(r["table"], r["variant"]): r for r in rows}
-    checks = []
-
-    def noise(*rs) -> float:
-        return max([r["auc_std"] or 0.0 for r in rs] + [0.0])
-
-    t, lo = by.get(("baselines", "transformer")), by.get(("baselines", "longer"))
-    if t and lo:
-        d = lo["auc"] - t["auc"]
-        checks.append(
-            {
-                "claim": "LONGER matches or beats the full transformer at a fraction of its FLOPs",
-                "paper": f"AUC {PAPER['longer']['auc']} vs {PAPER['transformer']['auc']} (+0.00179) at "
-                f"{PAPER['longer']['gflops']} vs {PAPER['transformer']['gflops']} GFLOPs (0.51×)",
-                "ours": f"AUC {lo['auc']:.4f} vs {t['auc']:.4f} ({d:+.4f}) at {lo['gflops']:.4g} vs "
-                f"{t['gflops']:.4g} GFLOPs ({lo['gflops'] / t['gflops']:.2f}×)",
-                "agrees": bool(d >= -noise(t, lo) and lo["gflops"] < t["gflops"]),
-            }
-        )
-    if lo:
-        others = [
-            r for r in rows if r["table"] == "baselines" and r["model"] not in ("longer", "transformer")
-        ]
-        if others:
-            best = max(others, key=lambda r: r["auc"])
-            checks.append(
-                {
-                    "claim": "LONGER beats the cheaper sequence baselines (sumpool, DIN, HSTU)",
-                    "paper": "LONGER above every baseline in Table 1",
-                    "ours": f"best baseline {best['variant']} AUC {best['auc']:.4f} vs LONGER {lo['auc']:.4f} "
-                    f"({lo['auc'] - best['auc']:+.4f})",
-                    "agrees": bool(lo["auc"] > best["auc"]),
-                }
-            )
-    k0 = base.query_k
-    allq = next((r for r in rows if r["table"] == "queries" and r["variant"].startswith("all")), None)
-    rec = by.get(("queries", f"k={k0} recent"))
-    if allq and rec:
-        d = rec["auc"] - allq["auc"]
-        checks.append(
-            {
-                "claim": f"k = {k0} recent queries lose little against all {base.max_len} as queries",
-                "paper": PAPER["queries"].split(";")[0],
-                "ours": f"AUC {rec['auc']:.4f} vs {allq['auc']:.4f} ({d:+.4f}) at {rec['gflops']:.4g} vs "
-                f"{allq['gflops']:.4g} GFLOPs",
-                "agrees": bool(d >= -max(0.002, 2 * noise(rec, allq))),
-            }
-        )
-    sel = [by.get(("queries", f"k={k0} {s}")) for s in ("recent", "uniform", "learnable")]
-    if all(sel):
-        order = " > ".join(r["variant"].split()[1] for r in sorted(sel, key=lambda r: -r["auc"]))
-        checks.append(
-            {
-                "claim": "query selection: recent > uniform > learnable",
-                "paper": "recent > uniform > learnable",
-                "ours": order
-                + " ("
-                + ", ".join(f"{r['variant'].split()[1]} {r['auc']:.4f}" for r in sel)
-                + ")",
-                "agrees": order == "recent > uniform > learnable",
-            }
-        )
-    merge = {r["variant"]: r for r in rows if r["table"] == "merge"}
-    if "K=1 (no merge)" in merge and f"K={base.merge_k} {base.merge}" in merge:
-        a, b = merge["K=1 (no merge)"], merge[f"K={base.merge_k} {base.merge}"]
-        checks.append(
-            {
-                "claim": f"token merge (K = {base.merge_k}, {base.merge}) cuts FLOPs at little or no AUC loss",
-                "paper": "K = 8 with InnerTrans: lower FLOPs, AUC at or above no merge",
-                "ours": f"AUC {b['auc']:.4f} vs {a['auc']:.4f} ({b['auc'] - a['auc']:+.4f}) at {b['gflops']:.4g} vs "
-                f"{a['gflops']:.4g} GFLOPs",
-                "agrees": bool(
-                    b["auc"] - a["auc"] >= -max(0.002, 2 * noise(a, b)) and b["gflops"] < a["gflops"]
-                ),
-            }
-        )
-    return checks
-
-
 def _fmt(x: float, std: float | None, nd: int = 4) -> str:
     return f"{x:.{nd}f}" + (f" ± {std:.{nd}f}" if std is not None else "")
 
@@ -451,12 +383,12 @@ def markdown(result: dict) -> str:
         lines += [
             "## Against the paper",
             "",
-            "| claim | paper (Douyin) | ours | agrees |",
+            "| claim | paper (Douyin) | ours (paired Δ AUC, 95 % CI) | verdict |",
             "|---|---|---|---|",
         ]
         for c in result["comparison"]:
-            lines.append(f"| {c['claim']} | {c['paper']} | {c['ours']} | {'yes' if c['agrees'] else 'no'} |")
-        lines.append("")
+            lines.append(f"| {c['claim']} | {c['paper']} | {c['ours']} | {c['verdict']} |")
+        lines += ["", result["verdict_rule"], ""]
     lines += ["Plots: " + ", ".join(f"`{p}`" for p in result["plots"]), ""]
     return "\n".join(lines)
 
@@ -564,6 +496,7 @@ def plots(result: dict, out: Path) -> list[str]:
 # --- entry point ----------------------------------------------------------------------------------
 
 QUICK_STEPS = 60  # --quick: at most this many training steps per run
+QUICK_BOOT = 200  # --quick: bootstrap draws per verdict
 
 
 def main(
@@ -649,6 +582,7 @@ def main(
         speed[k] = throughput(m, device, seconds=2.0 if quick else 6.0)
 
     rows = rows_of(vs, runs, speed, seed_list, key_of)
+    arms = {v.key: load_arm(out, [key_of(v, s) for s in seed_list]) for v in {v.key: v for v in vs}.values()}
     sc = [r for r in rows if r["table"] == "scaling"]
     fits = {
         "max_len": power_law([r["max_len"] for r in sc], [r["auc"] for r in sc]),
@@ -680,7 +614,8 @@ def main(
         "machine": machine(),
         "rows": rows,
         "scaling_fits": fits,
-        "comparison": comparison(rows, base),
+        "comparison": comparison(rows, base, arms, n_boot=QUICK_BOOT if quick else N_BOOT),
+        "verdict_rule": RULE,
         "paper": PAPER,
         "runs": [runs[k] for k, _, _ in plan],
     }
