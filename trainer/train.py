@@ -30,6 +30,7 @@ from longer.flops import forward_flops
 from . import checkpoint as ckpt
 from .config import ConfigError, RunConfig
 from .distributed import broadcast, init_distributed
+from .early_stop import METRIC, EarlyStop, val_start
 from .evaluate import metrics_of, predict_split, write_predictions
 from .export import write_bundle
 from .sharding import plan_table, shard
@@ -189,6 +190,7 @@ def train(
     `overwrite` with an existing run directory: train from step 0 in a hidden sibling directory
     and swap it in for the old run only once it has finished (exported); an interrupted or
     failed run leaves the old one untouched."""
+    t_start = time.time()
     ctx = init_distributed()
     data, run = Path(data), Path(out)
     if overwrite and (resume or auto_resume):
@@ -223,6 +225,7 @@ def train(
         raise ConfigError(err)
     latest = Path(latest) if latest else None
 
+    val_ts = val_start(data, meta, tc)  # None: no validation split
     _seed(tc.seed, tc.deterministic)
     model = build_model(cfg.model)
     dmp, optimizer, dense_opt, plan = shard(model, tc, ctx)
@@ -237,6 +240,7 @@ def train(
         world_size=ctx.world_size,
         drop_last=True,
         prefetch=tc.prefetch,
+        ts_range=None if val_ts is None else (None, val_ts),
     )
     eval_loader = BatchLoader(
         data,
@@ -247,11 +251,26 @@ def train(
         world_size=ctx.world_size,
         sequences=loader.sequences,
     )
+    val_loader = None
+    if val_ts is not None:
+        val_loader = BatchLoader(
+            data,
+            "train",
+            batch_size=tc.eval_batch_size,
+            max_len=cfg.model.max_len,
+            shuffle=False,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+            sequences=loader.sequences,
+            ts_range=(val_ts, None),
+        )
+    stopper = EarlyStop(tc.early_stop)
     step = 0
     if latest is not None:
         state = ckpt.load_checkpoint(latest, dmp, optimizer)
         step = state["step"]
         loader.load_state_dict(state["loader"])
+        stopper.load_state_dict(state.get("early_stop"))
 
     writer = None
     if ctx.is_main:
@@ -278,7 +297,9 @@ def train(
     global_batch = tc.batch_size * ctx.world_size
     last_eval: dict = {}
 
-    def run_eval(at_step: int, final: bool) -> dict:
+    curve = [0.0, 0]  # train loss sum and steps since the last eval: each eval line's train_loss
+
+    def run_eval(at_step: int, final: bool, split: str = "eval") -> dict:
         # The pipeline has batches in flight (their ids already sent to the shards): set it
         # aside, evaluate through the plain sharded model, and restart it afterwards from the
         # loader state after the last trained batch, so no batch is skipped or repeated.
@@ -288,7 +309,10 @@ def train(
         it.close()
         dmp.eval()
         pred = predict_split(
-            lambda b: dmp(b)[1][1], eval_loader, ctx.device, progress=progress and ctx.is_main
+            lambda b: dmp(b)[1][1],
+            val_loader if split == "val" else eval_loader,
+            ctx.device,
+            progress=progress and ctx.is_main,
         )
         dmp.train()
         if not final:
@@ -296,25 +320,45 @@ def train(
             pipe, batches, it = start_pipeline(at_step)
         result = {}
         if ctx.is_main:
-            result = {"step": at_step, "split": "eval", **metrics_of(pred), "time": time.time()}
+            result = {"step": at_step, "split": split, **metrics_of(pred), "time": time.time()}
+            if curve[1]:
+                result["train_loss"] = curve[0] / curve[1]
+            if final and stopper.best_step is not None:
+                result["best_step"] = stopper.best_step  # the weights evaluated: the best on validation
             if final:
                 write_predictions(pred, run / "predictions.parquet")
             with open(run / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(result) + "\n")
             for k in ("auc", "gauc", "logloss", "calibration"):
-                writer.add_scalar(f"eval/{k}", result[k], at_step)
+                writer.add_scalar(f"{split}/{k}", result[k], at_step)
+        curve[:] = [0.0, 0]
         return result
+
+    saved_at = None
+
+    def save(at_step: int) -> None:
+        nonlocal saved_at
+        state = {"early_stop": stopper.state_dict()}
+        ckpt.save_checkpoint(run, at_step, dmp, optimizer, batches.state_after(at_step), cfg.to_dict(), state)
+        saved_at = at_step
+        if val_loader is not None and ctx.is_main:  # a superseded best is no resume point anyone needs
+            keep = {at_step, stopper.best_step}
+            for old in ckpt.complete_checkpoints(run):
+                s = ckpt.step_of(old)
+                if s not in keep and not (tc.checkpoint_every and s % tc.checkpoint_every == 0):
+                    shutil.rmtree(old, ignore_errors=True)
 
     bar = tqdm(
         total=tc.steps, initial=step, desc="train", unit="step", disable=not (progress and ctx.is_main)
     )
     s0, loss_sum, loss_n, train_seconds = step, 0.0, 0, 0.0  # train_seconds: steps only, not evals
     dmp.train()
-    while step < tc.steps:
+    while step < tc.steps and not stopper.should_stop:
         dense_opt.set_lr(tc.lr_at(step))
         t = time.perf_counter()
         loss, _, _ = pipe.progress(it)
         loss_sum, loss_n = loss_sum + float(loss), loss_n + 1
+        curve[0], curve[1] = curve[0] + float(loss), curve[1] + 1
         train_seconds += time.perf_counter() - t
         step += 1
         if step % tc.log_every == 0 or step == tc.steps:
@@ -326,13 +370,21 @@ def train(
                 writer.add_scalar("train/samples_per_s", rate, step)
             loss_sum, loss_n = 0.0, 0
         bar.update(1)
-        if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < tc.steps:
-            ckpt.save_checkpoint(run, step, dmp, optimizer, batches.state_after(step), cfg.to_dict())
-        if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
+        improved = False
+        if val_loader is not None and tc.eval_every and (step % tc.eval_every == 0 or step == tc.steps):
+            # every rank takes rank 0's figure, so all stop (and save) together
+            improved = stopper.update(step, broadcast(run_eval(step, final=False, split="val").get(METRIC)))
+        elif tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
             last_eval = run_eval(step, final=False)
+        # after the eval, so a checkpoint carries the early-stop state of its step
+        if step < tc.steps and ((tc.checkpoint_every and step % tc.checkpoint_every == 0) or improved):
+            save(step)
     bar.close()
     samples_per_s = global_batch * (step - s0) / max(train_seconds, 1e-9)
-    ckpt.save_checkpoint(run, step, dmp, optimizer, batches.state_after(step), cfg.to_dict())
+    if saved_at != step:
+        save(step)
+    if stopper.best_step is not None and stopper.best_step != step:  # export the best on validation
+        ckpt.load_checkpoint(ckpt.checkpoint_dir(run, stopper.best_step), dmp, optimizer)
     last_eval = run_eval(step, final=True)
 
     from .export import gather_unsharded
@@ -350,6 +402,10 @@ def train(
         "train_samples_per_s": round(samples_per_s, 1),
         "gflops_fwd_per_sample": round(forward_flops(cfg.model) / 1e9, 4),
         "model_version": version,
-        "eval": last_eval,
+        "eval": last_eval,  # of the best validation step's weights, with a validation split
+        "best_step": stopper.best_step,
+        "val_auc": stopper.best,
+        "stopped_early": step < tc.steps,
+        "wall_s": round(time.time() - t_start, 1),
     }
     return summary if ctx.is_main else None
