@@ -42,6 +42,7 @@ from pathlib import Path
 
 from bench import machine, median_seconds
 from bench.claims import PAPER, comparison, config_key
+from bench.curves import curve_of, plot_curves
 from bench.train import TOKENS_PER_BATCH
 from bench.verdict import N_BOOT, RULE, stack_seeds
 
@@ -138,6 +139,7 @@ def _train_one(cfg: dict, data: str, run_dir: str, preds: str) -> dict:
         tmp = Path(preds).with_name(f".{Path(preds).name}.partial")
         shutil.copyfile(Path(run_dir) / "predictions.parquet", tmp)
         tmp.replace(preds)
+        curve = curve_of(run_dir)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
     ev = summary["eval"]
@@ -148,6 +150,10 @@ def _train_one(cfg: dict, data: str, run_dir: str, preds: str) -> dict:
         "calibration": ev["calibration"],
         "eval_samples": ev["n"],
         "trainer_samples_per_s": summary["train_samples_per_s"],
+        "steps": summary["steps"],  # trained (early stopping: fewer than the budget)
+        "best_step": summary["best_step"],  # the weights evaluated (None without a validation split)
+        "val_auc": summary["val_auc"],
+        "curve": curve,
         "wall_s": round(time.perf_counter() - t0, 1),
     }
 
@@ -317,6 +323,9 @@ def rows_of(
         }
         for m in ("auc", "gauc", "logloss"):
             row[m], row[f"{m}_std"] = _mean_std([r[m] for r in recs])
+        row["steps_run"] = [r.get("steps") for r in recs]
+        row["best_step"] = [r.get("best_step") for r in recs]
+        row["train_wall_s"] = statistics.fmean(r["wall_s"] for r in recs)
         rows.append(row)
     return rows
 
@@ -334,6 +343,30 @@ def _fmt(x: float, std: float | None, nd: int = 4) -> str:
     return f"{x:.{nd}f}" + (f" ± {std:.{nd}f}" if std is not None else "")
 
 
+def _budget(train: dict) -> str:
+    if not (train.get("val_days") or train.get("val_frac")):
+        return f"one fixed budget: {train['steps']} steps"
+    val = (
+        f"the last {train['val_days']:g} days" if train["val_days"] else f"the latest {train['val_frac']:.0%}"
+    )
+    stop = (
+        f"stopped after {train['early_stop']} evals without improvement, at most {train['steps']} steps"
+        if train["early_stop"]
+        else f"{train['steps']} steps"
+    )
+    return (
+        f"trained to convergence: validation = {val} of the train split by time, evaluated every "
+        f"{train['eval_every']} steps, {stop}; the eval figures are those of each run's best validation step"
+    )
+
+
+def _steps(row: dict) -> str:
+    return ", ".join(
+        f"{b}/{n}" if b is not None else f"{n}"
+        for b, n in zip(row.get("best_step", []), row.get("steps_run", []))
+    )
+
+
 def markdown(result: dict) -> str:
     rows, fits = result["rows"], result["scaling_fits"]
     d = result["dataset"]
@@ -345,8 +378,8 @@ def markdown(result: dict) -> str:
         f"Dataset: {d['users']:,} users, {d['events']:,} events, {d['train']:,} train / {d['eval']:,} eval "
         f"samples (eval = ts ≥ {d['split_ts']}), longest history {d['max_hist_len']:,}. "
         f"Seeds {result['seeds']}; every variant trains with the same `[train]` settings "
-        f"({result['train']['steps']} steps × batch {result['train']['batch_size']}, lr {result['train']['lr']}, "
-        f"emb_lr {result['train']['emb_lr']}). Machine: {result['machine']['cpus']} CPUs, "
+        f"(batch {result['train']['batch_size']}, lr {result['train']['lr']}, emb_lr {result['train']['emb_lr']}; "
+        f"{_budget(result['train'])}). Machine: {result['machine']['cpus']} CPUs, "
         f"{result['throughput_device']}; wall time {result['wall_s'] / 60:.1f} min.",
         "",
         "AUC, GAUC, LogLoss: eval split, mean ± std over seeds. GFLOPs: analytic forward per sample at "
@@ -361,13 +394,13 @@ def markdown(result: dict) -> str:
         lines += [
             f"## {TABLE_TITLES[table]}",
             "",
-            "| variant | AUC | GAUC | LogLoss | GFLOPs | train/s | serve/s |",
-            "|---|---|---|---|---|---|---|",
+            "| variant | AUC | GAUC | LogLoss | best step / steps per seed | GFLOPs | train/s | serve/s |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for r in tr:
             lines.append(
                 f"| {r['variant']} | {_fmt(r['auc'], r['auc_std'])} | {_fmt(r['gauc'], r['gauc_std'])} | "
-                f"{_fmt(r['logloss'], r['logloss_std'])} | {r['gflops']:.4g} | "
+                f"{_fmt(r['logloss'], r['logloss_std'])} | {_steps(r)} | {r['gflops']:.4g} | "
                 f"{r['train_samples_per_s']:,.0f} | {r['serve_candidates_per_s']:,} |"
             )
         if table == "scaling":
@@ -541,7 +574,10 @@ def main(
         train = replace(
             train, steps=min(train.steps, QUICK_STEPS), warmup_steps=min(train.warmup_steps, QUICK_STEPS // 4)
         )
-    train = replace(train, eval_every=0, checkpoint_every=0)
+    if quick and train.has_val:
+        train = replace(train, eval_every=min(train.eval_every, QUICK_STEPS // 6))
+    # with a validation split every run stops early by the same rule; without, one fixed budget
+    train = replace(train, eval_every=train.eval_every if train.has_val else 0, checkpoint_every=0)
     n_seeds = seeds if seeds is not None else (1 if quick else 3)
     if n_seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {n_seeds}")
@@ -621,6 +657,9 @@ def main(
     }
     result["wall_s"] = round(time.time() - t0, 1)
     result["plots"] = plots(result, out)
+    curves = plot_curves(result, out)
+    if curves:
+        result["plots"].append(curves)
     _write(out / "results.json", json.dumps(result, indent=2) + "\n")
     _write(out / "results.md", markdown(result))
     print(

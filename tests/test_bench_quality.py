@@ -157,11 +157,16 @@ def test_bench_quality_writes_tables_and_resumes_from_its_journal(tmp_path, synt
 @pytest.mark.slow
 def test_bench_quality_quick_covers_every_table(tmp_path, synth_dataset):
     out = tmp_path / "quick"
-    r = bench(tmp_path, synth_dataset, out, "--quick", "train.steps=3")
+    converge = ["train.steps=6", "train.val_frac=0.2", "train.eval_every=2", "train.early_stop=2"]
+    r = bench(tmp_path, synth_dataset, out, "--quick", *converge)
     summary = json.loads(r.stdout)
     res = json.loads((out / "results.json").read_text())
     assert res["quick"] and res["seeds"] == [0] and summary["rows"] == len(res["rows"])
-    assert res["train"]["steps"] == 3 and all(x["model"]["d_model"] == 16 for x in res["runs"])
+    assert res["train"]["steps"] == 6 and all(x["model"]["d_model"] == 16 for x in res["runs"])
+    for x in res["runs"]:  # every variant, baselines too, by the same early-stopping rule
+        assert [p["step"] for p in x["curve"]] == list(range(2, x["steps"] + 1, 2)), x["curve"]
+        assert x["best_step"] in [p["step"] for p in x["curve"]]
+    assert "curves.png" in res["plots"] and (out / "curves.png").stat().st_size > 10_000
     assert {r["table"] for r in res["rows"]} == {"baselines", "merge", "queries", "norms", "phd", "scaling"}
     assert all(r["auc_std"] is None for r in res["rows"])
     assert len(res["comparison"]) == 5 and all(c["verdict"] in STATES for c in res["comparison"])
@@ -172,6 +177,7 @@ def test_bench_quality_quick_covers_every_table(tmp_path, synth_dataset):
     md = (out / "results.md").read_text()
     assert "Table 1 analogue" in md and "| hstu |" in md and "Against the paper" in md and "0.85111" in md
     assert "**inconclusive**: the CI contains it" in md  # the rule is printed with the table
+    assert "trained to convergence" in md
     assert all(math.isfinite(r["auc"]) for r in res["rows"])
 
 
