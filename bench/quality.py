@@ -44,7 +44,7 @@ from bench import machine, median_seconds
 from bench.claims import PAPER, comparison, config_key
 from bench.curves import curve_of, plot_curves
 from bench.train import TOKENS_PER_BATCH
-from bench.verdict import N_BOOT, RULE, stack_seeds
+from bench.verdict import N_BOOT, RULE, deltas_vs, stack_seeds
 
 TABLES = ("baselines", "merge", "queries", "norms", "phd", "scaling")
 TABLE_TITLES = {
@@ -360,6 +360,11 @@ def _budget(train: dict) -> str:
     )
 
 
+def _delta_cell(row: dict) -> str:
+    d = row.get("delta_vs_base")
+    return "(base)" if d is None else f"{d['diff']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]"
+
+
 def _steps(row: dict) -> str:
     return ", ".join(
         f"{b}/{n}" if b is not None else f"{n}"
@@ -382,7 +387,9 @@ def markdown(result: dict) -> str:
         f"{_budget(result['train'])}). Machine: {result['machine']['cpus']} CPUs, "
         f"{result['throughput_device']}; wall time {result['wall_s'] / 60:.1f} min.",
         "",
-        "AUC, GAUC, LogLoss: eval split, mean ± std over seeds. GFLOPs: analytic forward per sample at "
+        "AUC, GAUC, LogLoss: eval split, mean ± std over seeds. Δ AUC vs base: the paired difference "
+        "against the base LONGER config on the same eval samples, with the verdicts' bootstrap CI (users "
+        "and seeds resampled; see the rule under *Against the paper*). GFLOPs: analytic forward per sample at "
         "full length. train/s: forward + backward samples/s on full-length batches. serve/s: candidates/s "
         f"on the hit path ({SERVE_CANDIDATES} candidates against a cached user state).",
         "",
@@ -394,12 +401,14 @@ def markdown(result: dict) -> str:
         lines += [
             f"## {TABLE_TITLES[table]}",
             "",
-            "| variant | AUC | GAUC | LogLoss | best step / steps per seed | GFLOPs | train/s | serve/s |",
-            "|---|---|---|---|---|---|---|---|",
+            "| variant | AUC | Δ AUC vs base LONGER [95 % CI] | GAUC | LogLoss | best step / steps per seed "
+            "| GFLOPs | train/s | serve/s |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for r in tr:
             lines.append(
-                f"| {r['variant']} | {_fmt(r['auc'], r['auc_std'])} | {_fmt(r['gauc'], r['gauc_std'])} | "
+                f"| {r['variant']} | {_fmt(r['auc'], r['auc_std'])} | {_delta_cell(r)} | "
+                f"{_fmt(r['gauc'], r['gauc_std'])} | "
                 f"{_fmt(r['logloss'], r['logloss_std'])} | {_steps(r)} | {r['gflops']:.4g} | "
                 f"{r['train_samples_per_s']:,.0f} | {r['serve_candidates_per_s']:,} |"
             )
@@ -619,6 +628,8 @@ def main(
 
     rows = rows_of(vs, runs, speed, seed_list, key_of)
     arms = {v.key: load_arm(out, [key_of(v, s) for s in seed_list]) for v in {v.key: v for v in vs}.values()}
+    n_boot = QUICK_BOOT if quick else N_BOOT
+    deltas_vs(rows, config_key(base.to_dict()), arms, lambda r: config_key(r["config"]), n_boot)
     sc = [r for r in rows if r["table"] == "scaling"]
     fits = {
         "max_len": power_law([r["max_len"] for r in sc], [r["auc"] for r in sc]),
@@ -650,7 +661,7 @@ def main(
         "machine": machine(),
         "rows": rows,
         "scaling_fits": fits,
-        "comparison": comparison(rows, base, arms, n_boot=QUICK_BOOT if quick else N_BOOT),
+        "comparison": comparison(rows, base, arms, n_boot=n_boot),
         "verdict_rule": RULE,
         "paper": PAPER,
         "runs": [runs[k] for k, _, _ in plan],

@@ -127,3 +127,18 @@ def combine(states: list[str]) -> str:
     if any(s == "disagrees" for s in states):
         return "disagrees"
     return "agrees" if states and all(s == "agrees" for s in states) else "inconclusive"
+
+
+def deltas_vs(rows: list[dict], base_key: str, arms: dict, key_of_row, n_boot: int = N_BOOT) -> None:
+    """Each row's paired Δ AUC against the base variant, with its CI, as row["delta_vs_base"]
+    (None for the base itself, or without the base's predictions). Computed once per config."""
+    done: dict[str, dict | None] = {}
+    for r in rows:
+        k = key_of_row(r)
+        if k not in done:
+            done[k] = (
+                None
+                if k == base_key or base_key not in arms
+                else paired_delta(arms[base_key], arms[k], n_boot)
+            )
+        r["delta_vs_base"] = done[k]

@@ -122,3 +122,18 @@ def test_comparison_claims_follow_the_intervals():
     again = {c["claim"]: c for c in comparison(rows, base, arms, n_boot=50)}
     first = next(c for k, c in again.items() if k.startswith("LONGER matches"))
     assert first["verdict"] == "disagrees" and "not cheaper" in first["ours"]
+
+
+def test_every_row_gets_its_paired_delta_against_the_base():
+    from bench.verdict import deltas_vs
+
+    rows = [_row("baselines", "longer", 1.0), _row("baselines", "din", 0.1), _row("phd", "R=1", 1.0)]
+    rows[2]["config"] = rows[0]["config"]  # the base appears in two tables
+    arms = {
+        config_key(rows[0]["config"]): _arm([2.0] * 2, seed=1),
+        config_key(rows[1]["config"]): _arm([1.0] * 2, seed=2),
+    }
+    deltas_vs(rows, config_key(rows[0]["config"]), arms, lambda r: config_key(r["config"]), n_boot=100)
+    assert rows[0]["delta_vs_base"] is None and rows[2]["delta_vs_base"] is None
+    d = rows[1]["delta_vs_base"]
+    assert d["ci_low"] <= d["diff"] <= d["ci_high"] < 0  # DIN is weaker than the base here
