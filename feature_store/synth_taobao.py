@@ -27,6 +27,8 @@ import pyarrow as pa
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
+from longer.errors import UsageError
+
 from .io import atomic_dir
 from .synth import T0, SynthConfig, synthesize
 
@@ -55,7 +57,7 @@ def _id_maps(cfg: SynthConfig, rng: np.random.Generator) -> dict[str, np.ndarray
     n = {"user_id": cfg.users, "item_id": cfg.items, "category_id": cfg.n_categories}
     for col, count in n.items():
         if count >= ID_RANGES[col]:
-            raise ValueError(f"{count} {col.split('_')[0]}s exceed Taobao's id range ({ID_RANGES[col]:,})")
+            raise UsageError(f"{count} {col.split('_')[0]}s exceed Taobao's id range ({ID_RANGES[col]:,})")
     return {c: np.r_[0, rng.choice(np.arange(1, ID_RANGES[c]), n[c], replace=False)] for c in n}
 
 

@@ -33,9 +33,9 @@ log_every = 2
 """
 
 
-def tiny_config(tmp_path, max_len=32, model="longer"):
-    path = tmp_path / f"tiny-{max_len}-{model}.toml"
-    path.write_text(TINY.format(max_len=max_len).replace("[model]", f'[model]\nmodel = "{model}"'))
+def tiny_config(tmp_path, max_len=32, arch="longer"):
+    path = tmp_path / f"tiny-{max_len}-{arch}.toml"
+    path.write_text(TINY.format(max_len=max_len).replace("[model]", f'[model]\narch = "{arch}"'))
     return path
 
 
@@ -88,7 +88,7 @@ def test_variants_cover_the_paper_tables_and_share_the_base():
     for v in vs:
         diff = {k for k, x in v.model.to_dict().items() if base.to_dict()[k] != x}
         allowed = {
-            "baselines": {"model"},
+            "baselines": {"arch"},
             "merge": {"merge_k", "merge"},
             "queries": {"query_k", "query_select"},
             "norms": {"norm"},
@@ -205,7 +205,7 @@ def test_bench_quality_needs_a_longer_base(tmp_path, synth_dataset):
             "--data",
             synth_dataset,
             "--config",
-            tiny_config(tmp_path, model="din"),
+            tiny_config(tmp_path, arch="din"),
             "--out",
             tmp_path / "bad",
         ],
