@@ -16,6 +16,9 @@
 * Partitioning: rank r of `world_size` takes the epoch-stream positions p ≥ start with
   (p - start) % world_size == r: disjoint, complete, per-rank counts within one. The state's
   position counts samples of all ranks, so a run can resume with a different world size.
+* `ts_range=(lo, hi)` takes only the split's samples with lo <= ts < hi (a None bound is open):
+  the trainer's validation split is the end of `train/` by time. Row ids keep the split's
+  numbering.
 """
 
 from __future__ import annotations
@@ -94,8 +97,20 @@ class SequenceStore:
 class _RowGroup:
     file: Path
     index: int
-    rows: int
-    first_row: int  # row number of its first row within the split
+    rows: int  # rows this loader takes from it
+    first_row: int  # row number of its first row within the split (row_id: the split's numbering)
+    keep: np.ndarray | None = None  # with a ts_range: the positions taken, else every row
+
+
+def _in_range(ts: np.ndarray, ts_range: tuple[int | None, int | None]) -> np.ndarray:
+    """Positions of the samples with lo <= ts < hi (a None bound is open)."""
+    lo, hi = ts_range
+    mask = np.ones(len(ts), bool)
+    if lo is not None:
+        mask &= ts >= lo
+    if hi is not None:
+        mask &= ts < hi
+    return np.flatnonzero(mask)
 
 
 class BatchLoader:
@@ -119,6 +134,7 @@ class BatchLoader:
         prefetch: int = 0,
         sequences: SequenceStore | None = None,
         spec: FeatureSpec | None = None,
+        ts_range: tuple[int | None, int | None] | None = None,
     ):
         self.data_dir = Path(data_dir)
         self.meta = read_meta(self.data_dir)
@@ -179,16 +195,22 @@ class BatchLoader:
         )
         hist_lists = [f for f in self.history_features if f in self.lists]
         self.sequences = sequences or SequenceStore(self.data_dir, self.history_features, hist_lists)
+        self.ts_range = tuple(ts_range) if ts_range is not None else None
         self.row_groups: list[_RowGroup] = []
         first = 0
         for f in sorted((self.data_dir / split).glob("part-*.parquet")):
-            md = pq.ParquetFile(f).metadata
-            for i in range(md.num_row_groups):
-                n = md.row_group(i).num_rows
-                if n:
-                    self.row_groups.append(_RowGroup(f, i, n, first))
-                    first += n
-        self.num_rows = first
+            pf = pq.ParquetFile(f)
+            for i in range(pf.metadata.num_row_groups):
+                n, keep = pf.metadata.row_group(i).num_rows, None
+                if n and self.ts_range is not None:
+                    keep = _in_range(
+                        pf.read_row_group(i, columns=["ts"]).column("ts").to_numpy(), self.ts_range
+                    )
+                taken = n if keep is None else len(keep)
+                if taken:
+                    self.row_groups.append(_RowGroup(f, i, taken, first, keep))
+                first += n
+        self.num_rows = sum(g.rows for g in self.row_groups)
         self.epoch, self.position = 0, 0
         self._files: dict[Path, pq.ParquetFile] = {}
 
@@ -246,9 +268,10 @@ class BatchLoader:
         if g.file not in self._files:
             self._files[g.file] = pq.ParquetFile(g.file)
         t = self._files[g.file].read_row_group(g.index, columns=self._columns)
-        return t.append_column(
-            "row_id", pa.array(np.arange(g.first_row, g.first_row + g.rows, dtype=np.int64))
-        )
+        row_id = np.arange(g.first_row, g.first_row + t.num_rows, dtype=np.int64)
+        if g.keep is not None:
+            t, row_id = t.take(g.keep), row_id[g.keep]
+        return t.append_column("row_id", pa.array(row_id))
 
     def _samples(self, epoch: int, start: int) -> Iterator[dict[str, np.ndarray]]:
         """This rank's samples of the epoch from stream position `start`, window by window."""

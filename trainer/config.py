@@ -44,6 +44,13 @@ class TrainConfig(ConfigSection):
     deterministic: bool = False
     prefetch: int = 1  # loader thread prefetch depth
     threads: int = 0  # torch threads per process (0: auto, from CPU affinity and quota; trainer/threads.py)
+    # Validation split and early stopping (trainer/early_stop.py): the end of the train split by
+    # time is held out (val_days: its last days; val_frac: its latest fraction of samples),
+    # evaluated every eval_every steps; the run keeps the weights of the best validation AUC and
+    # stops after early_stop evals without improvement (0: runs all `steps`, still keeping the best).
+    val_days: float = 0.0
+    val_frac: float = 0.0
+    early_stop: int = 0
 
     def __post_init__(self):
         need = self.need
@@ -56,6 +63,18 @@ class TrainConfig(ConfigSection):
         self.need_choice("decay", DECAYS)
         self.need_choice("emb_optimizer", EMB_OPTIMIZERS)
         self.need_choice("sharding", SHARDINGS)
+        need(self.val_days >= 0, f"val_days must be >= 0, got {self.val_days}")
+        need(0 <= self.val_frac < 1, f"val_frac must be in [0, 1), got {self.val_frac}")
+        need(not (self.val_days and self.val_frac), "give val_days or val_frac, not both")
+        need(self.early_stop >= 0, f"early_stop must be >= 0, got {self.early_stop}")
+        need(
+            not self.early_stop or ((self.val_days or self.val_frac) and self.eval_every),
+            "early_stop needs a validation split (val_days or val_frac) and eval_every >= 1",
+        )
+
+    @property
+    def has_val(self) -> bool:
+        return bool(self.val_days or self.val_frac)
 
     def lr_at(self, step: int) -> float:
         """Dense learning rate for 0-based `step`: linear warm-up, then the chosen decay."""
