@@ -39,6 +39,10 @@ class Batch(Pipelineable):
     sparse: KeyedJaggedTensor
     hist_ts: torch.Tensor  # int64 (Σ history lengths,): event seconds, aligned with hist_* values
     hist_lengths: torch.Tensor  # int64 (B,)
+    # int64 (B,): the user's events before the sample (the sample's `hist_len`); the loaded
+    # history holds the last `hist_lengths` of them, so history event i has absolute index
+    # hist_total - hist_lengths + i (what the append-stable grid aligns to, longer/window.py)
+    hist_total: torch.Tensor
     ts: torch.Tensor  # int64 (B,): the sample's (request) time
     labels: torch.Tensor  # float32 (B,)
     row_id: torch.Tensor  # int64 (B,): the sample's row number in its split, for predictions
@@ -70,9 +74,12 @@ class Batch(Pipelineable):
 T0 = 1_700_000_000
 
 
-def make_batch(lengths, seed=0, items=500, categories=20, hist=None, cand=None, ts=None, users=None) -> Batch:
+def make_batch(
+    lengths, seed=0, items=500, categories=20, hist=None, cand=None, ts=None, users=None, totals=None
+) -> Batch:
     """A random batch with the given history lengths. `hist` (per sample: dict of lists) and `cand`
-    (per sample: (item, category)), `ts` and `users` override the defaults."""
+    (per sample: (item, category)), `ts` and `users` override the defaults; `totals` the users'
+    event counts (default: the history is all of the user's events)."""
     g = torch.Generator().manual_seed(seed)
     B = len(lengths)
     hist = hist or [
@@ -113,6 +120,7 @@ def make_batch(lengths, seed=0, items=500, categories=20, hist=None, cand=None, 
         ),
         hist_ts=torch.tensor([t for h in hist for t in h["ts"]], dtype=torch.long),
         hist_lengths=torch.tensor([len(h["ts"]) for h in hist], dtype=torch.long),
+        hist_total=torch.tensor(totals or [len(h["ts"]) for h in hist], dtype=torch.long),
         ts=torch.tensor(ts, dtype=torch.long),
         labels=torch.randint(0, 2, (B,), generator=g).float(),
         row_id=torch.arange(B),

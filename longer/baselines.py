@@ -165,6 +165,10 @@ class HSTU(DenseNet):
 def build_model(cfg: ModelConfig) -> RecModel:
     """The model a config names."""
     from .model import Longer
+    from .stable import StableLonger
+
+    if cfg.model in ("longer", "transformer") and cfg.encoding == "append_stable":
+        return RecModel(StableLonger(cfg))
 
     nets = {
         "longer": Longer,

@@ -12,6 +12,7 @@ MODELS = ("longer", "transformer", "din", "din_recent50", "sumpool", "hstu")
 NORMS = ("pre", "post", "hybrid", "hybrid_star")
 MERGES = ("concat", "inner_trans")
 QUERY_SELECTIONS = ("recent", "uniform", "learnable")
+ENCODINGS = ("recency", "append_stable")
 
 
 class ConfigError(ValueError):
@@ -36,6 +37,12 @@ class ModelConfig:
     query_select: str = "recent"
     norm: str = "hybrid"  # HybridNorm; hybrid_star = HybridNorm* (first block Pre-Norm)
     phd_copies: int = 1  # PHD: R copies of each candidate-side token (1 = plain model)
+    # How LONGER's user side encodes time (longer/window.py, longer/stable.py): `recency` aligns
+    # groups, positions and time features to the latest event (every new event changes every
+    # cached K/V); `append_stable` aligns them to the absolute event index, so a state can be
+    # updated with new events, and request-relative recency enters as an attention bias.
+    encoding: str = "recency"
+    time_bias: bool = True  # append_stable: relative time/position bias (log2 buckets, per head)
     # Id spaces: raw ids are hashed (mod) into these table sizes.
     item_buckets: int = 200_003
     category_buckets: int = 1_024
@@ -52,6 +59,11 @@ class ModelConfig:
                 raise ConfigError(f"model config: {msg}")
 
         need(self.model in MODELS, f"model must be one of {MODELS}, got {self.model!r}")
+        need(self.encoding in ENCODINGS, f"encoding must be one of {ENCODINGS}, got {self.encoding!r}")
+        need(
+            self.encoding == "recency" or self.query_select != "uniform",
+            "encoding 'append_stable' needs query_select 'recent' or 'learnable' (uniform queries move with every event)",
+        )
         need(self.norm in NORMS, f"norm must be one of {NORMS}, got {self.norm!r}")
         need(self.merge in MERGES, f"merge must be one of {MERGES}, got {self.merge!r}")
         need(

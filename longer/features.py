@@ -324,6 +324,19 @@ class RecModel(nn.Module):
         """Logits (B, N) for N candidates per user, from the cached user state."""
         return self.net.score_embedded(state, *self.embedding.candidates(cands), cands.ts)
 
+    def update_user(self, state: UserState, new_events) -> UserState:
+        """`state` of users with T events + a batch holding only their n new events (oldest
+        first, `hist_total` = T + n) → the state `encode_user` gives for all T + n events.
+        Only nets with an append-stable user side have it (LONGER with encoding
+        "append_stable", longer/stable.py)."""
+        update = getattr(self.net, "_update", None)
+        if update is None:
+            raise TypeError(
+                f"update_user: model {self.cfg.model!r} with encoding {self.cfg.encoding!r} has no "
+                "incremental update; encode_user the whole history instead"
+            )
+        return update(state, new_events, self.embedding(new_events.sparse))
+
     def forward_reference(self, batch) -> torch.Tensor:
         """The unsplit computation, where the net has one (LONGER): for tests."""
         return self.net.reference(batch, self.embedding(batch.sparse))

@@ -7,7 +7,7 @@ oldest first, has a = T - n + i). The grid is aligned to that index, never to th
 event, so nothing about an event's place in it changes when later events are appended:
 
     group g      = events [g·K, (g+1)·K)           slot s = a mod K (0 = the oldest in the group)
-    last group   = (T - 1) // K                      full unless T is a multiple of K
+    last group   = (T - 1) // K                      partial unless K divides T
     window       = the last G = max_len / K groups (K divides max_len); it slides by whole groups, so it holds
                    between max_len - K + 1 and max_len events once T >= max_len (all T before)
 
@@ -76,11 +76,11 @@ class Grid:
         return torch.cat([values, pad])[self.src]
 
 
-def event_grid(total: torch.Tensor, lengths: torch.Tensor, k: int, groups: int) -> Grid:
+def event_grid(total: torch.Tensor, lengths: torch.Tensor, k: int, groups: int, full: bool = False) -> Grid:
     """The grid of a batch whose user b has `total[b]` events so far, of which the last
     `lengths[b]` are loaded (oldest first, concatenated over users). The loaded events must
     cover the window: lengths >= total - window_start (a loader reading the last max_len events
-    always does)."""
+    always does). `full`: always G columns (a fixed-size state), not just as many as needed."""
     total, lengths = total.long(), lengths.long()
     if bool((lengths > total).any()):
         b = int(torch.nonzero(lengths > total)[0, 0])
@@ -98,7 +98,7 @@ def event_grid(total: torch.Tensor, lengths: torch.Tensor, k: int, groups: int) 
     dev = total.device
     last = torch.div(total - 1, k, rounding_mode="floor")  # -1 for an empty history
     used = torch.where(total > 0, last - torch.div(start, k, rounding_mode="floor") + 1, 0)
-    cols = max(1, int(used.max()) if used.numel() else 1)
+    cols = groups if full else max(1, int(used.max()) if used.numel() else 1)
     group = last[:, None] - (cols - 1) + torch.arange(cols, device=dev)[None]  # (B, C)
     group = torch.where(group >= torch.div(start, k, rounding_mode="floor")[:, None], group, -1)
     index = group[..., None] * k + torch.arange(k, device=dev)  # (B, C, K)
