@@ -34,9 +34,15 @@ W = max(n_q, K) tail; every shape fixed by the config, so a state has a bounded 
     tail, tail_ts (B, W, d), (B, W)  the W latest events' tokens and times: what update_user
                                      needs to rebuild the partial group and the queries
 
-`state_bytes(cfg)` is what this costs per user (tensor payload, fp32 or given dtype), e.g. the
-tiny test config (d 32, 3 layers, max_len 64, K 4, k 8): 2·4·(2+16)·32 + 2·2·4·(2+8)·32 ... see
-the function; group_ts adds 8·G bytes, the tail W·(4d + 8).
+`state_bytes(cfg)` is the tensor payload per user, the same at every history length (the
+config fixes every shape) (the Redis value adds the codec's ~1 KB header). What recency's state does not
+have: total (8 B), group_ts (8·G B) and the tail (W·(4d + 8) B in fp32). Figures (fp32):
+
+    config                                   bytes/user   of which group_ts + tail + total
+    configs/tiny.toml (d 32, L 64, K 4, k 8)     11,126         128 + 1,088 + 8
+    defaults (d 64, L 256, K 4, k 32)            60,532         512 + 8,448 + 8
+    bench serve shape, L 1,000 (K 8, k 100)     145,149       1,000 + 26,400 + 8
+    bench serve shape, L 2,000                  210,274       2,000 + 26,400 + 8
 """
 
 from __future__ import annotations
@@ -132,8 +138,12 @@ class StableLonger(Longer):
         """The append-stable part of the state, and the merged groups (B, G, d)."""
         K = self.cfg.merge_k
         lengths = emb["hist_item_id"].lengths().long()
-        total = getattr(batch, "hist_total", None)
-        total = lengths if total is None else total.long()
+        if getattr(batch, "hist_total", None) is None:
+            raise ValueError(
+                "append_stable encoding: the batch has no hist_total (each user's event count), "
+                "which places the events on the grid"
+            )
+        total = batch.hist_total.long()
         grid = event_grid(total, lengths, K, self.n_groups, full=True)
         ts = grid.gather(batch.hist_ts.long())
         item, cat, act = (grid.gather(emb[k].values()) for k in HISTORY_KEYS)

@@ -189,6 +189,7 @@ def test_state_bytes_at_max_len(kw):
     with torch.no_grad():
         s = m.encode_user(window_batch(h, 200, 64))
     payload = sum(t.numel() * t.element_size() for t in s.tensors.values())
+    assert state_bytes(TINY) == 11_126  # the figure longer/stable.py's docstring quotes
     assert payload == state_bytes(m.cfg)
     assert s["group_ts"].shape == (1, 64 // m.cfg.merge_k) and s["group_ts"].dtype == torch.int64
     blob = codec.encode(s.tensors, "fp32", {"user_id": 7})
@@ -202,3 +203,11 @@ def test_split_equals_reference_when_only_the_last_max_len_events_are_loaded():
     b = make_batch([64, 64, 64, 10], totals=[65, 66, 203, 10], seed=3)
     with torch.no_grad():
         torch.testing.assert_close(m(b), m.forward_reference(b), atol=1e-5, rtol=0)
+
+
+def test_a_batch_without_hist_total_is_refused():
+    m = model()
+    b = make_batch([5])
+    b.hist_total = None
+    with pytest.raises(ValueError, match="no hist_total"):
+        m.encode_user(b)
