@@ -43,7 +43,7 @@ from pathlib import Path
 from bench import machine, median_seconds
 from bench.train import TOKENS_PER_BATCH
 
-TABLES = ("baselines", "merge", "queries", "norms", "phd", "scaling")
+PAPER_TABLES = ("baselines", "merge", "queries", "norms", "phd", "scaling")
 TABLE_TITLES = {
     "baselines": "Table 1 analogue: sequence baselines",
     "merge": "Table 2 analogue: token merge",
@@ -91,7 +91,7 @@ def default_lengths(base_len: int, data_len: int, quick: bool) -> list[int]:
     return lengths
 
 
-def variants(base, lengths: list[int], quick: bool = False, tables=TABLES) -> list[Variant]:
+def variants(base, lengths: list[int], quick: bool = False, tables=PAPER_TABLES) -> list[Variant]:
     """The rows of every table, each a full ModelConfig derived from `base` (a LONGER config)."""
     L, k0, K0 = base.max_len, base.query_k, base.merge_k
     out: list[Variant] = []
@@ -101,7 +101,7 @@ def variants(base, lengths: list[int], quick: bool = False, tables=TABLES) -> li
             out.append(Variant(table, label, base.replace(**kw)))
 
     for m in BASELINES:
-        add("baselines", m, model=m)
+        add("baselines", m, arch=m)
     merges = [(1, "concat"), (4, "concat"), (4, "inner_trans"), (8, "concat"), (8, "inner_trans")]
     if quick:
         merges = [(1, "concat"), (4, "inner_trans"), (8, "concat"), (8, "inner_trans")]
@@ -198,11 +198,11 @@ def train_all(
                 try:
                     rec = {"key": k, "seed": s, "model": c["model"], **f.result()}
                 except Exception as e:
-                    raise RuntimeError(f"run {c['model']['model']} (seed {s}, key {k}) failed: {e}") from e
+                    raise RuntimeError(f"run {c['model']['arch']} (seed {s}, key {k}) failed: {e}") from e
                 done[k] = rec
                 jf.write(json.dumps(rec) + "\n")
                 jf.flush()
-                bar.set_postfix(last=f"{c['model']['model']} auc={rec['auc']:.4f}")
+                bar.set_postfix(last=f"{c['model']['arch']} auc={rec['auc']:.4f}")
                 bar.update(1)
     finally:
         bar.close()
@@ -218,16 +218,16 @@ def throughput(cfg, device: str, seconds: float) -> dict:
     `cfg`, on random full-length histories (speed does not depend on the weights)."""
     import torch
 
-    from feature_store.batch import make_batch
-    from longer.baselines import build_model
-    from longer.features import Candidates
+    from bench.batches import random_batch
+    from longer.interface import Candidates
+    from longer.recmodel import build_model
 
     torch.manual_seed(0)
     dev = torch.device(device)
     model = build_model(cfg).to(dev)
     L = cfg.max_len
     B = max(1, TOKENS_PER_BATCH // L)
-    batch = make_batch([L] * B, seed=0, items=100_000, categories=500).to(dev)
+    batch = random_batch([L] * B, seed=0, items=100_000, categories=500).to(dev)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
 
     def train_step():
@@ -240,7 +240,7 @@ def throughput(cfg, device: str, seconds: float) -> dict:
 
     train_s = median_seconds(train_step, steps=3, seconds=seconds)
     model.eval()
-    user = make_batch([L], seed=1, items=100_000, categories=500).to(dev)
+    user = random_batch([L], seed=1, items=100_000, categories=500).to(dev)
     g = torch.Generator().manual_seed(2)
     cands = Candidates(
         item_id=torch.randint(0, 100_000, (1, SERVE_CANDIDATES), generator=g).to(dev),
@@ -295,7 +295,7 @@ def rows_of(
         row = {
             "table": v.table,
             "variant": v.label,
-            "model": v.model.model,
+            "arch": v.model.arch,
             "max_len": v.model.max_len,
             "seeds": seeds,
             "gflops": forward_flops(v.model) / 1e9,
@@ -339,9 +339,7 @@ def comparison(rows: list[dict], base) -> list[dict]:
             }
         )
     if lo:
-        others = [
-            r for r in rows if r["table"] == "baselines" and r["model"] not in ("longer", "transformer")
-        ]
+        others = [r for r in rows if r["table"] == "baselines" and r["arch"] not in ("longer", "transformer")]
         if others:
             best = max(others, key=lambda r: r["auc"])
             checks.append(
@@ -422,7 +420,7 @@ def markdown(result: dict) -> str:
         f"on the hit path ({SERVE_CANDIDATES} candidates against a cached user state).",
         "",
     ]
-    for table in TABLES:
+    for table in PAPER_TABLES:
         tr = [r for r in rows if r["table"] == table]
         if not tr:
             continue
@@ -591,18 +589,18 @@ def main(
     meta = read_meta(data)
     cfg = RunConfig.load(config, list(overrides))
     base = cfg.model
-    if base.model != "longer":
+    if base.arch != "longer":
         raise ConfigError(
-            f'{config}: bench quality needs a LONGER base config (model = "longer"), got {base.model!r}'
+            f'{config}: bench quality needs a LONGER base config (arch = "longer"), got {base.arch!r}'
         )
     if base.max_len > meta["max_len"]:
         raise ConfigError(
             f"{config}: max_len {base.max_len} exceeds the dataset's --max-len {meta['max_len']}"
         )
-    tables = list(tables or TABLES)
-    unknown = sorted(set(tables) - set(TABLES))
+    tables = list(tables or PAPER_TABLES)
+    unknown = sorted(set(tables) - set(PAPER_TABLES))
     if unknown:
-        raise ConfigError(f"--tables: unknown table {unknown[0]!r} (known: {', '.join(TABLES)})")
+        raise ConfigError(f"--tables: unknown table {unknown[0]!r} (known: {', '.join(PAPER_TABLES)})")
     train = cfg.train
     if quick:
         train = replace(

@@ -65,10 +65,10 @@ def _percentiles(ms: list[float]) -> dict:
 def bench_length(work: Path, L: int, cand_counts, reps: int, naive_reps: int) -> list[dict]:
     from fastapi.testclient import TestClient
 
-    from feature_store.batch import make_batch, split_batch
+    from bench.batches import random_batch, split_batch
     from feature_store.online import Event
-    from longer.baselines import build_model
     from longer.config import ModelConfig
+    from longer.recmodel import build_model
     from serving.app import create_app
     from serving.runtime import ModelRuntime
     from serving.settings import Settings
@@ -82,7 +82,7 @@ def bench_length(work: Path, L: int, cand_counts, reps: int, naive_reps: int) ->
     write_bundle(bundle, model.state_dict(), RunConfig(model=cfg), {})
     store, where = _store(L)
     user = 4242
-    hist, _, ts = split_batch(make_batch([L], seed=1, items=100_000, categories=500))
+    hist, _, ts = split_batch(random_batch([L], seed=1, items=100_000, categories=500))
     h = hist[0]
     store.append(
         [
@@ -113,7 +113,7 @@ def bench_length(work: Path, L: int, cand_counts, reps: int, naive_reps: int) ->
                     r = client.post("/v1/score", json=body)
                     timings[path].append((time.perf_counter() - t0) * 1e3)
                     assert r.status_code == 200 and r.json()["user_state"] == path, r.text
-            naive_batch = make_batch(
+            naive_batch = random_batch(
                 [L] * n,
                 hist=hist * n,
                 cand=[(c["item_id"], c["category_id"]) for c in cands],

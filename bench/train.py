@@ -45,15 +45,15 @@ def config(model: str, L: int):
 def worker(model: str, L: int, steps: int, seconds: float) -> dict:
     import torch
 
-    from feature_store.batch import make_batch
-    from longer.baselines import build_model
+    from bench.batches import random_batch
     from longer.flops import forward_flops
+    from longer.recmodel import build_model
 
     torch.manual_seed(0)
     cfg = config(model, L)
     m = build_model(cfg).train()
     B = max(1, TOKENS_PER_BATCH // L)
-    batch = make_batch([L] * B, seed=0, items=100_000, categories=500)
+    batch = random_batch([L] * B, seed=0, items=100_000, categories=500)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
     def step():

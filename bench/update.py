@@ -25,18 +25,19 @@ def _ms(t0: float) -> float:
 
 
 def bench_length(L: int, news, reps: int) -> list[dict]:
-    from feature_store.batch import make_batch, split_batch
-    from longer.baselines import build_model
+    from bench.batches import random_batch, split_batch
     from longer.config import ModelConfig
+    from longer.interface import UserState
+    from longer.recmodel import build_model
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(max_len=L, encoding="append_stable", **SHAPE)).eval()
     total = L + 37  # the window has slid: the last group is partial
-    h = split_batch(make_batch([total], seed=1, items=100_000, categories=500))[0][0]
+    h = split_batch(random_batch([total], seed=1, items=100_000, categories=500))[0][0]
 
     def batch(lo, hi, upto):
         part = {k: v[lo:hi] for k, v in h.items()}
-        return make_batch([hi - lo], hist=[part], users=[4242], totals=[upto], ts=[h["ts"][-1] + 60])
+        return random_batch([hi - lo], hist=[part], users=[4242], totals=[upto], ts=[h["ts"][-1] + 60])
 
     full = batch(total - L, total, total)
     rows = []
@@ -47,9 +48,9 @@ def bench_length(L: int, news, reps: int) -> list[dict]:
             state = model.update_user(before, new)
             net = model.net
             emb = model.embedding(full.sparse)
-            glob = net._globals(emb)
+            glob = net.global_tokens(emb, 1)
             gk, gv = state["k0"][:, :, 2:], state["v0"][:, :, 2:]
-            one = state.select(torch.tensor([0]))
+            one = UserState(dict(state.tensors))
             times = {"encode": [], "update": [], "queries": []}
             for _ in range(reps):  # interleaved, so load on the machine slows all three alike
                 t0 = time.perf_counter()

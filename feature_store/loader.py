@@ -254,13 +254,13 @@ class BatchLoader:
                 cols = {c: np.concatenate([p[c] for p in pending]) for c in pending[0]}
                 b = self.batch_size
                 consumed += b
-                yield self.make_batch({c: v[:b] for c, v in cols.items()}), consumed
+                yield self.assemble({c: v[:b] for c, v in cols.items()}), consumed
                 rest = {c: v[b:] for c, v in cols.items()}
                 pending, have = [rest], have - b
         if have and not self.drop_last:
             cols = {c: np.concatenate([p[c] for p in pending]) for c in pending[0]}
             consumed += have
-            yield self.make_batch(cols), consumed
+            yield self.assemble(cols), consumed
 
     def __iter__(self) -> Iterator[Batch]:
         """The rest of the current epoch; afterwards the state points at the next epoch."""
@@ -274,7 +274,7 @@ class BatchLoader:
         self.epoch, self.position = epoch + 1, 0
 
     # --- batch assembly -----------------------------------------------------------------------
-    def make_batch(self, cols: dict[str, np.ndarray]) -> Batch:
+    def assemble(self, cols: dict[str, np.ndarray]) -> Batch:
         """Join samples to their users' sequences (point in time) and build the KJT."""
         user = cols["user_id"]
         hist_len = cols["hist_len"].astype(np.int64)

@@ -1,6 +1,8 @@
 """Sequence baselines in the same framework (same embeddings, tokens and head as LONGER), so
-the paper's Table 1 can be reproduced on public data. `transformer` is not here: it is
-`Longer` with no merge and every token a query (`ModelConfig.effective`).
+the paper's Table 1 (arXiv 2505.04421) can be reproduced on public data. Each is a `DenseNet`
+(longer/interface.py): `encode` the user side once, `score` candidates against it.
+`transformer` is not here: it is `Longer` with no merge and every token a query
+(`ModelConfig.effective`).
 
     sumpool        mean of the history tokens
     din            DIN target attention over the history (activation unit on [h, t, h−t, h⊙t])
@@ -18,22 +20,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .features import DenseNet, Features, Head, History, RecModel, RMSNorm, UserState, log2_bucket
+from .interface import DenseNet, History, UserState
+from .modules import Head, RMSNorm, log2_bucket
+from .tokens import Tokenizer
 
 
 class SumPool(DenseNet):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.features = Features(cfg)
+        self.features = Tokenizer(cfg)
         self.head = Head(cfg)
 
-    def _encode(self, batch, emb) -> UserState:
+    def encode(self, batch, emb) -> UserState:
         hist = self.features.history(emb, batch.hist_ts)
         pooled = hist.tokens.sum(1) / hist.lengths.clamp(min=1)[:, None]
         return UserState({"latest_ts": hist.latest_ts, "user": pooled + self.features.user_token(emb)})
 
-    def _score(self, state, cand):
+    def score(self, state, cand):
         return self.head(state["user"], cand[:, :, 0], cand[:, :, 1])
 
 
@@ -48,14 +52,14 @@ class DIN(DenseNet):
         super().__init__()
         self.cfg = cfg
         d = cfg.d_model
-        self.features = Features(cfg)
+        self.features = Tokenizer(cfg)
         self.w_h = nn.Linear(d, hidden)  # (W1 + W3) h, with the bias
         self.w_t = nn.Linear(d, hidden, bias=False)  # (W2 − W3) t
         self.w_ht = nn.Parameter(torch.randn(d, hidden) / math.sqrt(d))  # W4 (h ⊙ t)
         self.out = nn.Linear(hidden, 1)
         self.head = Head(cfg)
 
-    def _encode(self, batch, emb) -> UserState:
+    def encode(self, batch, emb) -> UserState:
         hist = self.features.history(emb, batch.hist_ts, max_len=self.cfg.history_window)
         return UserState(
             {
@@ -67,7 +71,7 @@ class DIN(DenseNet):
             }
         )
 
-    def _score(self, state, cand):
+    def score(self, state, cand):
         h, valid = state["hist"], state["valid"]
         t = cand[:, :, 0]  # (B, N, d)
         z = (
@@ -119,12 +123,12 @@ class HSTU(DenseNet):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.features = Features(cfg)
+        self.features = Tokenizer(cfg)
         self.layers = nn.ModuleList([HSTULayer(cfg) for _ in range(cfg.n_layers)])
         self.final_norm = RMSNorm(cfg.d_model)
         self.head = Head(cfg)
 
-    def _encode(self, batch, emb) -> UserState:
+    def encode(self, batch, emb) -> UserState:
         hist: History = self.features.history(emb, batch.hist_ts)
         B, L, _ = hist.tokens.shape
         r = torch.arange(L, device=hist.tokens.device).expand(B, L)
@@ -139,7 +143,7 @@ class HSTU(DenseNet):
         state["user"] = self.final_norm(x[:, 0]) * hist.valid[:, :1] + self.features.user_token(emb)
         return state
 
-    def _score(self, state, cand):
+    def score(self, state, cand):
         B, N, T, d = cand.shape
         x = cand.reshape(B, N * T, d)
         hist_ts, valid = state["ts"], state["valid"]
@@ -160,22 +164,3 @@ class HSTU(DenseNet):
             x = layer.attend(x, u, q, keys, vals, torch.cat([bias_u, bias_c], -1), mask)
         out = self.final_norm(x).reshape(B, N, T, d)
         return self.head(state["user"], out[:, :, 0], out[:, :, 1])
-
-
-def build_model(cfg: ModelConfig) -> RecModel:
-    """The model a config names."""
-    from .model import Longer
-    from .stable import StableLonger
-
-    if cfg.model in ("longer", "transformer") and cfg.encoding == "append_stable":
-        return RecModel(StableLonger(cfg))
-
-    nets = {
-        "longer": Longer,
-        "transformer": Longer,
-        "sumpool": SumPool,
-        "hstu": HSTU,
-        "din": DIN,
-        "din_recent50": DIN,
-    }
-    return RecModel(nets[cfg.model](cfg))

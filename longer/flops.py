@@ -67,7 +67,7 @@ def hstu_flops(cfg: ModelConfig) -> int:
 
 def forward_flops(cfg: ModelConfig) -> int:
     """FLOPs of one forward pass for one (user, candidate) sample with a full history."""
-    by_model = {
+    by_arch = {
         "longer": longer_flops,
         "transformer": longer_flops,
         "sumpool": sumpool_flops,
@@ -75,7 +75,7 @@ def forward_flops(cfg: ModelConfig) -> int:
         "din": din_flops,
         "din_recent50": din_flops,
     }
-    return by_model[cfg.model](cfg)
+    return by_arch[cfg.arch](cfg)
 
 
 def paper_merge_ratio(cfg: ModelConfig) -> float:

@@ -31,9 +31,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
-from .features import FFN, DenseNet, Features, Head, History, RMSNorm, UserState
-
-N_GLOBAL = 2  # CLS + user token
+from .interface import DenseNet, History, UserState
+from .modules import FFN, Head, RMSNorm
+from .tokens import Tokenizer
 
 
 class Attention(nn.Module):
@@ -59,10 +59,8 @@ class Attention(nn.Module):
         return self._heads(k, 1), self._heads(v, 2)
 
     def forward(self, q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
-        if mask is not None and mask.dim() == 3:
-            mask = mask[
-                :, None
-            ]  # (B, 1, Tq, Tk): one mask for every head (a float (B, H, Tq, Tk) adds a bias)
+        if mask is not None and mask.dim() == 3:  # a float (B, H, Tq, Tk) mask also adds a bias
+            mask = mask[:, None]  # (B, 1, Tq, Tk): one mask for every head
         out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
         return self.o_proj(out.transpose(1, 2).flatten(2))
 
@@ -102,10 +100,45 @@ class Block(nn.Module):
         return y + self.ffn(self.norm2(y))
 
 
-def block_modes(cfg: ModelConfig) -> list[str]:
+class CrossCausalAttention(Block):
+    """LONGER's first layer (§3.4): the queries are the global tokens and the k query tokens
+    (by default the k most recent events), the keys/values the global tokens and the whole
+    merged sequence, so the cost is k·(L/K) instead of L². A sequence query also sees the
+    global tokens, whose layer-1 keys carry no sequence information."""
+
+    first_layer = True
+
+
+class SelfCausalAttention(Block):
+    """LONGER's later layers (§3.4): causal self-attention among the layer-1 queries only
+    (queries = keys = [global tokens; query tokens]); every query also sees itself."""
+
+    first_layer = False
+
+
+def attention_layers(cfg: ModelConfig) -> list[Block]:
+    """Layer 1 CrossCausalAttention, layers 2..N SelfCausalAttention, norms placed by cfg.norm."""
     if cfg.norm == "hybrid_star":
-        return ["hybrid_first"] + ["hybrid"] * (cfg.n_layers - 1)
-    return [cfg.norm] * cfg.n_layers
+        modes = ["hybrid_first"] + ["hybrid"] * (cfg.n_layers - 1)
+    else:
+        modes = [cfg.norm] * cfg.n_layers
+    return [CrossCausalAttention(cfg, modes[0])] + [SelfCausalAttention(cfg, m) for m in modes[1:]]
+
+
+def user_mask(q_attr: tuple, k_attr: tuple, first_layer: bool) -> torch.Tensor:
+    """(B, Tq, Tk) visibility among user-side tokens (see the module docstring).
+
+    Each attr is (is_global (T,), recency (T,) with -1 for globals, valid (B, T))."""
+    qg, qr, _ = q_attr
+    kg, kr, kv = k_attr
+    causal = ~kg[None, :] & (kr[None, :] >= qr[:, None])  # history at or before the query's event
+    if first_layer:
+        causal = causal | kg[None, :]
+    see = qg[:, None] | causal
+    mask = kv[:, None, :] & see[None]
+    if not first_layer:  # a query always sees itself (padding queries would see nothing)
+        mask = mask | torch.eye(len(qr), dtype=torch.bool, device=qr.device)[None]
+    return mask
 
 
 class InnerTrans(nn.Module):
@@ -145,18 +178,21 @@ class TokenMerge(nn.Module):
 
 
 class Longer(DenseNet):
+    """LONGER's dense part: Tokenizer → global tokens, TokenMerge, CrossCausalAttention, then
+    SelfCausalAttention layers, the head on CLS and the last PHD copy of the candidate tokens."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg = cfg.effective
         d = cfg.d_model
-        self.features = Features(cfg)
-        self.cls = nn.Parameter(torch.randn(d) * 0.02)  # GlobalTokens: learned CLS (+ user token)
+        self.features = Tokenizer(cfg)
+        self.cls = nn.Parameter(torch.randn(d) * 0.02)  # global tokens: the learned CLS
         self.merge = TokenMerge(cfg)
         self.learned_queries = (
             nn.Parameter(torch.randn(cfg.query_k, d) * 0.02) if cfg.query_select == "learnable" else None
         )
         self.copy_emb = nn.Parameter(torch.zeros(cfg.phd_copies, d)) if cfg.phd_copies > 1 else None
-        self.blocks = nn.ModuleList([Block(cfg, m) for m in block_modes(cfg)])
+        self.blocks = nn.ModuleList(attention_layers(cfg))
         self.final_norm = RMSNorm(d)
         self.head = Head(cfg)
 
@@ -173,17 +209,24 @@ class Longer(DenseNet):
             return r[r < L]
         return torch.zeros(0, dtype=torch.long, device=device)
 
-    def _user_tokens(self, batch, emb) -> dict:
-        hist: History = self.features.history(emb, batch.hist_ts, pad_multiple=self.cfg.merge_k)
-        B, L, d = hist.tokens.shape
-        dev = hist.tokens.device
-        glob = torch.stack([self.cls.expand(B, d), self.features.user_token(emb)], dim=1)
+    def global_tokens(self, emb, B: int) -> torch.Tensor:
+        """GlobalTokens (the paper's global tokens): [CLS, user token] (+ the learned queries) → (B, G, d). They
+        attend to, and are seen by, every user-side token; CLS's output feeds the head."""
+        glob = torch.stack([self.cls.expand(B, self.cfg.d_model), self.features.user_token(emb)], dim=1)
         if self.learned_queries is not None:
             glob = torch.cat([glob, self.learned_queries.expand(B, -1, -1)], dim=1)
+        return glob
+
+    def _user_tokens(self, batch, emb) -> dict:
+        """The user side's layer-1 inputs: queries (B, G + k, d), keys/values (B, G + L/K, d)."""
+        hist: History = self.features.history(emb, batch.hist_ts, pad_multiple=self.cfg.merge_k)
+        B, L, _ = hist.tokens.shape  # L: longest history in the batch, padded to a multiple of K
+        dev = hist.tokens.device
+        glob = self.global_tokens(emb, B)  # (B, G, d)
         n_glob = glob.shape[1]
-        r_q = self._query_offsets(L, dev)
-        queries = torch.cat([glob, hist.tokens[:, r_q]], dim=1)
-        merged = self.merge(hist.tokens)
+        r_q = self._query_offsets(L, dev)  # (k,) recency of each sequence query
+        queries = torch.cat([glob, hist.tokens[:, r_q]], dim=1)  # (B, G + k, d)
+        merged = self.merge(hist.tokens)  # (B, L/K, d)
         K = self.cfg.merge_k
         r_m = torch.arange(merged.shape[1], device=dev) * K  # newest event of each group
         true = torch.ones(B, n_glob, dtype=torch.bool, device=dev)
@@ -207,33 +250,19 @@ class Longer(DenseNet):
         rec = torch.cat([torch.full((n_glob,), -1, dtype=torch.long, device=r.device), r])
         return is_glob, rec, valid
 
-    @staticmethod
-    def _user_mask(q_attr, k_attr, first_layer: bool) -> torch.Tensor:
-        """(B, Tq, Tk) visibility among user-side tokens (see the module docstring)."""
-        qg, qr, _ = q_attr
-        kg, kr, kv = k_attr
-        causal = ~kg[None, :] & (kr[None, :] >= qr[:, None])  # history at or before the query's event
-        if first_layer:
-            causal = causal | kg[None, :]
-        see = qg[:, None] | causal
-        mask = kv[:, None, :] & see[None]
-        if not first_layer:  # a query always sees itself (padding queries would see nothing)
-            mask = mask | torch.eye(len(qr), dtype=torch.bool, device=qr.device)[None]
-        return mask
-
     def _run(self, i: int, x, k, v, mask):
         blk = self.blocks[i]
         if self.cfg.checkpoint and self.training and torch.is_grad_enabled():
             return checkpoint(blk, x, k, v, mask, use_reentrant=False)
         return blk(x, k, v, mask)
 
-    def _encode(self, batch, emb) -> UserState:
+    def encode(self, batch, emb) -> UserState:
         u = self._user_tokens(batch, emb)
         state = UserState({"latest_ts": u["hist"].latest_ts})
         x, kv_tokens, k_attr = u["queries"], u["kv1"], u["kv1_attr"]
         for i, blk in enumerate(self.blocks):
             k, v = blk.kv(kv_tokens)
-            mask = self._user_mask(u["q_attr"], k_attr, first_layer=i == 0)
+            mask = user_mask(u["q_attr"], k_attr, blk.first_layer)
             x = self._run(i, x, k, v, mask)
             state[f"k{i}"], state[f"v{i}"], state[f"valid{i}"] = k, v, k_attr[2]
             kv_tokens, k_attr = x, u["q_attr"]
@@ -256,7 +285,7 @@ class Longer(DenseNet):
         within = copy[None, :] <= copy[:, None]
         return torch.block_diag(*[within] * n_cand) if n_cand > 1 else within
 
-    def _score(
+    def score(
         self, state: UserState, cand: torch.Tensor, request_ts: torch.Tensor | None = None
     ) -> torch.Tensor:
         """cand (B, N, 2, d) candidate tokens → logits (B, N), against the cached user state."""
@@ -295,8 +324,8 @@ class Longer(DenseNet):
         B, T = c.shape[:2]
         own = self._copy_mask(1, c.device)
         x, kv_tokens, k_attr = torch.cat([u["queries"], c], 1), torch.cat([u["kv1"], c], 1), u["kv1_attr"]
-        for i, blk in enumerate(self.blocks):
-            uu = self._user_mask(u["q_attr"], k_attr, first_layer=i == 0)
+        for blk in self.blocks:
+            uu = user_mask(u["q_attr"], k_attr, blk.first_layer)
             top = torch.cat([uu, uu.new_zeros(B, uu.shape[1], T)], 2)  # user side never sees candidates
             bottom = torch.cat([k_attr[2][:, None, :].expand(-1, T, -1), own[None].expand(B, -1, -1)], 2)
             k, v = blk.kv(kv_tokens)

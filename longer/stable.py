@@ -51,8 +51,10 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
-from .features import HISTORY_KEYS, UserState, log2_bucket
+from .embedding import HISTORY_KEYS
+from .interface import UserState
 from .model import Longer
+from .modules import log2_bucket
 from .window import event_grid, gap_in_group, group_ts, n_groups, update_span, window_start
 
 
@@ -126,13 +128,6 @@ class StableLonger(Longer):
         last = torch.div(total - 1, K, rounding_mode="floor")
         a = total[:, None] - W + torch.arange(W, device=total.device)
         return start, last, a, a >= start[:, None]
-
-    def _globals(self, emb) -> torch.Tensor:
-        B = emb["user_id"].values().shape[0]
-        glob = torch.stack([self.cls.expand(B, -1), self.features.user_token(emb)], dim=1)
-        if self.learned_queries is not None:
-            glob = torch.cat([glob, self.learned_queries.expand(B, -1, -1)], dim=1)
-        return glob
 
     def _grid_state(self, batch, emb) -> tuple[UserState, torch.Tensor]:
         """The append-stable part of the state, and the merged groups (B, G, d)."""
@@ -257,17 +252,17 @@ class StableLonger(Longer):
     def _latest(self, state: UserState) -> None:
         state["latest_ts"] = torch.where(state["total"] > 0, state["tail_ts"][:, -1], -1)
 
-    def _encode(self, batch, emb) -> UserState:
+    def encode(self, batch, emb) -> UserState:
         state, merged = self._grid_state(batch, emb)
         self._latest(state)
         gk, gv = self.blocks[0].kv(merged)
-        self._layers(state, self._globals(emb), gk, gv)
+        self._layers(state, self.global_tokens(emb, emb["user_id"].values().shape[0]), gk, gv)
         return state
 
     # --- candidate side -----------------------------------------------------------------------
     def score_embedded(self, state, item, category, request_ts) -> torch.Tensor:
         cand = self.features.candidate_tokens(item, category, request_ts, state["latest_ts"])
-        return self._score(state, cand, request_ts)
+        return self.score(state, cand, request_ts)
 
     def _cand_mask(self, state: UserState, i: int, rows, own, request_ts) -> torch.Tensor:
         mask = super()._cand_mask(state, i, rows, own, request_ts)
@@ -290,17 +285,26 @@ class StableLonger(Longer):
         gk, gv = self.blocks[0].kv(merged)
         item, cat = emb["item_id"].values()[:, None], emb["category_id"].values()[:, None]
         c = self._copies(self.features.candidate_tokens(item, cat, batch.ts, state["latest_ts"]))[:, 0]
-        x = self._layers(state, self._globals(emb), gk, gv, cand=c, request_ts=batch.ts)
+        x = self._layers(
+            state,
+            self.global_tokens(emb, emb["user_id"].values().shape[0]),
+            gk,
+            gv,
+            cand=c,
+            request_ts=batch.ts,
+        )
         return self._head(x[:, 0], x[:, None, -c.shape[1] :])[:, 0]
 
     # --- incremental update ---------------------------------------------------------------------
-    def _update(self, state: UserState, batch, emb) -> UserState:
+    def update(self, state: UserState, batch, emb) -> UserState:
+        """RecModel.update_user's work: per user, only the new events' tokens, the groups they
+        touch and the user-side queries are computed."""
         lengths = emb["hist_item_id"].lengths().long()
-        B = state.batch_size
+        B = int(state["total"].shape[0])
         if lengths.shape[0] != B:
             raise ValueError(f"update_user: the state holds {B} users, the new events {lengths.shape[0]}")
         offsets = (torch.cumsum(lengths, 0) - lengths).tolist()
-        glob = self._globals(emb)
+        glob = self.global_tokens(emb, emb["user_id"].values().shape[0])
         parts = []
         for b in range(B):
             sl = slice(offsets[b], offsets[b] + int(lengths[b]))
@@ -308,7 +312,12 @@ class StableLonger(Longer):
             total = int(batch.hist_total[b])
             parts.append(
                 self._update_one(
-                    state.select(torch.tensor([b])), glob[b : b + 1], new, batch.hist_ts[sl], total, b
+                    UserState({k: t[b : b + 1] for k, t in state.tensors.items()}),
+                    glob[b : b + 1],
+                    new,
+                    batch.hist_ts[sl],
+                    total,
+                    b,
                 )
             )
         return UserState({k: torch.cat([p[k] for p in parts]) for k in parts[0].tensors})

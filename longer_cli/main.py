@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 
 
@@ -365,6 +366,9 @@ def error_text(e: Exception, args) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    # torch logs a one-time notice whenever TorchRec asks `is_fx_tracing()` (every KJT does); it
+    # is about torch.export internals, not about anything a user of this command can act on.
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
     from feature_store.io import OutputExistsError
     from feature_store.schema import LogError
 

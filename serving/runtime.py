@@ -13,7 +13,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from feature_store import codec
 from feature_store.batch import DEFAULT_KEYS
-from longer.features import Candidates, UserState
+from longer.interface import Candidates, UserState
 from trainer.export import Bundle, load_bundle
 
 

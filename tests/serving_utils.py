@@ -20,8 +20,8 @@ from tests.conftest import REPO, fresh_prefix
 
 def tiny_bundle(out: Path, seed: int = 0, max_len: int = 64) -> Path:
     """A serving bundle of configs/tiny.toml's model with random weights."""
-    from longer.baselines import build_model
     from longer.config import ModelConfig
+    from longer.recmodel import build_model
     from trainer.config import RunConfig
     from trainer.export import write_bundle
 

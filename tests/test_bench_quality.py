@@ -32,9 +32,9 @@ log_every = 2
 """
 
 
-def tiny_config(tmp_path, max_len=32, model="longer"):
-    path = tmp_path / f"tiny-{max_len}-{model}.toml"
-    path.write_text(TINY.format(max_len=max_len).replace("[model]", f'[model]\nmodel = "{model}"'))
+def tiny_config(tmp_path, max_len=32, arch="longer"):
+    path = tmp_path / f"tiny-{max_len}-{arch}.toml"
+    path.write_text(TINY.format(max_len=max_len).replace("[model]", f'[model]\narch = "{arch}"'))
     return path
 
 
@@ -87,7 +87,7 @@ def test_variants_cover_the_paper_tables_and_share_the_base():
     for v in vs:
         diff = {k for k, x in v.model.to_dict().items() if base.to_dict()[k] != x}
         allowed = {
-            "baselines": {"model"},
+            "baselines": {"arch"},
             "merge": {"merge_k", "merge"},
             "queries": {"query_k", "query_select"},
             "norms": {"norm"},
@@ -111,16 +111,16 @@ def test_power_law_fit_recovers_a_known_law():
     assert power_law([1, 2], [0.5, 0.6]) is None
 
 
-def _row(table, variant, auc, gflops, std=0.001, model="longer"):
-    return {"table": table, "variant": variant, "model": model, "auc": auc, "auc_std": std, "gflops": gflops}
+def _row(table, variant, auc, gflops, std=0.001, arch="longer"):
+    return {"table": table, "variant": variant, "arch": arch, "auc": auc, "auc_std": std, "gflops": gflops}
 
 
 def test_comparison_states_agreement_from_the_numbers():
     base = ModelConfig(max_len=512, merge_k=8, query_k=100)
     rows = [
-        _row("baselines", "transformer", 0.80, 4.0, model="transformer"),
+        _row("baselines", "transformer", 0.80, 4.0, arch="transformer"),
         _row("baselines", "longer", 0.81, 1.0),
-        _row("baselines", "din", 0.79, 0.1, model="din"),
+        _row("baselines", "din", 0.79, 0.1, arch="din"),
         _row("queries", "all (512) recent", 0.81, 2.0),
         _row("queries", "k=100 recent", 0.81, 1.0),
         _row("queries", "k=100 uniform", 0.805, 1.0),
@@ -217,7 +217,7 @@ def test_bench_quality_needs_a_longer_base(tmp_path, synth_dataset):
             "--data",
             synth_dataset,
             "--config",
-            tiny_config(tmp_path, model="din"),
+            tiny_config(tmp_path, arch="din"),
             "--out",
             tmp_path / "bad",
         ],

@@ -1,13 +1,13 @@
 import pytest
 import torch
 
-from longer.baselines import build_model
-from longer.config import MODELS
+from bench.batches import random_batch
+from longer.config import ARCHS
 from longer.flops import forward_flops, measured_flops, paper_merge_ratio
-from tests.model_utils import make_batch
+from longer.recmodel import build_model
 from tests.test_model import TINY
 
-CASES = [(name, {}) for name in MODELS] + [
+CASES = [(name, {}) for name in ARCHS] + [
     ("longer", kw)
     for kw in (
         {"merge": "concat"},
@@ -22,10 +22,10 @@ CASES = [(name, {}) for name in MODELS] + [
 
 @pytest.mark.parametrize("name,kw", CASES)
 def test_analytic_flops_match_flop_counter(name, kw):
-    cfg = TINY.replace(model=name, din_recent=16, **kw)
+    cfg = TINY.replace(arch=name, din_recent=16, **kw)
     torch.manual_seed(0)
     m = build_model(cfg).eval()
-    b = make_batch([cfg.max_len] * 4, seed=1)  # full histories: the analytic case
+    b = random_batch([cfg.max_len] * 4, seed=1)  # full histories: the analytic case
     measured = measured_flops(m, b)
     assert measured > 0
     assert abs(measured - forward_flops(cfg)) <= 0.10 * measured, (measured, forward_flops(cfg))
@@ -33,7 +33,7 @@ def test_analytic_flops_match_flop_counter(name, kw):
 
 def test_merge_and_queries_cut_flops():
     cfg = TINY.replace(max_len=2048, merge_k=8, query_k=96, d_model=32)
-    assert forward_flops(cfg) < 0.25 * forward_flops(cfg.replace(model="transformer"))
+    assert forward_flops(cfg) < 0.25 * forward_flops(cfg.replace(arch="transformer"))
     concat = cfg.replace(merge="concat")
     assert forward_flops(concat) < forward_flops(concat.replace(merge_k=1))
 

@@ -3,12 +3,12 @@ import copy
 import pytest
 import torch
 
-from longer.baselines import build_model
-from longer.config import MODELS, ConfigError, ModelConfig
-from longer.features import Candidates
+from bench.batches import random_batch, split_batch
+from longer.config import ARCHS, ConfigError, ModelConfig
+from longer.interface import Candidates
 from longer.model import Longer
+from longer.recmodel import build_model
 from tests.conftest import REPO
-from tests.model_utils import make_batch, split_batch
 
 TINY = ModelConfig.from_toml(REPO / "configs" / "tiny.toml")  # max_len 64, K 4, k 8, 3 layers
 LENGTHS = [0, 1, 3, 4, 5, 17, 40, 64, 90, 64]  # empty, partial groups, full, longer than max_len
@@ -27,7 +27,7 @@ ENCODINGS = pytest.mark.parametrize("encoding", ["recency", "append_stable"])
 @pytest.mark.parametrize("R", [1, 2, 3])
 def test_split_equals_unsplit_reference(norm, R, encoding):
     m = model(norm=norm, phd_copies=R, encoding=encoding)
-    b = make_batch(LENGTHS)
+    b = random_batch(LENGTHS)
     with torch.no_grad():
         split, ref = m(b), m.forward_reference(b)
     assert torch.isfinite(split).all()
@@ -41,32 +41,32 @@ def test_split_equals_unsplit_reference(norm, R, encoding):
         {"query_select": "learnable"},
         {"merge": "concat"},
         {"merge_k": 1},
-        {"model": "transformer"},
+        {"arch": "transformer"},
         {"query_k": 64},
         {"encoding": "append_stable", "query_select": "learnable"},
         {"encoding": "append_stable", "merge": "concat"},
         {"encoding": "append_stable", "merge_k": 1},
         {"encoding": "append_stable", "time_bias": False},
-        {"encoding": "append_stable", "model": "transformer"},
+        {"encoding": "append_stable", "arch": "transformer"},
         {"encoding": "append_stable", "query_k": 64},
     ],
 )
 def test_split_equals_reference_other_settings(kw):
     m = model(**kw)
-    b = make_batch(LENGTHS, seed=1)
+    b = random_batch(LENGTHS, seed=1)
     with torch.no_grad():
         torch.testing.assert_close(m(b), m.forward_reference(b), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", ARCHS)
 def test_many_candidates_against_one_state_equal_per_sample_forward(name):
     """The serving path: one user × N candidates scored against one UserState."""
-    m = model(model=name, phd_copies=2 if name == "longer" else 1, cand_chunk=4)
+    m = model(arch=name, phd_copies=2 if name == "longer" else 1, cand_chunk=4)
     n = 11  # not a multiple of cand_chunk: exercises the padding of the last chunk
-    base = make_batch([37], seed=2)
+    base = random_batch([37], seed=2)
     hist, _, ts = split_batch(base)
     cands = [(i * 7 + 3, i % 5) for i in range(n)]
-    per_sample = make_batch([37] * n, hist=hist * n, cand=cands, ts=ts * n, users=[1] * n)
+    per_sample = random_batch([37] * n, hist=hist * n, cand=cands, ts=ts * n, users=[1] * n)
     with torch.no_grad():
         expected = m(per_sample)
         state = m.encode_user(base)
@@ -81,12 +81,12 @@ def test_many_candidates_against_one_state_equal_per_sample_forward(name):
     torch.testing.assert_close(got[0], expected, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", ARCHS)
 def test_candidate_never_changes_the_user_state(name):
-    m = model(model=name, phd_copies=3 if name == "longer" else 1)
-    b = make_batch(LENGTHS, seed=3)
+    m = model(arch=name, phd_copies=3 if name == "longer" else 1)
+    b = random_batch(LENGTHS, seed=3)
     hist, cand, ts = split_batch(b)
-    other = make_batch(LENGTHS, hist=hist, cand=[(c[0] + 1, c[1] + 1) for c in cand], ts=ts)
+    other = random_batch(LENGTHS, hist=hist, cand=[(c[0] + 1, c[1] + 1) for c in cand], ts=ts)
     with torch.no_grad():
         s1, s2 = m.encode_user(b), m.encode_user(other)
         assert s1.tensors.keys() == s2.tensors.keys()
@@ -102,24 +102,24 @@ def test_candidate_never_changes_the_user_state(name):
         {"query_select": "uniform"},
         {"merge": "concat"},
         {"norm": "pre"},
-        {"model": "transformer"},
+        {"arch": "transformer"},
         {"encoding": "append_stable"},
         {"encoding": "append_stable", "merge": "concat"},
         {"encoding": "append_stable", "norm": "pre"},
-        {"encoding": "append_stable", "model": "transformer"},
+        {"encoding": "append_stable", "arch": "transformer"},
     ],
 )
 def test_queries_never_see_later_events(kw):
     """Perturbing events more recent than recency r leaves every sequence query at recency >= r unchanged."""
     m = model(**kw)
     L, r = 64, 5
-    b = make_batch([L], seed=4)
+    b = random_batch([L], seed=4)
     hist, cand, ts = split_batch(b)
     later = copy.deepcopy(hist)
     for key in ("hist_item_id", "hist_category_id", "hist_action"):
         for j in range(L - r, L):  # oldest-first lists: the last r events are the r most recent
             later[0][key][j] = (later[0][key][j] + 5) % 20 + 1
-    b2 = make_batch([L], hist=later, cand=cand, ts=ts)
+    b2 = random_batch([L], hist=later, cand=cand, ts=ts)
     outs = []
     for batch in (b, b2):
         captured = []
@@ -141,26 +141,26 @@ def test_queries_never_see_later_events(kw):
     assert not torch.allclose(outs[0][-1][:, 0], outs[1][-1][:, 0])
 
 
-@pytest.mark.parametrize("name", MODELS + ("append_stable",))
+@pytest.mark.parametrize("name", ARCHS + ("append_stable",))
 def test_extra_padding_leaves_scores_unchanged(name):
     """A sample scored alone equals the same sample in a batch padded for a longer history."""
-    m = model(encoding="append_stable") if name == "append_stable" else model(model=name)
-    alone = make_batch([9], seed=5)
+    m = model(encoding="append_stable") if name == "append_stable" else model(arch=name)
+    alone = random_batch([9], seed=5)
     hist, cand, ts = split_batch(alone)
-    long = make_batch([60], seed=6)
+    long = random_batch([60], seed=6)
     h2, c2, t2 = split_batch(long)
-    together = make_batch([9, 60], hist=hist + h2, cand=cand + c2, ts=ts + t2)
+    together = random_batch([9, 60], hist=hist + h2, cand=cand + c2, ts=ts + t2)
     with torch.no_grad():
         torch.testing.assert_close(m(alone)[0], m(together)[0], atol=1e-5, rtol=0)
 
 
 def test_history_beyond_max_len_is_ignored():
     m = model()
-    b = make_batch([100], seed=7)
+    b = random_batch([100], seed=7)
     hist, cand, ts = split_batch(b)
     cut = [{k: v[-64:] for k, v in hist[0].items()}]
     with torch.no_grad():
-        torch.testing.assert_close(m(b), m(make_batch([64], hist=cut, cand=cand, ts=ts)), atol=1e-6, rtol=0)
+        torch.testing.assert_close(m(b), m(random_batch([64], hist=cut, cand=cand, ts=ts)), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize(
@@ -170,16 +170,16 @@ def test_history_beyond_max_len_is_ignored():
         {"phd_copies": 2, "norm": "hybrid_star"},
         {"query_select": "learnable"},
         {"merge": "concat"},
-        {"model": "transformer"},
-        {"model": "din"},
-        {"model": "din_recent50"},
-        {"model": "sumpool"},
-        {"model": "hstu"},
+        {"arch": "transformer"},
+        {"arch": "din"},
+        {"arch": "din_recent50"},
+        {"arch": "sumpool"},
+        {"arch": "hstu"},
     ],
 )
 def test_every_parameter_gets_a_gradient(kw):
     m = model(**kw).train()
-    b = make_batch([64, 70, 30, 5, 64, 64], seed=8)
+    b = random_batch([64, 70, 30, 5, 64, 64], seed=8)
     loss = torch.nn.functional.binary_cross_entropy_with_logits(m(b), b.labels)
     loss.backward()
     missing = [n for n, p in m.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
@@ -191,8 +191,8 @@ def test_every_parameter_gets_a_gradient(kw):
 
 @pytest.mark.parametrize("name", ["longer", "hstu", "din"])
 def test_bf16_autocast_close_to_fp32(name):
-    m = model(model=name, phd_copies=2 if name == "longer" else 1)
-    b = make_batch(LENGTHS, seed=9)
+    m = model(arch=name, phd_copies=2 if name == "longer" else 1)
+    b = random_batch(LENGTHS, seed=9)
     with torch.no_grad():
         ref = m(b)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -202,7 +202,7 @@ def test_bf16_autocast_close_to_fp32(name):
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
-    b = make_batch([64, 20, 3], seed=10)
+    b = random_batch([64, 20, 3], seed=10)
     grads = []
     for ckpt in (False, True):
         m = model(checkpoint=ckpt).train()
@@ -212,11 +212,11 @@ def test_activation_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", ARCHS)
 def test_each_model_learns(name):
     """A few Adam steps on a fixed batch with a learnable rule drive the loss down."""
-    m = model(model=name).train()
-    b = make_batch([64, 64, 40, 12, 64, 50, 64, 33] * 4, seed=11)
+    m = model(arch=name).train()
+    b = random_batch([64, 64, 40, 12, 64, 50, 64, 33] * 4, seed=11)
     b.labels = (b.sparse["item_id"].values() % 2).float()  # the candidate's id decides
     opt = torch.optim.Adam(m.parameters(), lr=3e-3)
     losses = []
@@ -238,7 +238,7 @@ def test_each_model_learns(name):
         ({"merge_k": 3}, "must divide max_len"),
         ({"norm": "layer"}, "norm must be one of"),
         ({"phd_copies": 0}, "phd_copies must be an integer >= 1"),
-        ({"model": "gpt"}, "model must be one of"),
+        ({"arch": "gpt"}, "arch must be one of"),
     ],
 )
 def test_impossible_configs_are_refused(kw, msg):
@@ -260,13 +260,13 @@ def test_toml_configs_load_and_unknown_keys_are_refused(tmp_path):
 
 
 def test_transformer_is_longer_without_merge_or_query_sampling():
-    m = model(model="transformer")
+    m = model(arch="transformer")
     assert isinstance(m.net, Longer) and m.cfg.merge_k == 1 and m.cfg.query_k == TINY.max_len
 
 
 def test_phd_copy_j_never_sees_later_copies():
     m = model(phd_copies=3)
-    b = make_batch([30, 64], seed=12)
+    b = random_batch([30, 64], seed=12)
     outs = []
     for bump in (0.0, 1.0):
         with torch.no_grad():

@@ -5,12 +5,12 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from sklearn.metrics import roc_auc_score as auc
 
 from feature_store.builder import BuildConfig, build
 from feature_store.importers import import_movielens
 from feature_store.synth import SynthConfig, synthesize
 from tests.conftest import shared_dataset
-from tests.metrics_ref import auc
 from tests.test_trainer import run, run_toml
 
 pytestmark = pytest.mark.slow

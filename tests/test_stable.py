@@ -1,15 +1,16 @@
-"""The append-stable LONGER (longer/stable.py): update_user equals encode_user, split equals
-unsplit, causality, and the state's size."""
+"""The append-stable LONGER (longer/stable.py): update_user equals encode_user, appended events
+leave old groups alone, the request-time bias, the state's size. (Split-vs-unsplit, causality
+and padding run for both encodings in test_model.py.)"""
 
 import pytest
 import torch
 
+from bench.batches import random_batch, split_batch
 from feature_store import codec
-from longer.baselines import build_model
 from longer.config import ConfigError, ModelConfig
+from longer.recmodel import build_model
 from longer.stable import state_bytes
 from tests.conftest import REPO
-from tests.model_utils import make_batch, split_batch
 
 TINY = ModelConfig.from_toml(REPO / "configs" / "tiny.toml").replace(encoding="append_stable")
 
@@ -21,21 +22,21 @@ def model(seed=0, **kw):
 
 def user_events(n, seed):
     """One user's n events (oldest first): dict of lists, times increasing."""
-    return split_batch(make_batch([n], seed=seed))[0][0]
+    return split_batch(random_batch([n], seed=seed))[0][0]
 
 
 def window_batch(h, upto, max_len, user=7):
     """The encode_user input for a user's first `upto` events: the last max_len of them."""
     lo = max(0, upto - max_len)
     part = {k: v[lo:upto] for k, v in h.items()}
-    return make_batch(
+    return random_batch(
         [upto - lo], hist=[part], users=[user], totals=[upto], ts=[h["ts"][upto - 1] + 60 if upto else 0]
     )
 
 
 def new_events_batch(h, lo, hi, user=7):
     part = {k: v[lo:hi] for k, v in h.items()}
-    return make_batch([hi - lo], hist=[part], users=[user], totals=[hi], ts=[0])
+    return random_batch([hi - lo], hist=[part], users=[user], totals=[hi], ts=[0])
 
 
 def assert_states_close(a, b):
@@ -88,7 +89,7 @@ def test_update_equals_encode_every_norm(norm, R):
         {"merge_k": 16, "merge": "concat"},
         {"query_select": "learnable"},
         {"time_bias": False},
-        {"model": "transformer"},
+        {"arch": "transformer"},
         {"phd_copies": 3, "norm": "post"},
     ],
 )
@@ -114,7 +115,7 @@ def test_update_of_a_batch_of_users_with_different_counts():
 
     def batch(lo, hi):
         parts = [{k: v[a:b] for k, v in h.items()} for h, a, b in zip(hs, lo, hi)]
-        return make_batch([b - a for a, b in zip(lo, hi)], hist=parts, users=[1, 2, 3], totals=hi)
+        return random_batch([b - a for a, b in zip(lo, hi)], hist=parts, users=[1, 2, 3], totals=hi)
 
     with torch.no_grad():
         before = m.encode_user(batch([max(0, s - 64) for s in starts], starts))
@@ -136,7 +137,7 @@ def test_update_refuses_missed_events():
 
 def test_recency_model_has_no_update():
     m = model(encoding="recency")
-    b = make_batch([5])
+    b = random_batch([5])
     with pytest.raises(TypeError, match="no incremental update"):
         m.update_user(m.encode_user(b), b)
 
@@ -158,9 +159,9 @@ def test_old_tokens_and_groups_never_change_when_events_are_appended():
 
 def test_time_bias_makes_scores_depend_on_request_time():
     m = model()
-    b = make_batch([30], seed=2)
+    b = random_batch([30], seed=2)
     hist, cand, ts = split_batch(b)
-    later = make_batch([30], hist=hist, cand=cand, ts=[ts[0] + 86400 * 50])
+    later = random_batch([30], hist=hist, cand=cand, ts=[ts[0] + 86400 * 50])
     with torch.no_grad():
         s = m.encode_user(b)
         a1 = m.net.score_embedded(s, *cand_emb(m, b))
@@ -170,7 +171,7 @@ def test_time_bias_makes_scores_depend_on_request_time():
 
 def test_every_parameter_gets_a_gradient():
     m = model(phd_copies=2).train()
-    b = make_batch([64, 70, 30, 5, 64, 64], seed=8, totals=[64, 70, 30, 5, 200, 64])
+    b = random_batch([64, 70, 30, 5, 64, 64], seed=8, totals=[64, 70, 30, 5, 200, 64])
     torch.nn.functional.binary_cross_entropy_with_logits(m(b), b.labels).backward()
     missing = [n for n, p in m.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
     assert not missing, missing
@@ -200,14 +201,14 @@ def test_state_bytes_at_max_len(kw):
 
 def test_split_equals_reference_when_only_the_last_max_len_events_are_loaded():
     m = model(phd_copies=2)
-    b = make_batch([64, 64, 64, 10], totals=[65, 66, 203, 10], seed=3)
+    b = random_batch([64, 64, 64, 10], totals=[65, 66, 203, 10], seed=3)
     with torch.no_grad():
         torch.testing.assert_close(m(b), m.forward_reference(b), atol=1e-5, rtol=0)
 
 
 def test_a_batch_without_hist_total_is_refused():
     m = model()
-    b = make_batch([5])
+    b = random_batch([5])
     b.hist_total = None
     with pytest.raises(ValueError, match="no hist_total"):
         m.encode_user(b)

@@ -29,7 +29,7 @@ def test_overrides_are_typed_and_validated():
         ("train.decay=exp", "decay must be one of"),
         ("train.sharding=column", "sharding must be one of"),
         ("model.checkpoint=5", "checkpoint must be bool"),
-        ("train.steps=0", "steps must be >= 1"),
+        ("train.steps=0", "steps must be an integer >= 1"),
     ],
 )
 def test_bad_overrides_name_the_problem(override, msg):
@@ -52,3 +52,23 @@ def test_learning_rate_schedule():
     assert TrainConfig(steps=100, lr=2.0, warmup_steps=0, decay="none").lr_at(77) == 2.0
     values = [t.lr_at(s) for s in range(10, 100)]
     assert all(a >= b for a, b in itertools.pairwise(values))
+
+
+def test_old_model_key_still_loads_with_a_rename_warning(tmp_path):
+    """`[model] model = ...` (before the kind was named `arch`) loads as arch, with a FutureWarning."""
+    (tmp_path / "old.toml").write_text('[model]\nmodel = "din"\nmax_len = 32\n')
+    with pytest.warns(FutureWarning, match=r"rename \[model\] model to \[model\] arch"):
+        cfg = RunConfig.load(tmp_path / "old.toml")
+    assert cfg.model.arch == "din" and cfg.model.max_len == 32
+    (tmp_path / "plain.toml").write_text("[model]\nmax_len = 32\n")
+    with pytest.warns(FutureWarning, match="rename"):  # the old name as a command-line override
+        assert RunConfig.load(tmp_path / "plain.toml", ["model.model=hstu"]).model.arch == "hstu"
+    assert RunConfig.load(REPO / "configs" / "tiny.toml", ["model.arch=sumpool"]).model.arch == "sumpool"
+
+
+def test_old_and_new_model_key_together_are_refused(tmp_path):
+    (tmp_path / "both.toml").write_text('[model]\nmodel = "din"\narch = "longer"\n')
+    with pytest.raises(ConfigError, match=r"both\.toml \[model\]: both 'model' and 'arch'"):
+        RunConfig.load(tmp_path / "both.toml")
+    with pytest.raises(ConfigError, match="both 'model' and 'arch'"):
+        RunConfig.load(REPO / "configs" / "tiny.toml", ["model.model=din"])  # tiny.toml sets arch

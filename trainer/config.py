@@ -8,10 +8,11 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import tomllib
 
-from longer.config import ConfigError, ModelConfig, dataclass_from_dict
+from longer.config import ConfigError, ConfigSection, ModelConfig
 
 EMB_OPTIMIZERS = ("rowwise_adagrad", "adam")
 DECAYS = ("cosine", "linear", "none")
@@ -19,7 +20,9 @@ SHARDINGS = ("auto", "row_wise", "table_wise")
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(ConfigSection):
+    section: ClassVar[str] = "train"
+
     steps: int = 1000  # optimizer steps in the whole run (each = one batch on every rank)
     batch_size: int = 256  # per rank
     eval_batch_size: int = 1024
@@ -42,24 +45,16 @@ class TrainConfig:
     prefetch: int = 1  # loader thread prefetch depth
 
     def __post_init__(self):
-        def need(cond, msg):
-            if not cond:
-                raise ConfigError(f"train config: {msg}")
-
-        for name in ("steps", "batch_size", "eval_batch_size", "log_every", "shuffle_window"):
-            need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every", "checkpoint_every", "warmup_steps", "prefetch"):
-            need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        need = self.need
+        self.need_ints(("steps", "batch_size", "eval_batch_size", "log_every", "shuffle_window"), minimum=1)
+        self.need_ints(("eval_every", "checkpoint_every", "warmup_steps", "prefetch"), minimum=0)
         for name in ("lr", "emb_lr"):
             need(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
         need(self.weight_decay >= 0 and self.grad_clip >= 0, "weight_decay and grad_clip must be >= 0")
         need(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        need(self.decay in DECAYS, f"decay must be one of {DECAYS}, got {self.decay!r}")
-        need(
-            self.emb_optimizer in EMB_OPTIMIZERS,
-            f"emb_optimizer must be one of {EMB_OPTIMIZERS}, got {self.emb_optimizer!r}",
-        )
-        need(self.sharding in SHARDINGS, f"sharding must be one of {SHARDINGS}, got {self.sharding!r}")
+        self.need_choice("decay", DECAYS)
+        self.need_choice("emb_optimizer", EMB_OPTIMIZERS)
+        self.need_choice("sharding", SHARDINGS)
 
     def lr_at(self, step: int) -> float:
         """Dense learning rate for 0-based `step`: linear warm-up, then the chosen decay."""
@@ -87,7 +82,7 @@ class RunConfig:
             raise ConfigError(f"{where}: unknown table [{unknown[0]}] (expected [model] and [train])")
         return cls(
             model=ModelConfig.from_dict(d.get("model", {}), f"{where} [model]"),
-            train=dataclass_from_dict(TrainConfig, d.get("train", {}), f"{where} [train]"),
+            train=TrainConfig.from_dict(d.get("train", {}), f"{where} [train]"),
         )
 
     @classmethod

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from feature_store.batch import Batch, make_batch
+from feature_store.batch import Batch, padding_batch
 from feature_store.loader import BatchLoader
 
 from .distributed import all_max, gather_to_main
@@ -42,7 +42,7 @@ def predict_split(
     with torch.no_grad():
         for i in tqdm(range(n_calls), desc="eval", unit="batch", disable=not progress):
             real = i < n_local
-            batch = next(batches) if real else (filler or make_batch([1]))
+            batch = next(batches) if real else (filler or padding_batch())
             filler = batch
             logits = predict(batch.to(device, non_blocking=True)).float().cpu()
             if real:

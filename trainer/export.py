@@ -21,8 +21,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from feature_store.io import atomic_dir
-from longer.baselines import build_model
-from longer.features import FEATURE_KEYS, RecModel, table_sizes
+from longer.embedding import FEATURE_KEYS, table_sizes
+from longer.recmodel import RecModel, build_model
 
 from .config import RunConfig
 

@@ -24,7 +24,8 @@ from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backwa
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from longer.features import TABLES, RecModel
+from longer.embedding import EMBEDDING_TABLES
+from longer.recmodel import RecModel
 
 from .config import TrainConfig
 from .distributed import DistContext
@@ -67,7 +68,7 @@ def _constraints(cfg: TrainConfig) -> dict[str, ParameterConstraints] | None:
     if cfg.sharding == "auto":
         return None
     kind = {"row_wise": ShardingType.ROW_WISE, "table_wise": ShardingType.TABLE_WISE}[cfg.sharding].value
-    return {t: ParameterConstraints(sharding_types=[kind]) for t in TABLES}
+    return {t: ParameterConstraints(sharding_types=[kind]) for t in EMBEDDING_TABLES}
 
 
 def shard(
@@ -107,13 +108,3 @@ def plan_table(plan: ShardingPlan) -> str:
             ) or str(p.ranks)
             lines.append(f"{module}.{table}: {p.sharding_type} ({p.compute_kernel}) → {where}")
     return "\n".join(lines)
-
-
-def sharded_across_ranks(plan: ShardingPlan) -> list[str]:
-    """Tables whose rows are split over more than one rank."""
-    out = []
-    for params in plan.plan.values():
-        for table, p in params.items():
-            if p.sharding_spec is not None and len({s.placement.rank() for s in p.sharding_spec.shards}) > 1:
-                out.append(table)
-    return out

@@ -24,8 +24,8 @@ from tqdm import tqdm
 
 from feature_store.builder import read_meta
 from feature_store.loader import BatchLoader
-from longer.baselines import build_model
 from longer.flops import forward_flops
+from longer.recmodel import build_model
 
 from . import checkpoint as ckpt
 from .config import ConfigError, RunConfig

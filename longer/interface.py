@@ -1,0 +1,97 @@
+"""The model interface (DESIGN.md "Model interface"): what a sequence model takes and returns.
+
+    History     a batch's histories as padded tokens, most recent first (the Tokenizer's output)
+    UserState   everything a model computed from the user side, candidate-independent
+    Candidates  N candidates per user and the request time
+    DenseNet    the base of every model: everything after the embedding lookup
+
+Contract of a `DenseNet` subclass:
+    encode(batch, emb) -> UserState          candidate-independent work only; the state must
+                                             hold `latest_ts` (B,) and every tensor has the
+                                             users on dim 0, so serving can cache it;
+    score(state, cand (B, N, 2, d)) -> (B, N) candidate-dependent work only: the logits of N
+                                             candidates per user against the cached state.
+`forward(batch, emb)` is the two composed for the one candidate each training sample carries.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+from torchrec.sparse.jagged_tensor import JaggedTensor
+
+from .config import ModelConfig
+
+if TYPE_CHECKING:
+    from .tokens import Tokenizer
+
+
+@dataclass
+class History:
+    """A batch's histories, padded in recency order: index r = r-th most recent event."""
+
+    tokens: torch.Tensor  # (B, L, d), zero where invalid
+    valid: torch.Tensor  # (B, L) bool
+    ts: torch.Tensor  # (B, L) int64 seconds, 0 where invalid
+    lengths: torch.Tensor  # (B,)
+    latest_ts: torch.Tensor  # (B,) ts of the most recent event; -1 for an empty history
+
+
+@dataclass
+class UserState:
+    """Everything a model computed from the user side; candidates are scored against it.
+
+    A flat dict of named tensors, every one with the users on dim 0, so it can be sliced,
+    moved and serialised without knowing the model (the Redis codec relies on this).
+    """
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+    def __setitem__(self, name: str, value: torch.Tensor) -> None:
+        self.tensors[name] = value
+
+
+@dataclass
+class Candidates:
+    """N candidates for each of B users, and each user's request time."""
+
+    item_id: torch.Tensor  # (B, N) raw ids
+    category_id: torch.Tensor  # (B, N) raw ids
+    ts: torch.Tensor  # (B,) request time, unix seconds
+
+
+class DenseNet(nn.Module, ABC):
+    """Everything after the embedding lookup (data-parallel; TorchRec shards only the embedding).
+    Subclasses set `cfg` and `features` (their Tokenizer) and define `encode` and `score`."""
+
+    cfg: ModelConfig
+    features: Tokenizer  # the attribute keeps its name: it is part of every state_dict key
+
+    @abstractmethod
+    def encode(self, batch, emb: dict[str, JaggedTensor]) -> UserState:
+        """The user side of `batch` → its UserState (no candidate may influence it)."""
+
+    @abstractmethod
+    def score(self, state: UserState, cand: torch.Tensor) -> torch.Tensor:
+        """cand (B, N, 2, d) candidate tokens [target, context] → logits (B, N)."""
+
+    def score_embedded(
+        self, state: UserState, item: torch.Tensor, category: torch.Tensor, request_ts: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits (B, N) from the candidates' (B, N, e) item and category embeddings."""
+        return self.score(
+            state, self.features.candidate_tokens(item, category, request_ts, state["latest_ts"])
+        )
+
+    def forward(self, batch, emb: dict[str, JaggedTensor]) -> torch.Tensor:
+        """One candidate per sample (training/eval): logits (B,)."""
+        state = self.encode(batch, emb)
+        item, cat = emb["item_id"].values()[:, None], emb["category_id"].values()[:, None]
+        return self.score_embedded(state, item, cat, batch.ts)[:, 0]
