@@ -134,6 +134,10 @@ class ModelConfig(ConfigSection):
         self.need_choice("query_select", QUERY_SELECTIONS)
         self.need_choice("encoding", ENCODINGS)
         self.need(
+            self.encoding == "recency" or self.arch in ("longer", "transformer"),
+            f"encoding 'append_stable' is LONGER's (arch longer or transformer), not {self.arch!r}'s",
+        )
+        self.need(
             self.encoding == "recency" or self.query_select != "uniform",
             "encoding 'append_stable' needs query_select 'recent' or 'learnable' (uniform queries move with every event)",
         )

@@ -177,9 +177,11 @@ def test_every_parameter_gets_a_gradient():
     assert not missing, missing
 
 
-def test_uniform_queries_are_refused():
+def test_uniform_queries_and_other_archs_are_refused():
     with pytest.raises(ConfigError, match="append_stable"):
         TINY.replace(query_select="uniform")
+    with pytest.raises(ConfigError, match="not 'hstu'"):
+        TINY.replace(arch="hstu")
 
 
 @pytest.mark.parametrize("kw", [{}, {"query_select": "learnable"}, {"merge_k": 1}])
