@@ -3,6 +3,8 @@
 and 2,000, after 1 and after 10 new events, in one process, the calls interleaved so a busy
 machine slows both alike. Also timed: the part of an update that recomputes the user-side
 queries (global tokens + k most recent through every layer), which an update cannot avoid.
+Medians of wall time and of process CPU time (one torch thread: the CPU time is the work done,
+robust to a machine shared with other jobs, where wall time also counts waiting for a core).
 
     python -m bench.update [--quick] [--out FILE.json]     (JSON on stdout)
 """
@@ -18,10 +20,6 @@ import torch
 
 from bench import finish, machine
 from bench.serve import SHAPE
-
-
-def _ms(t0: float) -> float:
-    return (time.perf_counter() - t0) * 1e3
 
 
 def bench_length(L: int, news, reps: int) -> list[dict]:
@@ -51,34 +49,36 @@ def bench_length(L: int, news, reps: int) -> list[dict]:
             glob = net.global_tokens(emb, 1)
             gk, gv = state["k0"][:, :, 2:], state["v0"][:, :, 2:]
             one = UserState(dict(state.tensors))
-            times = {"encode": [], "update": [], "queries": []}
-            for _ in range(reps):  # interleaved, so load on the machine slows all three alike
-                t0 = time.perf_counter()
-                model.encode_user(full)
-                times["encode"].append(_ms(t0))
-                t0 = time.perf_counter()
-                model.update_user(before, new)
-                times["update"].append(_ms(t0))
-                t0 = time.perf_counter()
-                net._layers(one, glob, gk, gv)
-                times["queries"].append(_ms(t0))
-            med = {k: statistics.median(v) for k, v in times.items()}
-            row = {
-                "L": L,
-                "new_events": n,
-                "encode_ms": round(med["encode"], 2),
-                "update_ms": round(med["update"], 2),
-                "update_over_encode": round(med["update"] / med["encode"], 3),
-                "queries_ms": round(med["queries"], 2),
-                "queries_share_of_update": round(med["queries"] / med["update"], 2),
-                "reps": reps,
+            calls = {
+                "encode": lambda: model.encode_user(full),
+                "update": lambda: model.update_user(before, new),  # noqa: B023
+                "queries": lambda: net._layers(one, glob, gk, gv),  # noqa: B023
             }
+            wall = {k: [] for k in calls}
+            cpu = {k: [] for k in calls}
+            for _ in range(reps):  # interleaved, so load on the machine slows all three alike
+                for k, fn in calls.items():
+                    w0, c0 = time.perf_counter(), time.process_time()
+                    fn()
+                    cpu[k].append((time.process_time() - c0) * 1e3)
+                    wall[k].append((time.perf_counter() - w0) * 1e3)
+            row = {"L": L, "new_events": n, "reps": reps}
+            for clock, t in (("wall", wall), ("cpu", cpu)):
+                med = {k: statistics.median(v) for k, v in t.items()}
+                row[clock] = {
+                    "encode_ms": round(med["encode"], 2),
+                    "update_ms": round(med["update"], 2),
+                    "update_over_encode": round(med["update"] / med["encode"], 3),
+                    "queries_ms": round(med["queries"], 2),
+                    "queries_share_of_update": round(med["queries"] / med["update"], 2),
+                }
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)
     return rows
 
 
 def main(quick: bool = False, out: str | None = None) -> dict:
+    torch.set_num_threads(1)  # process CPU time = the work of one call
     reps = 5 if quick else 21
     rows = [r for L in (1000, 2000) for r in bench_length(L, (1, 10), reps)]
     result = {

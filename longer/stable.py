@@ -13,14 +13,14 @@ Same layers, tokens roles and masks as longer/model.py, placed on longer/window.
     queries at indices <= a (layers 2..N); G_u, learnable queries and candidates see every
     valid user-side token; candidates never are seen by the user side.
 
-Recency enters as an attention bias (`time_bias = true`), computed where the anchor is known:
-a query with anchor (index a, time t) attending to a sequence key (index a', time t') adds,
-per head h and layer, TimeBias[log2b(t - t'), h] + PosBias[log2b(a - a'), h]. Anchors: a
-sequence query = its own event; G_u = the latest event; a candidate token = (latest index,
-request time), so the candidate→sequence bias is request-relative and computed at scoring time
-from the stored group times (the paper's time difference to the target, §3.2). A merged group
-counts as its newest event; global keys get no bias. Initialised ALiBi-like (Press et al.
-2022, arXiv 2108.12409): -2^-(h+1)·bucket.
+Recency relative to the request enters as an attention bias on candidate→sequence attention
+(`time_bias = true`; the paper's time difference to the target, §3.2), computed at scoring
+time from the stored group times: a candidate token attending to a sequence key with index a'
+and time t' adds, per head h and layer, TimeBias[log2b(request time - t'), h] +
+PosBias[log2b(latest index - a'), h]. A merged group counts as its newest event; global keys
+get no bias; the user side gets none (its queries are recomputed on every update anyway, and a
+pairwise user-side bias cost quality on the synthetic log). Initialised ALiBi-like (Press et
+al. 2022, arXiv 2108.12409): -2^-(h+1)·bucket.
 
 UserState (B users; n_g = 2 global tokens (+k learnable queries); n_q = k "recent" queries or 0;
 W = max(n_q, K) tail; every shape fixed by the config, so a state has a bounded size):
@@ -192,12 +192,11 @@ class StableLonger(Longer):
             mask = mask | torch.eye(Tq, Tk, dtype=torch.bool, device=dev)[None]
         return mask
 
-    def _with_bias(self, i: int, mask, q, k, k_seq) -> torch.Tensor:
-        """A bool mask (B, Tq, Tk) → SDPA's attn_mask: itself, or the layer's bias where visible."""
-        if self.bias is None:
-            return mask
-        bias = self.bias[i](q[0], q[1], k[0], k[1], k_seq)
-        return bias.masked_fill(~mask[:, None], float("-inf"))
+    def _cand_bias(self, i: int, state: UserState, request_ts, k_attr, k_seq) -> torch.Tensor:
+        """(B, H, 1, Tk): layer i's bias from a candidate token (anchor: the latest event's
+        index, the request time) to keys with attributes k_attr ((B, Tk) index, time)."""
+        anchor = ((state["total"] - 1)[:, None], request_ts[:, None])
+        return self.bias[i](*anchor, *k_attr, k_seq)
 
     def _layers(self, state, glob, group_k, group_v, cand=None, request_ts=None):
         """Run every layer; fills the state's per-layer K/V, cls and returns the final tokens.
@@ -212,11 +211,6 @@ class StableLonger(Longer):
         Tu = x.shape[1]
         if cand is not None:
             x = torch.cat([x, cand], 1)
-            cq = (
-                (state["total"] - 1)[:, None].expand(-1, cand.shape[1]),
-                request_ts[:, None].expand(-1, cand.shape[1]),
-            )
-            q = tuple(torch.cat([u, c], 1) for u, c in zip(q, cq))
         for i, blk in enumerate(self.blocks):
             if i == 0:
                 kg, vg = blk.kv(glob)
@@ -225,11 +219,21 @@ class StableLonger(Longer):
                 k, v = blk.kv(x[:, :Tu])
             state[f"k{i}"], state[f"v{i}"], state[f"valid{i}"] = k, v, k_valid
             k_seq = (torch.arange(k.shape[2], device=x.device) >= n_glob)[None].expand(B, -1)
-            mask = self._user_mask(n_glob, q[0][:, :Tu], k_attr[0], k_valid, first_layer=i == 0)
+            mask = self._user_mask(n_glob, q[0], k_attr[0], k_valid, first_layer=i == 0)
             if cand is not None:
                 k, v, mask, k_attr, k_seq = self._join(blk, x[:, Tu:], k, v, mask, k_attr, k_valid, k_seq)
-            x = self._run(i, x, k, v, self._with_bias(i, mask, q, k_attr, k_seq))
-            k_attr, k_valid = tuple(t[:, :Tu] for t in q), q_valid  # layers 2..N: keys = the queries
+                if self.bias is not None:  # the candidate rows get the request-relative bias
+                    bias = self._cand_bias(i, state, request_ts, k_attr, k_seq)
+                    bias = torch.cat(
+                        [
+                            bias.new_zeros(B, bias.shape[1], Tu, bias.shape[3]),
+                            bias.expand(-1, -1, x.shape[1] - Tu, -1),
+                        ],
+                        2,
+                    )
+                    mask = bias.masked_fill(~mask[:, None], float("-inf"))
+            x = self._run(i, x, k, v, mask)
+            k_attr, k_valid = q, q_valid  # layers 2..N: keys = the queries
         state["cls"] = x[:, 0]
         return x
 
@@ -273,8 +277,7 @@ class StableLonger(Longer):
         k_attr = at["k0"] if i == 0 else at["q"]
         B, Tk = k_attr[0].shape
         k_seq = (torch.arange(Tk, device=own.device) >= n_glob)[None].expand(B, -1)
-        anchor = ((state["total"] - 1)[:, None], request_ts[:, None])
-        user = self.bias[i](*anchor, *k_attr, k_seq)[rows]  # (B·chunks, H, 1, Tk)
+        user = self._cand_bias(i, state, request_ts, k_attr, k_seq)[rows]  # (B·chunks, H, 1, Tk)
         Tq = own.shape[0]
         bias = torch.cat([user.expand(-1, -1, Tq, -1), user.new_zeros(len(rows), user.shape[1], Tq, Tq)], 3)
         return bias.masked_fill(~mask[:, None], float("-inf"))
