@@ -10,7 +10,14 @@ from pathlib import Path
 
 
 def machine() -> dict:
-    return {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
+    from trainer.threads import cpu_budget
+
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_budget": cpu_budget(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
 
 
 def finish(result: dict, out: str | None) -> dict:

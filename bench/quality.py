@@ -42,6 +42,7 @@ from pathlib import Path
 
 from bench import machine, median_seconds
 from bench.train import TOKENS_PER_BATCH
+from trainer.threads import configure_threads, cpu_budget, env_threads
 
 PAPER_TABLES = ("baselines", "merge", "queries", "norms", "phd", "scaling")
 TABLE_TITLES = {
@@ -127,6 +128,7 @@ def variants(base, lengths: list[int], quick: bool = False, tables=PAPER_TABLES)
 
 
 def _worker_init(threads: int) -> None:
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # before torch loads; the trainer honours it
     import torch
 
     torch.set_num_threads(threads)
@@ -177,7 +179,7 @@ def train_all(
     journal = out / "runs.jsonl"
     done = _read_journal(journal)
     todo = [(k, c, s) for k, c, s in plan if k not in done]
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = max(1, cpu_budget() // jobs)  # jobs × threads ≤ the CPUs this process may use
     bar = tqdm(
         total=len(plan), initial=len(plan) - len(todo), desc="quality runs", unit="run", disable=not progress
     )
@@ -611,7 +613,7 @@ def main(
     if n_seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {n_seeds}")
     seed_list = [train.seed + i for i in range(n_seeds)]
-    jobs = jobs if jobs is not None else (1 if torch.cuda.is_available() else min(os.cpu_count() or 1, 8))
+    jobs = jobs if jobs is not None else (1 if torch.cuda.is_available() else min(cpu_budget(), 8))
     if jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {jobs}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -640,7 +642,7 @@ def main(
 
     from tqdm import tqdm
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    configure_threads(env_threads(), "LONGER_THREADS")
     speed: dict[str, dict] = {}
     distinct = {v.key: v.model for v in vs}
     for k, m in tqdm(distinct.items(), desc="throughput", unit="variant", disable=not progress):

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from bench import finish, machine
+from trainer.threads import env_threads, resolve_threads
 
 SHAPE = dict(
     d_model=64,
@@ -90,7 +91,7 @@ def bench_length(work: Path, L: int, cand_counts, reps: int, naive_reps: int) ->
             for i, t, c, a in zip(h["hist_item_id"], h["ts"], h["hist_category_id"], h["hist_action"])
         ]
     )
-    runtime = ModelRuntime(str(bundle), threads=os.cpu_count() or 1)
+    runtime = ModelRuntime(str(bundle), threads=env_threads() or 0)  # 0: the CPU budget
     app = create_app(Settings(model=str(bundle), max_candidates=1000), runtime=runtime, store=store)
     rows = []
     with TestClient(app) as client:
@@ -106,7 +107,7 @@ def bench_length(work: Path, L: int, cand_counts, reps: int, naive_reps: int) ->
             for path in ("miss", "hit"):
                 for _ in range(reps):
                     if path == "miss":
-                        store.r.delete(store._key(user, f"st:{runtime.version}"))
+                        store.r.delete(store._key(user, f"st:{runtime.model_version}"))
                     else:
                         client.post("/v1/score", json=body)  # make sure the state is cached
                     t0 = time.perf_counter()
@@ -154,7 +155,7 @@ def main(quick: bool = False, out: str | None = None, workdir: str | None = None
         "benchmark": "serve",
         "quick": quick,
         "model": SHAPE,
-        "torch_threads": os.cpu_count(),
+        "torch_threads": resolve_threads(env_threads())[0],
         "machine": machine(),
         "results": rows,
     }

@@ -1,7 +1,7 @@
 """`longer bench train`: forward+backward samples/s and peak memory, `longer` vs `transformer`,
 and the trainer end to end with 1 and 2 processes.
 
-Each (model, L) runs in its own fresh process (so its peak RSS is its own), one after the
+Each (arch, L) runs in its own fresh process (so its peak RSS is its own), one after the
 other in one invocation, on identical random batches of full-length histories. The config is
 the paper's shape (K = 8 with InnerTrans, 100 recent queries) at d_model 64.
 """
@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from bench import finish, machine, median_seconds
+from trainer.threads import configure_threads, cpu_budget, env_threads
 
 LENGTHS = (512, 2000, 8000)
 TOKENS_PER_BATCH = 16_000  # batch size = max(1, TOKENS_PER_BATCH // L), the same for both models
@@ -36,21 +37,22 @@ BASE = dict(
 )
 
 
-def config(model: str, L: int):
+def config(arch: str, L: int):
     from longer.config import ModelConfig
 
-    return ModelConfig(model=model, max_len=L, **BASE)
+    return ModelConfig(arch=arch, max_len=L, **BASE)
 
 
-def worker(model: str, L: int, steps: int, seconds: float) -> dict:
+def worker(arch: str, L: int, steps: int, seconds: float) -> dict:
     import torch
 
     from bench.batches import random_batch
     from longer.flops import forward_flops
     from longer.recmodel import build_model
 
+    configure_threads(env_threads(), "LONGER_THREADS", log=False)
     torch.manual_seed(0)
-    cfg = config(model, L)
+    cfg = config(arch, L)
     m = build_model(cfg).train()
     B = max(1, TOKENS_PER_BATCH // L)
     batch = random_batch([L] * B, seed=0, items=100_000, categories=500)
@@ -64,7 +66,7 @@ def worker(model: str, L: int, steps: int, seconds: float) -> dict:
     median = median_seconds(step, steps, seconds)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {
-        "model": model,
+        "arch": arch,
         "L": L,
         "batch_size": B,
         "ms_per_step": round(median * 1e3, 1),
@@ -138,7 +140,7 @@ def end_to_end(work: Path, quick: bool) -> list[dict]:
                 *args,
             ]
         )
-        threads = max(1, (os.cpu_count() or 1) // procs)
+        threads = max(1, cpu_budget() // procs)  # procs × threads ≤ the CPUs this process may use
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         r = subprocess.run(
             cmd, capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1]
@@ -164,20 +166,20 @@ def main(quick: bool = False, out: str | None = None, workdir: str | None = None
     steps, seconds = (2, 5.0) if quick else (5, 30.0)
     rows = []
     for L in LENGTHS:
-        for model in ("longer", "transformer"):
+        for arch in ("longer", "transformer"):
             r = subprocess.run(
-                [sys.executable, "-m", "bench.train", "--worker", model, str(L), str(steps), str(seconds)],
+                [sys.executable, "-m", "bench.train", "--worker", arch, str(L), str(steps), str(seconds)],
                 capture_output=True,
                 text=True,
                 cwd=Path(__file__).resolve().parents[1],
             )
             if r.returncode:
-                raise RuntimeError(f"bench train worker {model} L={L} failed:\n{r.stderr[-3000:]}")
+                raise RuntimeError(f"bench train worker {arch} L={L} failed:\n{r.stderr[-3000:]}")
             rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
             print(json.dumps(rows[-1]), file=sys.stderr)
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         e2e = end_to_end(Path(tmp), quick)
-    by = {(r["model"], r["L"]): r for r in rows}
+    by = {(r["arch"], r["L"]): r for r in rows}
     result = {
         "benchmark": "train",
         "quick": quick,
@@ -201,11 +203,11 @@ def main(quick: bool = False, out: str | None = None, workdir: str | None = None
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
-    p.add_argument("--worker", nargs=4, metavar=("MODEL", "L", "STEPS", "SECONDS"))
+    p.add_argument("--worker", nargs=4, metavar=("ARCH", "L", "STEPS", "SECONDS"))
     p.add_argument("--quick", action="store_true")
     a = p.parse_args()
     if a.worker:
-        model, L, steps, seconds = a.worker
-        print(json.dumps(worker(model, int(L), int(steps), float(seconds))))
+        arch, L, steps, seconds = a.worker
+        print(json.dumps(worker(arch, int(L), int(steps), float(seconds))))
     else:
         print(json.dumps(main(quick=a.quick), indent=2))

@@ -5,14 +5,14 @@
 #
 #   deploy/pipeline.sh [--source synth|movielens:DIR|taobao:FILE|log:DIR] [--config FILE]
 #                      [--run NAME] [--nproc N] [--max-len L] [--test-days D] [--live-days D]
-#                      [--prefix P] [--shared DIR] [--no-train] [section.key=value ...]
+#                      [--key-prefix P] [--shared DIR] [--no-train] [section.key=value ...]
 #
 # --no-train: data and store bootstrap only (the k8s prepare Job; the PyTorchJob trains).
 # Every step is skipped when its output exists, so `docker compose up` again does not redo
 # work or overwrite the live store; a new --run NAME trains and publishes a new model (the
 # serving replicas swap it in, see docs/operations.md). Redis is bootstrapped only when it
-# holds no key under --prefix, which must equal the servers' LONGER_KEY_PREFIX. REDIS_URL is
-# read as by `longer store load`.
+# holds no key under --key-prefix (default: $LONGER_KEY_PREFIX, else lg: the setting the servers
+# read). REDIS_URL is read as by `longer store load`.
 set -eu
 
 source=synth
@@ -22,7 +22,7 @@ nproc=1
 max_len=256
 test_days=3
 live_days=1
-prefix=lg
+prefix="${LONGER_KEY_PREFIX:-lg}"
 shared=/shared
 train=1
 while [ $# -gt 0 ]; do
@@ -34,7 +34,7 @@ while [ $# -gt 0 ]; do
     --max-len) max_len="$2"; shift 2 ;;
     --test-days) test_days="$2"; shift 2 ;;
     --live-days) live_days="$2"; shift 2 ;;
-    --prefix) prefix="$2"; shift 2 ;;
+    --key-prefix|--prefix) prefix="$2"; shift 2 ;;  # --prefix: the deprecated name
     --shared) shared="$2"; shift 2 ;;
     --no-train) train=0; shift ;;
     --*) echo "pipeline: unknown option $1" >&2; exit 2 ;;
@@ -91,7 +91,7 @@ sys.exit(0 if next(r.scan_iter(match=f"{sys.argv[1]}:*", count=1000), None) is N
 PY
 then
   step "bootstrap the online store from $shared/data (prefix $prefix)"
-  longer store load --data "$shared/data" --prefix "$prefix" --quiet
+  longer store load --data "$shared/data" --key-prefix "$prefix" --quiet
 else
   step "online store already holds sequences under '$prefix:': not reloaded"
 fi

@@ -6,7 +6,7 @@
 # Copies EXPORT_DIR (a bundle: config.json, feature_schema.json, model.safetensors) to
 # BUNDLES_DIR/<model_version>/ (immutable: an existing version is kept as is), then points the
 # symlink BUNDLES_DIR/live at it with an atomic rename. Servers run with
-# LONGER_MODEL=BUNDLES_DIR/live and pick the new version up through LONGER_WATCH_S or
+# LONGER_BUNDLE=BUNDLES_DIR/live and pick the new version up through LONGER_WATCH_S or
 # POST /v1/admin/reload; older versions stay for a rollback (`ln -sfn` them back the same way).
 #
 # --newer-than FILE: wait (up to --wait seconds, default 600) until EXPORT_DIR/config.json is

@@ -42,6 +42,9 @@ class Batch(Pipelineable):
     labels: torch.Tensor  # float32 (B,)
     row_id: torch.Tensor  # int64 (B,): the sample's row number in its split, for predictions
     dense: dict[str, torch.Tensor] = field(default_factory=dict)  # float columns, e.g. p_true
+    # int64 (Σ history lengths,) per list<int64> history key: how many of the key's values each
+    # history event has (the KJT's length for that key is their sum per sample); pooling per event.
+    event_lengths: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def batch_size(self) -> int:

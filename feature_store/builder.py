@@ -3,10 +3,27 @@
 Output directory (DESIGN.md "Training data"):
 
     sequences/part-*.parquet  one row per user: user_id + the user's events sorted by
-                              (ts, item_id) as list columns item_id, ts, category_id, action, label
+                              (ts, item_id) as list columns item_id, ts, <the spec's sequence
+                              columns>, label (default spec: category_id, action)
     train/part-*.parquet      one row per sample (every log row is a sample) with hist_len =
     eval/part-*.parquet       the number of the user's events strictly earlier than its ts
-    meta.json
+    users/part-*.parquet      one row per user: user_id + the spec's user columns, latest value
+    items/part-00000.parquet  one row per item: item_id + the spec's candidate columns, latest value
+    meta.json                 counts, split, per-column cardinalities (max_id, distinct), the
+                              kind of every feature column (int / list / float), train-split
+                              mean and std of every float column, and the spec built with
+
+The feature spec (longer/spec.py, the run config's `[features]`) says which columns are
+carried. With `--config`, every declared column must exist with a usable type, or the build
+fails with one line naming the column and the file. Without it, the default spec is used and
+its columns are carried when the log has them (logs without category_id still build).
+
+User (profile) columns, point in time: a sample's user columns are the values logged on its
+own row, i.e. the profile in force when the event was logged; a profile that changes within a
+user changes the samples from that row on, never earlier ones (the history rule, with the
+row's own second included because the profile was logged with the request). users/ holds each
+user's value at its last row in (ts, item_id, label) order: what `longer store load` serves.
+items/ holds each item's candidate columns at the item's latest row (ties: the later bucket).
 
 Storage grows with the number of events, never with samples × max_len: a sample's history is
 the slice [hist_len - L, hist_len) of its user's sequence, cut by the loader.
@@ -29,10 +46,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from longer.errors import InputError, MissingInputError, UsageError
+from longer.spec import FeatureSpec, SpecError
+
 from .io import atomic_dir
 from .schema import LogError, LogSchema, iter_file, scan_log
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: users/, items/, list columns, meta features (issue 15)
 DAY = 86400
 SAMPLE_ROW_GROUP = 1 << 16  # rows per row group of train/ and eval/: the loader's shuffle unit
 
@@ -47,15 +67,15 @@ class BuildConfig:
 
     def __post_init__(self):
         if self.max_len < 1:
-            raise ValueError(f"--max-len must be >= 1, got {self.max_len}")
+            raise UsageError(f"--max-len must be >= 1, got {self.max_len}")
         if self.test_days is not None and self.split_ts is not None:
-            raise ValueError("give --test-days or --split-ts, not both")
+            raise UsageError("give --test-days or --split-ts, not both")
         if self.test_days is not None and not self.test_days > 0:
-            raise ValueError(f"--test-days must be > 0, got {self.test_days}")
+            raise UsageError(f"--test-days must be > 0, got {self.test_days}")
         if self.split_ts is not None and self.split_ts < 0:
-            raise ValueError(f"--split-ts must be >= 0, got {self.split_ts}")
+            raise UsageError(f"--split-ts must be >= 0, got {self.split_ts}")
         if self.bucket_rows < 1 or self.batch_rows < 1:
-            raise ValueError("bucket_rows and batch_rows must be >= 1")
+            raise UsageError("bucket_rows and batch_rows must be >= 1")
 
 
 def bucket_of(user_id: np.ndarray, n_buckets: int) -> np.ndarray:
@@ -130,8 +150,10 @@ class _Stats:
         self.rows = 0
         self.min_ts, self.max_ts = None, None
         self.max_id: dict[str, int] = {}
-        self.items = np.zeros(0, np.int64)
+        self.distinct: dict[str, np.ndarray] = {}  # distinct values of every id column but user_id
         self.users = 0
+        self.dense_sums: dict[str, np.ndarray] = {}  # train rows: [n, Σx, Σx²] per float column
+        self.item_last: pa.Table | None = None  # each item's latest row so far (items/): O(items)
         self.hist_len_hist = np.zeros(64, np.int64)  # log2 buckets of hist_len, for meta.json
         self.hist_len_max = 0
 
@@ -144,19 +166,62 @@ class _Stats:
         self.min_ts = lo if self.min_ts is None else min(self.min_ts, lo)
         self.max_ts = hi if self.max_ts is None else max(self.max_ts, hi)
         for c in id_cols:
-            self.max_id[c] = max(self.max_id.get(c, -1), int(t.column(c).to_numpy().max()))
+            col = t.column(c).combine_chunks()
+            v = (col.flatten() if pa.types.is_list(col.type) else col).to_numpy()
+            if len(v):
+                self.max_id[c] = max(self.max_id.get(c, -1), int(v.max()))
+            else:
+                self.max_id.setdefault(c, -1)
+            if c != "user_id":
+                self.distinct[c] = np.union1d(self.distinct.get(c, np.zeros(0, np.int64)), np.unique(v))
+
+    def observe_train(self, t: pa.Table, float_cols) -> None:
+        for c in float_cols:
+            x = t.column(c).to_numpy()
+            s = self.dense_sums.setdefault(c, np.zeros(3))
+            s += [len(x), x.sum(), np.square(x).sum()]
+
+    def dense_stats(self) -> dict:
+        out = {}
+        for c, (n, s1, s2) in self.dense_sums.items():
+            mean = s1 / n if n else 0.0
+            out[c] = {"mean": float(mean), "std": float(np.sqrt(max(s2 / n - mean**2, 0.0))) if n else 0.0}
+        return out
+
+
+def carried(schema: LogSchema, spec: FeatureSpec | None, file: Path) -> tuple[FeatureSpec, tuple[str, ...]]:
+    """The spec a build uses and its sequences/ columns. An explicit spec is checked against
+    the log (LogError naming the column); None is the default spec, cut to the columns present."""
+    if spec is None:
+        default = FeatureSpec()
+        spec = FeatureSpec(
+            sequence=tuple(c for c in default.sequence if c in schema.columns),
+            candidate=tuple(c for c in default.candidate if c in schema.columns),
+        )
+    else:
+        try:
+            spec.check(schema.kinds)
+        except SpecError as e:
+            raise LogError(file, str(e)) from None
+    return spec, ("item_id", "ts", *spec.sequence, "label")
 
 
 def build(
-    log: str | Path, out: str | Path, cfg: BuildConfig, overwrite: bool = False, progress: bool = True
+    log: str | Path,
+    out: str | Path,
+    cfg: BuildConfig,
+    overwrite: bool = False,
+    progress: bool = True,
+    spec: FeatureSpec | None = None,
 ) -> dict:
     """Build the dataset directory `out` from the log at `log`. Returns meta.json's content."""
     t0 = time.perf_counter()
     schema, files, total = scan_log(log)
+    spec, seq_cols = carried(schema, spec, files[0])
     if total == 0:
         raise LogError(log, "the log holds no rows")
     id_cols = [c for c in ("user_id", "item_id", "category_id", "action") if c in schema.columns]
-    id_cols += list(schema.extra_int)
+    id_cols += list(schema.extra_int) + list(schema.extra_list)
     n_buckets = max(1, math.ceil(total / cfg.bucket_rows))
     stats = _Stats()
     with atomic_dir(out, overwrite) as tmp:
@@ -192,64 +257,92 @@ def build(
                 column="ts",
             )
 
-        for d in ("sequences", "train", "eval"):
+        for d in ("sequences", "train", "eval", "users", "items"):
             (tmp / d).mkdir()
         counts = {"train": 0, "eval": 0}
         for k in tqdm(range(n_buckets), desc="build: sort+write", unit="bucket", disable=not progress):
             path = part.path(k)
             table = pq.read_table(path) if path.exists() else schema.arrow_schema().empty_table()
-            n_train, n_eval = _write_bucket(table, schema, split_ts, tmp, k, stats)
+            n_train, n_eval = _write_bucket(table, schema, spec, seq_cols, split_ts, tmp, k, stats)
             counts["train"] += n_train
             counts["eval"] += n_eval
             if path.exists():
                 path.unlink()
         scratch.rmdir()
-        meta = _meta(log, cfg, schema, stats, split_ts, counts, n_buckets, time.perf_counter() - t0)
+        assert stats.item_last is not None
+        pq.write_table(stats.item_last.drop_columns(["ts"]), tmp / "items" / "part-00000.parquet")
+        meta = _meta(
+            log, cfg, schema, spec, seq_cols, stats, split_ts, counts, n_buckets, time.perf_counter() - t0
+        )
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
 
 
 def _write_bucket(
-    table: pa.Table, schema: LogSchema, split_ts: int, tmp: Path, k: int, stats: _Stats
+    table: pa.Table,
+    schema: LogSchema,
+    spec: FeatureSpec,
+    seq_cols: tuple[str, ...],
+    split_ts: int,
+    tmp: Path,
+    k: int,
+    stats: _Stats,
 ) -> tuple[int, int]:
-    cols = {c: table.column(c).to_numpy() for c in schema.columns}
+    scalar = [c for c in schema.columns if c not in schema.extra_list]
+    cols = {c: table.column(c).to_numpy() for c in scalar}
     # Deterministic total order, whatever the order of rows in the log.
     keys = [cols[c] for c in reversed(("user_id", "ts", "item_id", "label") + schema.optional)]
     order = np.lexsort(keys)
+    table = table.take(pa.array(order))
     cols = {c: v[order] for c, v in cols.items()}
     user, ts = cols["user_id"], cols["ts"]
     hist_len = point_in_time_hist_len(user, ts)
 
     n = len(user)
     starts = np.flatnonzero(np.r_[True, user[1:] != user[:-1]]) if n else np.zeros(0, np.int64)
-    offsets = np.r_[starts, n].astype(np.int32)
+    offsets = pa.array(np.r_[starts, n].astype(np.int32))
     seq = {"user_id": pa.array(user[starts])}
-    for c in schema.sequence_columns:
-        seq[c] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(cols[c]))
+    for c in seq_cols:
+        seq[c] = pa.ListArray.from_arrays(offsets, table.column(c).combine_chunks())
     pq.write_table(pa.table(seq), tmp / "sequences" / f"part-{k:05d}.parquet")
+    last = pa.array(np.r_[starts[1:], n] - 1 if n else np.zeros(0, np.int64))  # each user's last row
+    pq.write_table(table.select(spec.user_keys).take(last), tmp / "users" / f"part-{k:05d}.parquet")
+    seen = [stats.item_last] if stats.item_last is not None else []
+    stats.item_last = _latest_per_item(
+        pa.concat_tables([*seen, table.select(["item_id", "ts", *spec.candidate])])
+    )
     stats.users += len(starts)
-    stats.items = np.union1d(stats.items, np.unique(cols["item_id"]))
     if n:
         stats.hist_len_max = max(stats.hist_len_max, int(hist_len.max()))
         np.add.at(stats.hist_len_hist, np.floor(np.log2(hist_len + 1)).astype(np.int64), 1)
 
-    samples = pa.table({**{c: cols[c] for c in schema.columns}, "hist_len": hist_len.astype(np.int32)})
+    samples = table.append_column("hist_len", pa.array(hist_len.astype(np.int32)))
     is_eval = ts >= split_ts
     counts = []
     for name, mask in (("train", ~is_eval), ("eval", is_eval)):
-        pq.write_table(
-            samples.filter(pa.array(mask)),
-            tmp / name / f"part-{k:05d}.parquet",
-            row_group_size=SAMPLE_ROW_GROUP,
-        )
+        part = samples.filter(pa.array(mask))
+        if name == "train":
+            stats.observe_train(part, schema.extra_float)
+        pq.write_table(part, tmp / name / f"part-{k:05d}.parquet", row_group_size=SAMPLE_ROW_GROUP)
         counts.append(int(mask.sum()))
     return counts[0], counts[1]
+
+
+def _latest_per_item(table: pa.Table) -> pa.Table:
+    """Each item's row with the largest ts (ties: the later row), sorted by item_id."""
+    item, ts = (table.column(c).to_numpy() for c in ("item_id", "ts"))
+    order = np.lexsort((np.arange(len(ts)), ts, item))
+    item = item[order]
+    is_last = np.r_[item[1:] != item[:-1], True] if len(item) else np.zeros(0, bool)
+    return table.take(pa.array(order[is_last]))
 
 
 def _meta(
     log,
     cfg: BuildConfig,
     schema: LogSchema,
+    spec: FeatureSpec,
+    seq_cols: tuple[str, ...],
     stats: _Stats,
     split_ts: int,
     counts: dict,
@@ -257,8 +350,9 @@ def _meta(
     seconds: float,
 ) -> dict:
     cards = {c: {"max_id": v} for c, v in stats.max_id.items()}
+    for c, values in stats.distinct.items():
+        cards[c]["distinct"] = len(values)
     cards["user_id"]["distinct"] = stats.users
-    cards["item_id"]["distinct"] = len(stats.items)
     return {
         "schema_version": SCHEMA_VERSION,
         "log": str(Path(log).resolve()),
@@ -273,8 +367,16 @@ def _meta(
         "cardinalities": cards,
         "columns": {
             "log": schema.to_json(),
-            "sequence": list(schema.sequence_columns),
+            "sequence": list(seq_cols),
             "sample": list(schema.columns) + ["hist_len"],
+            "users": list(spec.user_keys),
+            "items": ["item_id", *spec.candidate],
+        },
+        "features": {
+            "spec": spec.to_json(),
+            "kinds": schema.kinds,
+            "dense_stats": stats.dense_stats(),
+            "rule": "dense_stats: mean and std over the train split; std 0 means a constant column",
         },
         "hist_len": {
             "max": stats.hist_len_max,
@@ -289,10 +391,10 @@ def _meta(
 def read_meta(data: str | Path) -> dict:
     path = Path(data) / "meta.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{data}: not a dataset directory (no meta.json; run `longer build`)")
+        raise MissingInputError(f"{data}: not a dataset directory (no meta.json; run `longer build`)")
     meta = json.loads(path.read_text())
     if meta.get("schema_version") != SCHEMA_VERSION:
-        raise ValueError(
+        raise InputError(
             f"{path}: schema_version {meta.get('schema_version')} is not the supported "
             f"{SCHEMA_VERSION}; rebuild the dataset with this version of `longer build`"
         )

@@ -26,10 +26,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from longer.errors import LongerError
+
 STALE_AFTER_S = 24 * 3600
 
 
-class OutputExistsError(FileExistsError):
+class OutputExistsError(LongerError, FileExistsError):
     pass
 
 

@@ -8,6 +8,11 @@
   permuted (a shuffle buffer over whole windows). Everything is a function of (seed, epoch),
   so the loader's state is just (epoch, position) and a resume continues with exactly the
   next batch, without replaying any data.
+* Features: with a `FeatureSpec` (longer/spec.py) the batch carries exactly the spec's keys
+  (`spec.sparse_keys`: history, candidate, user, context) and its dense columns, normalised
+  with the build's train-split mean and std. list<int64> columns are jagged KJT keys (why:
+  feature_store/columns.py); history list keys also give per-event lengths
+  (`Batch.event_lengths`). Without a spec: the default spec's keys, as before.
 * Partitioning: rank r of `world_size` takes the epoch-stream positions p ≥ start with
   (p - start) % world_size == r: disjoint, complete, per-rank counts within one. The state's
   position counts samples of all ranks, so a run can resume with a different world size.
@@ -27,8 +32,12 @@ import pyarrow.parquet as pq
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from longer.errors import InputError, UsageError
+from longer.spec import FeatureSpec
+
 from .batch import Batch, hist_key
 from .builder import read_meta
+from .columns import EventLists, concat_rows, is_list, jagged, normalised, ranges, segment_sums, take_rows
 
 DEFAULT_HISTORY_FEATURES = ("item_id", "category_id", "action")
 DEFAULT_CANDIDATE_FEATURES = ("item_id", "category_id")
@@ -37,35 +46,47 @@ DEFAULT_CANDIDATE_FEATURES = ("item_id", "category_id")
 class SequenceStore:
     """Every user's sorted events as flat numpy arrays: values[offsets[u]:offsets[u+1]]."""
 
-    def __init__(self, data_dir: str | Path, features: Sequence[str]):
+    def __init__(self, data_dir: str | Path, features: Sequence[str], lists: Sequence[str] = ()):
         files = sorted((Path(data_dir) / "sequences").glob("part-*.parquet"))
         cols = ["user_id", *dict.fromkeys([*features, "ts"])]
         users, lengths, values = [], [], {c: [] for c in cols[1:]}
+        events: dict[str, list[EventLists]] = {c: [] for c in lists}  # list columns
         for f in files:
             t = pq.read_table(f, columns=cols)
             users.append(t.column("user_id").to_numpy())
             first = t.column(cols[1]).combine_chunks()
             lengths.append(np.diff(first.offsets.to_numpy()))
             for c in cols[1:]:
-                values[c].append(t.column(c).combine_chunks().flatten().to_numpy())
+                flat = t.column(c).combine_chunks().flatten()
+                if c in events:
+                    events[c].append(EventLists.from_arrow(flat))
+                else:
+                    values[c].append(flat.to_numpy())
         users = np.concatenate(users) if users else np.zeros(0, np.int64)
         lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
         order = np.argsort(users, kind="stable")
         self.user_ids = users[order]
         if len(self.user_ids) > 1 and (np.diff(self.user_ids) == 0).any():
-            raise ValueError(f"{data_dir}/sequences: a user appears in two rows; rebuild the dataset")
+            raise InputError(f"{data_dir}/sequences: a user appears in two rows; rebuild the dataset")
         # Offsets of the file-order flat arrays, then permuted to user-id order (no value copy).
         file_offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         self.starts = file_offsets[:-1][order]
         self.lengths = lengths[order].astype(np.int64)
-        self.values = {c: np.concatenate(v) if v else np.zeros(0, np.int64) for c, v in values.items()}
+        self.values = {
+            c: EventLists.concat(events[c])
+            if c in events
+            else np.concatenate(v)
+            if v
+            else np.zeros(0, np.int64)
+            for c, v in values.items()
+        }
 
     def rows(self, user_id: np.ndarray) -> np.ndarray:
         row = np.searchsorted(self.user_ids, user_id)
         row = np.minimum(row, len(self.user_ids) - 1)
         bad = self.user_ids[row] != user_id if len(self.user_ids) else np.ones(len(user_id), bool)
         if bad.any():
-            raise ValueError(f"user_id {user_id[bad][0]} has samples but no sequence; rebuild the dataset")
+            raise InputError(f"user_id {user_id[bad][0]} has samples but no sequence; rebuild the dataset")
         return row
 
 
@@ -75,15 +96,6 @@ class _RowGroup:
     index: int
     rows: int
     first_row: int  # row number of its first row within the split
-
-
-def _gather(values: np.ndarray, starts: np.ndarray, lengths: np.ndarray, idx_cache: list) -> np.ndarray:
-    """Concatenate values[s:s+l] for every (s, l), via one vectorised fancy index."""
-    if not idx_cache:
-        total = int(lengths.sum())
-        shift = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
-        idx_cache.append(shift + np.arange(total, dtype=np.int64))
-    return values[idx_cache[0]]
 
 
 class BatchLoader:
@@ -106,37 +118,51 @@ class BatchLoader:
         dense_features: Sequence[str] | None = None,
         prefetch: int = 0,
         sequences: SequenceStore | None = None,
+        spec: FeatureSpec | None = None,
     ):
         self.data_dir = Path(data_dir)
         self.meta = read_meta(self.data_dir)
         if split not in ("train", "eval"):
-            raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+            raise UsageError(f"split must be 'train' or 'eval', got {split!r}")
         built = self.meta["max_len"]
         max_len = built if max_len is None else max_len
         if not 1 <= max_len <= built:
-            raise ValueError(
+            raise UsageError(
                 f"max_len must be in [1, {built}] (the dataset was built with --max-len {built}), "
                 f"got {max_len}"
             )
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise UsageError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+            raise UsageError(f"rank must be in [0, world_size={world_size}), got {rank}")
         if shuffle_window < 1 or prefetch < 0:
-            raise ValueError("shuffle_window must be >= 1 and prefetch >= 0")
+            raise UsageError("shuffle_window must be >= 1 and prefetch >= 0")
+        user_features, context_features, dense_stats, lists = (), (), {}, ()
+        if spec is not None:
+            if dense_features is not None:
+                raise UsageError("give a spec or dense_features, not both (the spec declares dense columns)")
+            spec = spec.resolve(self.meta)
+            history_features, candidate_features = spec.history_fields, spec.candidate_keys
+            user_features, context_features, dense_features = spec.user, spec.context, spec.dense
+            dense_stats, lists = spec.dense_stats, spec.lists
         seq_cols = set(self.meta["columns"]["sequence"]) - {"ts"}
         sample_cols = self.meta["columns"]["sample"]
         for f in history_features:
             if f not in seq_cols:
-                raise ValueError(f"history feature {f!r} is not a sequence column (have {sorted(seq_cols)})")
-        for f in candidate_features:
-            if f not in sample_cols or f in ("action", "label", "ts", "hist_len"):
-                raise ValueError(f"candidate feature {f!r} is not an id column of the samples")
+                raise UsageError(f"history feature {f!r} is not a sequence column (have {sorted(seq_cols)})")
+        for kind, names in (
+            ("candidate", candidate_features),
+            ("user", user_features),
+            ("context", context_features),
+        ):
+            for f in names:
+                if f not in sample_cols or f in ("action", "label", "ts", "hist_len"):
+                    raise UsageError(f"{kind} feature {f!r} is not an id column of the samples")
         float_cols = self.meta["columns"]["log"]["extra_float"]
         dense_features = float_cols if dense_features is None else list(dense_features)
         for f in dense_features:
             if f not in float_cols:
-                raise ValueError(f"dense feature {f!r} is not a float column (have {float_cols})")
+                raise UsageError(f"dense feature {f!r} is not a float column (have {float_cols})")
 
         self.split, self.batch_size, self.max_len = split, batch_size, max_len
         self.shuffle = split == "train" if shuffle is None else shuffle
@@ -145,13 +171,14 @@ class BatchLoader:
         self.history_features = tuple(history_features)
         self.candidate_features = tuple(candidate_features)
         self.dense_features = tuple(dense_features)
-        self.keys = [hist_key(f) for f in self.history_features] + [*self.candidate_features, "user_id"]
+        self.sample_features = (*self.candidate_features, "user_id", *user_features, *context_features)
+        self.dense_stats, self.lists = dict(dense_stats), tuple(lists)
+        self.keys = [hist_key(f) for f in self.history_features] + list(self.sample_features)
         self._columns = list(
-            dict.fromkeys(
-                ["user_id", "ts", "label", "hist_len", *self.candidate_features, *self.dense_features]
-            )
+            dict.fromkeys(["user_id", "ts", "label", "hist_len", *self.sample_features, *self.dense_features])
         )
-        self.sequences = sequences or SequenceStore(self.data_dir, self.history_features)
+        hist_lists = [f for f in self.history_features if f in self.lists]
+        self.sequences = sequences or SequenceStore(self.data_dir, self.history_features, hist_lists)
         self.row_groups: list[_RowGroup] = []
         first = 0
         for f in sorted((self.data_dir / split).glob("part-*.parquet")):
@@ -179,11 +206,11 @@ class BatchLoader:
     def load_state_dict(self, state: dict) -> None:
         for k in ("seed", "num_rows", "split"):
             if state[k] != getattr(self, k):
-                raise ValueError(
+                raise InputError(
                     f"loader state is for {k}={state[k]!r}, this loader has {getattr(self, k)!r}"
                 )
         if not 0 <= state["position"] <= self.num_rows:
-            raise ValueError(f"loader state position {state['position']} outside [0, {self.num_rows}]")
+            raise InputError(f"loader state position {state['position']} outside [0, {self.num_rows}]")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
     def rewind(self) -> None:
@@ -234,11 +261,11 @@ class BatchLoader:
             if first_pos >= hi:
                 continue
             t = pa.concat_tables([self._rg(self.row_groups[i]) for i in groups])
-            cols = {c: t.column(c).to_numpy() for c in t.column_names}
+            cols = {c: _column(t, c) for c in t.column_names}
             take = np.arange(local_first, n, self.world_size)
             if rng is not None:
                 take = rng.permutation(n)[take]
-            yield {c: v[take] for c, v in cols.items()}
+            yield {c: take_rows(v, take) for c, v in cols.items()}
 
     def _batches(self, epoch: int, start: int) -> Iterator[tuple[Batch, int]]:
         """(batch, rank samples consumed so far) pairs, carrying rows across windows."""
@@ -251,14 +278,14 @@ class BatchLoader:
             while have >= self.batch_size:
                 if self.drop_last and consumed == full_batches * self.batch_size:
                     return
-                cols = {c: np.concatenate([p[c] for p in pending]) for c in pending[0]}
+                cols = {c: concat_rows([p[c] for p in pending]) for c in pending[0]}
                 b = self.batch_size
                 consumed += b
                 yield self.assemble({c: v[:b] for c, v in cols.items()}), consumed
                 rest = {c: v[b:] for c, v in cols.items()}
                 pending, have = [rest], have - b
         if have and not self.drop_last:
-            cols = {c: np.concatenate([p[c] for p in pending]) for c in pending[0]}
+            cols = {c: concat_rows([p[c] for p in pending]) for c in pending[0]}
             consumed += have
             yield self.assemble(cols), consumed
 
@@ -280,32 +307,51 @@ class BatchLoader:
         hist_len = cols["hist_len"].astype(np.int64)
         lengths = np.minimum(hist_len, self.max_len)
         starts = self.sequences.starts[self.sequences.rows(user)] + hist_len - lengths
-        b, n_hist = len(user), int(lengths.sum())
-        n_hf = len(self.history_features)
-        values = np.empty(n_hist * n_hf + b * (len(self.candidate_features) + 1), np.int64)
-        cache: list = []
-        for i, f in enumerate(self.history_features):
-            values[i * n_hist : (i + 1) * n_hist] = _gather(self.sequences.values[f], starts, lengths, cache)
-        at = n_hist * n_hf
-        for f in [*self.candidate_features, "user_id"]:
-            values[at : at + b] = cols[f]
-            at += b
-        kjt_lengths = np.concatenate(
-            [np.tile(lengths, n_hf), np.ones(b * (len(self.candidate_features) + 1), np.int64)]
-        )
-        hist_ts = _gather(self.sequences.values["ts"], starts, lengths, cache)
+        events = ranges(starts, lengths)  # the batch's history events, sample by sample
+        values, kjt_lengths, event_lengths = [], [], {}
+        for f in self.history_features:
+            v = self.sequences.values[f]
+            if isinstance(v, EventLists):
+                flat, per_event = v.take(events)
+                values.append(flat)
+                kjt_lengths.append(segment_sums(per_event, lengths))
+                event_lengths[hist_key(f)] = torch.from_numpy(per_event)
+            else:
+                values.append(v[events])
+                kjt_lengths.append(lengths)
+        ones = np.ones(len(user), np.int64)
+        for f in self.sample_features:
+            v = cols[f]
+            flat, n = jagged(v) if is_list(v) else (v, ones)
+            values.append(flat)
+            kjt_lengths.append(n)
+        dense = {
+            f: normalised(cols[f], *self.dense_stats[f])
+            if f in self.dense_stats
+            else cols[f].astype(np.float32)
+            for f in self.dense_features
+        }
         return Batch(
             sparse=KeyedJaggedTensor(
-                keys=self.keys, values=torch.from_numpy(values), lengths=torch.from_numpy(kjt_lengths)
+                keys=self.keys,
+                values=torch.from_numpy(np.concatenate(values).astype(np.int64, copy=False)),
+                lengths=torch.from_numpy(np.concatenate(kjt_lengths)),
             ),
-            hist_ts=torch.from_numpy(hist_ts),
+            hist_ts=torch.from_numpy(self.sequences.values["ts"][events]),
             hist_lengths=torch.from_numpy(lengths),
             hist_total=torch.from_numpy(hist_len),
             ts=torch.from_numpy(cols["ts"].astype(np.int64, copy=False)),
             labels=torch.from_numpy(cols["label"].astype(np.float32)),
             row_id=torch.from_numpy(cols["row_id"]),
-            dense={f: torch.from_numpy(cols[f].astype(np.float32)) for f in self.dense_features},
+            dense={f: torch.from_numpy(x) for f, x in dense.items()},
+            event_lengths=event_lengths,
         )
+
+
+def _column(t: pa.Table, c: str):
+    """A sample column as numpy, or as a ListArray for a list<int64> column."""
+    col = t.column(c)
+    return col.combine_chunks() if pa.types.is_list(col.type) else col.to_numpy()
 
 
 def _prefetched(source: Iterator, depth: int) -> Iterator:

@@ -6,17 +6,22 @@ Keys, hash-tagged so one user's keys share a cluster slot:
 
     {prefix}:{u<user>}:seq          list of packed events (EVENT_DTYPE, 33 bytes), in append
                                     order, at most max_len
-    {prefix}:{u<user>}:ver          the sequence version (an integer): +1 on every append that adds
-                                    events, so a cached state tagged with an older one is stale
+    {prefix}:{u<user>}:ver          the sequence version `seq_version` (an integer): +1 on every
+                                    append that adds events, so a cached state tagged with an
+                                    older one is stale
     {prefix}:{u<user>}:ids          sorted set: the idempotency window (see below)
-    {prefix}:{u<user>}:st:<model>   the encoded UserState for a model version (codec bytes whose
-                                    meta tags the user, model version, sequence version and
-                                    events used: a value copied to another user's key is a
-                                    miss), TTL'd
+    {prefix}:{u<user>}:st:<model_version>
+                                    the encoded UserState for a model version (codec bytes whose
+                                    meta tags the user, model_version, seq_version and events
+                                    used: a value copied to another user's key is a miss),
+                                    TTL'd (serving/state_cache.py owns the policy)
+
+`prefix` is the one key-prefix setting: `--key-prefix` / `LONGER_KEY_PREFIX` (default `lg`) of
+`longer store load`, `longer store check` and `longer serve` alike.
 
 Appends run as one Lua script per user (type checks, push + trim + version bump, atomically),
-so concurrent writers lose nothing and versions strictly increase. The script answers the new
-version and how many events it really added (a repeated `event_id` adds nothing).
+so concurrent writers lose nothing and sequence versions strictly increase. The script answers
+the new seq_version and how many events it really added (a repeated `event_id` adds nothing).
 
 Idempotency window: `ids` holds the event ids of the last `id_window` events appended with an
 id (default max_len: the ids of the retained events), scored by arrival, trimmed in the same
@@ -43,12 +48,14 @@ import numpy as np
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from longer.errors import MissingInputError, UsageError
+
 EVENT_DTYPE = np.dtype(
     [("ts", "<i8"), ("item_id", "<i8"), ("category_id", "<i8"), ("action", "<i8"), ("label", "i1")]
 )
 
 # KEYS: seq, ver, ids. ARGV: max_len, id_window, n, then n pairs (event_id or '', packed event).
-# Returns {version, added}; a key of the wrong type or a non-integer counter is an error reply
+# Returns {seq_version, added}; a key of the wrong type or a non-integer counter is an error reply
 # "BADKEY <key> <problem>" and changes nothing.
 _APPEND = """
 local want = {'list', 'string', 'zset'}
@@ -130,7 +137,7 @@ class Appended:
     """What one `append` did per user: the sequence version after it, and the events really
     added (a repeated event_id adds nothing)."""
 
-    versions: dict[int, int]
+    seq_versions: dict[int, int]
     added: dict[int, int]
 
     @property
@@ -166,8 +173,8 @@ def unpack_events(raw: Sequence[bytes]) -> np.ndarray:
     return sort_events(np.frombuffer(b"".join(good), dtype=EVENT_DTYPE) if good else np.zeros(0, EVENT_DTYPE))
 
 
-def parse_version(key: str, raw) -> int:
-    """A version counter's value (absent: 0); BadKeyError unless a non-negative integer."""
+def parse_seq_version(key: str, raw) -> int:
+    """A sequence version counter's value (absent: 0); BadKeyError unless a non-negative integer."""
     if raw is None:
         return 0
     text = raw.decode("ascii", "replace") if isinstance(raw, bytes) else str(raw)
@@ -243,11 +250,11 @@ class OnlineStore:
         id_window: int | None = None,
     ):
         if max_len < 1:
-            raise ValueError(f"max_len must be >= 1, got {max_len}")
+            raise UsageError(f"max_len must be >= 1, got {max_len}")
         self.r, self.max_len, self.prefix = client, max_len, prefix
         self.id_window = max_len if id_window is None else id_window
         if self.id_window < 1:
-            raise ValueError(f"id_window must be >= 1, got {self.id_window}")
+            raise UsageError(f"id_window must be >= 1, got {self.id_window}")
         self.state_ttl_s, self.state_max_bytes = state_ttl_s, state_max_bytes
         self._append = client.register_script(_APPEND)
 
@@ -311,7 +318,7 @@ class OnlineStore:
         return p.execute(raise_on_error=False)
 
     def read(self, user: int, model_version: str | None = None) -> tuple[np.ndarray, int, bytes | None]:
-        """(events sorted by (ts, item_id), sequence version, cached state bytes or None) in one
+        """(events sorted by (ts, item_id), seq_version, cached state bytes or None) in one
         round trip. BadKeyError for a key of the wrong type or an unreadable counter."""
         keys = [self._key(user, "seq"), self._key(user, "ver")]
         p = self.r.pipeline(transaction=False)
@@ -329,8 +336,8 @@ class OnlineStore:
                     res[2] = None
                     continue
                 raise BadKeyError(key, f"holds a {self._type(key)}, expected a {('list', 'string')[i]}")
-        version = parse_version(keys[1], res[1])
-        return unpack_events(res[0] or []), version, (res[2] if model_version is not None else None)
+        seq_version = parse_seq_version(keys[1], res[1])
+        return unpack_events(res[0] or []), seq_version, (res[2] if model_version is not None else None)
 
     def _type(self, key: str) -> str:
         t = self.r.type(key)
@@ -344,11 +351,11 @@ class OnlineStore:
         return True
 
     def load_sequences(self, data_dir: str | Path, batch_users: int = 500, progress: bool = True) -> dict:
-        """Bootstrap from a dataset's `sequences/`: each user's last max_len events, version 1.
+        """Bootstrap from a dataset's `sequences/`: each user's last max_len events, seq_version 1.
         Pipelined, one round trip per `batch_users` users."""
         files = sorted((Path(data_dir) / "sequences").glob("part-*.parquet"))
         if not files:
-            raise FileNotFoundError(f"{data_dir}: no sequences/part-*.parquet (run `longer build`)")
+            raise MissingInputError(f"{data_dir}: no sequences/part-*.parquet (run `longer build`)")
         users = events = 0
         total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
         with tqdm(total=total, unit="user", desc="store load", disable=not progress) as bar:

@@ -4,7 +4,12 @@ A log is a parquet file or a directory of them, one row per logged event. Every 
 through :func:`iter_log` comes out in canonical form:
 
     user_id int64, item_id int64, ts int64 (unix seconds), label int8,
-    [category_id int64], [action int64], [extra integer columns int64], [float columns float64]
+    [category_id int64], [action int64], [extra integer columns int64],
+    [list columns list<int64>], [float columns float64]
+
+A list column (any list of integers: multi-valued categorical, e.g. a movie's genres) may hold
+empty lists but no null list and no null or negative element. Logs without list columns are
+read exactly as before.
 
 Bad input is refused with a :class:`LogError` naming the file, the column and a row index
 (0-based, counted within that file).
@@ -22,6 +27,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from longer.errors import LongerError
+
 REQUIRED = ("user_id", "item_id", "ts", "label")
 OPTIONAL = ("category_id", "action")
 # Event columns carried into a user's sequence (DESIGN.md "Training data").
@@ -32,7 +39,7 @@ _INT64_MAX = np.iinfo(np.int64).max
 _UNIT_DIVISOR = {"s": 1, "ms": 10**3, "us": 10**6, "ns": 10**9}
 
 
-class LogError(ValueError):
+class LogError(LongerError, ValueError):
     """Input that breaks the behaviour-log contract. The message names file, column and row."""
 
     def __init__(self, file: str | Path, message: str, column: str | None = None, row: int | None = None):
@@ -51,12 +58,19 @@ class LogSchema:
 
     optional: tuple[str, ...] = ()  # subset of OPTIONAL, in OPTIONAL order
     extra_int: tuple[str, ...] = ()  # extra categorical features
+    extra_list: tuple[str, ...] = ()  # list<int64> categorical features (multi-valued)
     extra_float: tuple[str, ...] = ()  # passed through (e.g. the synthetic log's p_true)
     ignored: tuple[str, ...] = field(default=(), compare=False)  # other types: not part of the contract
 
     @property
     def columns(self) -> tuple[str, ...]:
-        return REQUIRED + self.optional + self.extra_int + self.extra_float
+        return REQUIRED + self.optional + self.extra_int + self.extra_list + self.extra_float
+
+    @property
+    def kinds(self) -> dict[str, str]:
+        """Each feature column's kind, as FeatureSpec.check takes it: "int", "list" or "float"."""
+        kinds = {c: "int" for c in self.optional + self.extra_int}
+        return kinds | {c: "list" for c in self.extra_list} | {c: "float" for c in self.extra_float}
 
     @property
     def sequence_columns(self) -> tuple[str, ...]:
@@ -64,12 +78,14 @@ class LogSchema:
 
     def arrow_schema(self) -> pa.Schema:
         types = {"label": pa.int8()} | {c: pa.float64() for c in self.extra_float}
+        types |= {c: pa.list_(pa.int64()) for c in self.extra_list}
         return pa.schema([(c, types.get(c, pa.int64())) for c in self.columns])
 
     def to_json(self) -> dict:
         return {
             "optional": list(self.optional),
             "extra_int": list(self.extra_int),
+            "extra_list": list(self.extra_list),
             "extra_float": list(self.extra_float),
             "ignored": list(self.ignored),
         }
@@ -104,7 +120,7 @@ def schema_of(file: Path, arrow_schema: pa.Schema) -> LogSchema:
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
         raise LogError(file, "duplicate column name", column=dup[0])
-    extra_int, extra_float, ignored = [], [], []
+    extra_int, extra_list, extra_float, ignored = [], [], [], []
     for name in names:
         if name in REQUIRED or name in OPTIONAL:
             continue
@@ -113,10 +129,16 @@ def schema_of(file: Path, arrow_schema: pa.Schema) -> LogSchema:
             extra_int.append(name)
         elif pa.types.is_floating(t):
             extra_float.append(name)
+        elif (pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_integer(t.value_type):
+            extra_list.append(name)
         else:
             ignored.append(name)
     return LogSchema(
-        tuple(c for c in OPTIONAL if c in names), tuple(extra_int), tuple(extra_float), tuple(ignored)
+        tuple(c for c in OPTIONAL if c in names),
+        tuple(extra_int),
+        tuple(extra_list),
+        tuple(extra_float),
+        tuple(ignored),
     )
 
 
@@ -187,6 +209,8 @@ def normalize(
             out[col] = _hashed_strings(_no_nulls(arr, *ctx))
         elif col in schema.extra_float:
             out[col] = pc.cast(arr, pa.float64())
+        elif col in schema.extra_list:
+            out[col] = _id_list(arr, *ctx)
         else:
             out[col] = _id(arr, *ctx)
     return pa.table(out, schema=schema.arrow_schema())
@@ -213,6 +237,24 @@ def _id(arr: pa.Array, file, col, off) -> pa.Array:
         bad = values > _INT64_MAX
         raise LogError(file, f"id {values[bad][0]} does not fit int64", col, off + _first(bad))
     return pa.array(values.astype(np.int64, copy=False))
+
+
+def _id_list(arr: pa.Array, file, col, off) -> pa.Array:
+    """Non-null lists of non-null, non-negative integer ids → list<int64> (empty lists allowed)."""
+    arr = _no_nulls(arr, file, col, off)
+    lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False)
+    row_of = np.repeat(np.arange(len(arr)), lengths)  # the row of each flattened element
+    flat = arr.flatten()
+    if flat.null_count:
+        bad = np.asarray(flat.is_null())
+        raise LogError(file, "null element in a list", col, off + int(row_of[_first(bad)]))
+    values = flat.to_numpy(zero_copy_only=False)
+    bad = values < 0 if values.dtype.kind == "i" else values > _INT64_MAX
+    if bad.any():
+        what = "negative id" if values.dtype.kind == "i" else "id that does not fit int64:"
+        raise LogError(file, f"{what} {values[bad][0]} in a list", col, off + int(row_of[_first(bad)]))
+    offsets = np.r_[0, np.cumsum(lengths)].astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, pa.int64()))
 
 
 def _label(arr: pa.Array, file, col, off) -> pa.Array:

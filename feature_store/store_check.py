@@ -29,7 +29,7 @@ from itertools import islice
 
 from tqdm import tqdm
 
-from .online import EVENT_DTYPE, BadKeyError, parse_version
+from .online import EVENT_DTYPE, BadKeyError, parse_seq_version
 
 EXPECTED = {"seq": "list", "ver": "string", "ids": "zset", "st": "string"}
 
@@ -133,7 +133,7 @@ class StoreCheck:
                 )
         if kind == "ver":
             try:
-                parse_version(key, value)
+                parse_seq_version(key, value)
             except BadKeyError as e:
                 return Problem(key, e.problem, "set to the current time in ms")
         return None

@@ -26,6 +26,12 @@ User u (about K events, K·exp(N(0, 0.3²)) clipped to [K/2, 2K])
     its end. Gaps: 25% exactly 0 (same-second events: the builder's tie handling matters),
     60% in-session gaps ~ Exp(60 s), 15% session breaks, scaled to fill the user's span.
 
+Extra columns (`--extra-columns`, for tests of declared features; no signal, drawn from a
+second Generator so the default log is unchanged): `tier` (user profile, int: 1 for the first
+half of a user's events, 2 after: a profile that changes mid-log), `brand` (item column, int,
+fixed per item), `device` (request context, int in 1..3 per event), `price` (dense float, fixed
+per item) and `tags` (list<int64>: 1 to 3 tag ids per item, fixed per item).
+
 Why length matters: late in a user's life, the long-term categories are rarely shown (6%) but
 still clicked with high probability, and the evidence for them lies mostly in the first half
 of the history, hundreds of events back. A model that sees the last 50 events sees the drift
@@ -43,6 +49,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from longer.errors import UsageError
+
 from .io import atomic_dir
 
 T0 = 1_700_000_000  # 2023-11-14T22:13:20Z
@@ -59,17 +67,18 @@ class SynthConfig:
     days: int = 60
     chunk_events: int = 2_000_000  # working-set bound: events generated and written at a time
     rows_per_file: int = 5_000_000
+    extra_columns: bool = False  # add tier, brand, device, price, tags (module docstring)
 
     def __post_init__(self):
         for name in ("users", "items", "events_per_user", "days", "chunk_events", "rows_per_file"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+                raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.events_per_user < 2:
-            raise ValueError("--events-per-user must be >= 2")
+            raise UsageError("--events-per-user must be >= 2")
         if self.items < 2:
-            raise ValueError("--items must be >= 2")
+            raise UsageError("--items must be >= 2")
         if self.categories < 0 or self.categories > self.items:
-            raise ValueError(f"--categories must be in [0, items], got {self.categories}")
+            raise UsageError(f"--categories must be in [0, items], got {self.categories}")
 
     @property
     def n_categories(self) -> int:
@@ -109,8 +118,40 @@ def _sigmoid(x):
     return 1.0 / (1.0 + np.exp(-x))
 
 
+class _Extras:
+    """Per-item side columns of `--extra-columns`, from their own Generator."""
+
+    def __init__(self, cfg: SynthConfig):
+        self.rng = np.random.default_rng([cfg.seed, 1])
+        m = cfg.items
+        self.brand = self.rng.integers(1, max(2, m // 10) + 1, m)
+        self.price = np.round(self.rng.lognormal(2.0, 0.5, m), 2)
+        n_tags = self.rng.integers(1, 4, m)
+        self.tag_offsets = np.r_[0, np.cumsum(n_tags)]
+        self.tags = self.rng.integers(1, 64, int(n_tags.sum()))
+
+    def columns(self, item: np.ndarray, early: np.ndarray) -> dict:
+        lengths = np.diff(self.tag_offsets)[item]
+        offsets = np.r_[0, np.cumsum(lengths)]  # of each event's tag list in the output
+        flat = self.tags[np.repeat(self.tag_offsets[item] - offsets[:-1], lengths) + np.arange(offsets[-1])]
+        return {
+            "tier": np.where(early, 1, 2).astype(np.int64),
+            "brand": self.brand[item].astype(np.int64),
+            "device": self.rng.integers(1, 4, len(item)).astype(np.int64),
+            "price": self.price[item],
+            "tags": pa.ListArray.from_arrays(
+                pa.array(offsets.astype(np.int32)), pa.array(flat.astype(np.int64))
+            ),
+        }
+
+
 def _chunk(
-    cfg: SynthConfig, world: _World, rng: np.random.Generator, first_user: int, n_users: int
+    cfg: SynthConfig,
+    world: _World,
+    rng: np.random.Generator,
+    first_user: int,
+    n_users: int,
+    extras: _Extras | None = None,
 ) -> pa.Table:
     k = cfg.events_per_user
     n = np.clip(np.round(k * np.exp(rng.normal(0, 0.3, n_users))), max(2, k // 2), 2 * k).astype(np.int64)
@@ -167,6 +208,7 @@ def _chunk(
             "category_id": (cat + 1).astype(np.int64),
             "action": action.astype(np.int64),
             "p_true": p_true.astype(np.float64),
+            **(extras.columns(item, early) if extras else {}),
         }
     )
 
@@ -175,6 +217,7 @@ def synthesize(cfg: SynthConfig, out: str | Path, overwrite: bool = False, progr
     """Write the synthetic log to `out` (a directory of parquet files). Returns a summary."""
     rng = np.random.default_rng(cfg.seed)
     world = _World(cfg, rng)
+    extras = _Extras(cfg) if cfg.extra_columns else None
     users_per_chunk = max(1, cfg.chunk_events // (2 * cfg.events_per_user))
     rows = files = 0
     with (
@@ -183,7 +226,7 @@ def synthesize(cfg: SynthConfig, out: str | Path, overwrite: bool = False, progr
     ):
         writer, in_file = None, 0
         for first in range(0, cfg.users, users_per_chunk):
-            table = _chunk(cfg, world, rng, first, min(users_per_chunk, cfg.users - first))
+            table = _chunk(cfg, world, rng, first, min(users_per_chunk, cfg.users - first), extras)
             if writer is None or in_file >= cfg.rows_per_file:
                 if writer is not None:
                     writer.close()

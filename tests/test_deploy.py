@@ -343,15 +343,15 @@ def test_compose_trainer_serving_replay_agree(compose):
     s = compose["services"]
     trainer, serving, replay = s["trainer"], s["serving"], s["replay"]
     argv = compose_pipeline_args(compose)
-    # The trainer publishes into the volume serving reads, under the path LONGER_MODEL names.
+    # The trainer publishes into the volume serving reads, under the path LONGER_BUNDLE names.
     shared = flag(argv, "--shared")
     trainer_vols = {v.split(":")[0]: v.split(":")[1] for v in trainer["volumes"]}
     serving_vols = {v.split(":")[0]: v.split(":")[1] for v in serving["volumes"]}
     vol = next(k for k, v in trainer_vols.items() if v == shared)
     assert vol in compose["volumes"] and serving_vols.get(vol) == shared
-    assert serving["environment"]["LONGER_MODEL"] == f"{shared}/bundles/live"
+    assert serving["environment"]["LONGER_BUNDLE"] == f"{shared}/bundles/live"
     # Sequences bootstrapped under the prefix serving reads.
-    assert flag(argv, "--prefix") == resolve_default(
+    assert flag(argv, "--key-prefix") == resolve_default(
         str(serving["environment"].get("LONGER_KEY_PREFIX", "lg"))
     )
     config = REPO / flag(argv, "--config")
@@ -429,7 +429,7 @@ def test_compose_serving_settings_parse(compose, monkeypatch):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     settings = Settings.from_env()
-    assert settings.model == env["LONGER_MODEL"] and settings.watch_s > 0
+    assert settings.model == env["LONGER_BUNDLE"] and settings.watch_s > 0
     assert settings.state_precision in ("fp32", "fp16", "bf16")
 
 
@@ -779,7 +779,9 @@ def test_k8s_serving_settings_and_store(rendered, monkeypatch):
             monkeypatch.setenv(k, v)
         settings = Settings.from_env()
         mounts = {m["mountPath"] for m in c["volumeMounts"]}
-        assert any(settings.model.startswith(m + "/") for m in mounts), "LONGER_MODEL is on no mounted volume"
+        assert any(settings.model.startswith(m + "/") for m in mounts), (
+            "LONGER_BUNDLE is on no mounted volume"
+        )
         assert settings.watch_s > 0, "without LONGER_WATCH_S a new bundle needs a reload call per pod"
         url = urlparse(settings.redis_url)
         redis_svc = one(docs, "Service", url.hostname)
@@ -791,7 +793,7 @@ def test_k8s_serving_settings_and_store(rendered, monkeypatch):
         prep = one(docs, "Job", "longer-prepare")
         prep_args = command_list(prep["spec"]["template"]["spec"]["containers"][0]["args"])
         assert prep_args[0] == "deploy/pipeline.sh" and "--no-train" in prep_args
-        assert flag(prep_args, "--prefix") == settings.key_prefix
+        assert flag(prep_args, "--key-prefix") == settings.key_prefix
         assert f"{flag(prep_args, '--shared')}/bundles/live" == settings.model
 
 
@@ -910,7 +912,7 @@ def test_publish_bundle_swaps_the_live_link(tmp_path):
 
 
 def test_entrypoint_needs_a_model_to_serve(tmp_path):
-    env = {k: v for k, v in script_env(tmp_path).items() if k != "LONGER_MODEL"}
+    env = {k: v for k, v in script_env(tmp_path).items() if k not in ("LONGER_BUNDLE", "LONGER_MODEL")}
     r = subprocess.run(
         [str(DEPLOY / "entrypoint.sh"), "serve", "--port", "8000"],
         capture_output=True,
@@ -918,7 +920,7 @@ def test_entrypoint_needs_a_model_to_serve(tmp_path):
         env=env,
         timeout=60,
     )
-    assert r.returncode == 2 and "LONGER_MODEL" in r.stderr
+    assert r.returncode == 2 and "LONGER_BUNDLE" in r.stderr
     r = subprocess.run(
         [str(DEPLOY / "entrypoint.sh"), "sh", "-c", "echo passthrough"],
         capture_output=True,
@@ -970,7 +972,7 @@ def test_split_log_holds_back_the_last_days(tmp_path):
 
 def test_operations_doc_covers_metrics_and_rollout():
     doc = (REPO / "docs" / "operations.md").read_text()
-    source = (REPO / "serving" / "app.py").read_text()
+    source = (REPO / "serving" / "metrics.py").read_text()
     metrics = re.findall(r"""(?:Counter|Gauge|Histogram|Summary)\(\s*["']([a-z_:]+)["']""", source)
     assert len(metrics) >= 5
     missing = [m for m in metrics if m not in doc]

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from serving.app import bearer_matches, create_app
+from serving.app import create_app
+from serving.routes import bearer_matches
 from serving.settings import Settings
 from tests.serving_utils import prefixed_store, shared_redis, tiny_bundle
 

@@ -44,11 +44,11 @@ def store(client, prefix):
 
 def test_append_is_idempotent_and_versions_increase(store):
     done = store.append([Event(1, 10, 100, event_id="a"), Event(1, 11, 101, event_id="b")])
-    assert done.versions == {1: 1} and done.added == {1: 2}
+    assert done.seq_versions == {1: 1} and done.added == {1: 2}
     again = store.append([Event(1, 11, 101, event_id="b"), Event(1, 11, 101, event_id="b")])
-    assert again.versions == {1: 1} and again.total == 0  # already applied: no bump, nothing added
+    assert again.seq_versions == {1: 1} and again.total == 0  # already applied: no bump, nothing added
     done = store.append([Event(1, 12, 99), Event(2, 5, 50)])
-    assert done.versions == {1: 2, 2: 1} and done.added == {1: 1, 2: 1}
+    assert done.seq_versions == {1: 2, 2: 1} and done.added == {1: 1, 2: 1}
     events, version, state = store.read(1, "m1")
     assert version == 2 and state is None
     assert events["item_id"].tolist() == [12, 10, 11]  # sorted by (ts, item_id)
@@ -70,7 +70,7 @@ def test_concurrent_writers_lose_nothing(store):
             u = users[(w + i) % len(users)]
             v = store.append(
                 [Event(u, w * 1000 + i, 10_000 + w * per_writer + i, event_id=f"{w}-{i}")]
-            ).versions[u]
+            ).seq_versions[u]
             with lock:
                 seen_versions[u].append(v)
 

@@ -151,3 +151,46 @@ def test_not_parquet_and_empty_dir(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(LogError, match="no \\*.parquet files"):
         read_log(tmp_path / "empty")
+
+
+# --- list<int64> columns (multi-valued categorical, issue 15) ----------------------------------
+
+
+def test_list_columns_classified_and_canonical(tmp_path):
+    genres = pa.array([[1, 2], [], [3]], pa.list_(pa.int32()))
+    path = log_with(tmp_path, genres=genres, shop_id=[1, 2, 3])
+    schema, _, _ = scan_log(path)
+    assert schema.extra_list == ("genres",) and schema.extra_int == ("shop_id",)
+    assert schema.kinds == {"shop_id": "int", "genres": "list"}
+    t = read_log(path)
+    assert t.schema.field("genres").type == pa.list_(pa.int64())
+    assert t.column("genres").to_pylist() == [[1, 2], [], [3]]
+
+
+def test_list_of_strings_is_not_a_list_column(tmp_path):
+    schema, _, _ = scan_log(log_with(tmp_path, tags=pa.array([["a"], [], ["b"]])))
+    assert schema.extra_list == () and schema.ignored == ("tags",)
+
+
+@pytest.mark.parametrize(
+    "values, row, fragment",
+    [
+        ([[1], None, [2]], 1, "null value"),
+        ([[1], [2, None], [3]], 1, "null element"),
+        ([[1], [], [4, -5]], 2, "negative id -5"),
+    ],
+)
+def test_bad_list_values_name_the_row(tmp_path, values, row, fragment):
+    path = log_with(tmp_path, genres=pa.array(values, pa.list_(pa.int64())))
+    expect_error(path, "genres", row, fragment)
+
+
+def test_logs_without_list_columns_read_as_before(tmp_path):
+    schema, _, _ = scan_log(log_with(tmp_path, category_id=[1, 2, 3]))
+    assert schema.extra_list == () and "extra_list" in schema.to_json()
+    assert read_log(log_with(tmp_path, name="b.parquet")).column_names == [
+        "user_id",
+        "item_id",
+        "ts",
+        "label",
+    ]

@@ -20,8 +20,9 @@ from fastapi.testclient import TestClient
 
 from feature_store.online import OnlineStore, connect
 from serving.app import create_app
-from serving.runtime import ModelRuntime, state_tag
+from serving.runtime import ModelRuntime
 from serving.settings import Settings
+from serving.state_cache import state_tag
 from tests.conftest import REPO
 from tests.serving_utils import prefixed_store, shared_redis
 from tests.test_trainer import run, small  # noqa: F401  (the module fixture)
@@ -117,22 +118,26 @@ def test_hit_after_miss_and_an_event_invalidates(app_and_store):
         assert client.post("/v1/score", json={**body, "ts": now}).json()["user_state"] == "hit"
 
 
-def test_stale_or_corrupt_states_are_never_used(app_and_store):
+def test_stale_or_corrupt_states_are_never_used(app_and_store, caplog):
     app, store = app_and_store
     user = int(store.r.keys(f"{store.prefix}:*:seq")[0].decode().split("{u")[1].split("}")[0])
     body = {"user_id": user, "candidates": [{"item_id": 4}]}
-    rt = app.state.service.runtime
+    rt, cache = app.state.service.runtime, app.state.service.cache
     with TestClient(app) as client:
         good = client.post("/v1/score", json=body).json()
-        key = store._key(user, f"st:{rt.version}")
-        for bad in (b"garbage", store.r.get(key)[:-1] + b"\x00"):
+        key = store._key(user, f"st:{rt.model_version}")
+        for bad, reason in ((b"garbage", "value too short"), (store.r.get(key)[:-1] + b"\x00", "checksum")):
             store.r.set(key, bad)
-            again = client.post("/v1/score", json=body).json()
+            with caplog.at_level("WARNING", logger="longer.serving.state"):
+                again = client.post("/v1/score", json=body).json()
             assert again["user_state"] == "miss" and np.allclose(again["scores"], good["scores"], atol=1e-6)
-        events, version, blob = store.read(user, rt.version)
-        state = rt.loads(blob, state_tag(user, version, len(events)))
+            logged = [r.getMessage() for r in caplog.records if r.name == "longer.serving.state"]
+            assert any(f"user {user}" in m and reason in m for m in logged), logged
+            caplog.clear()
+        events, seq_version, blob = store.read(user, rt.model_version)
+        state = cache.loads(rt, blob, state_tag(user, seq_version, len(events)))
         assert state is not None  # rewritten after the miss
-        stale = rt.dumps(state, state_tag(user, version - 1, len(events)))
+        stale = cache.dumps(rt, state, state_tag(user, seq_version - 1, len(events)))
         store.r.set(key, stale)
         assert client.post("/v1/score", json=body).json()["user_state"] == "miss"
 
@@ -240,13 +245,16 @@ def perturbed_bundle(src, dst, delta=0.05):
     return write_bundle(dst, tensors, b.config, {})
 
 
-def test_reload_and_watch_swap_the_model(trained, tmp_path):
+def test_reload_and_watch_swap_the_model(trained, tmp_path, caplog):
     bundle, data, _ = trained
     live = tmp_path / "live"
     shutil.copytree(bundle, live)
-    with prefixed_store(shared_redis()) as store:
+    old_version = json.loads((live / "config.json").read_text())["model_version"]
+    with prefixed_store(shared_redis()) as store, caplog.at_level("INFO", logger="longer.serving.reload"):
         store.load_sequences(data, progress=False)
-        reload_and_watch(bundle, live, data, store)
+        new_version = reload_and_watch(bundle, live, data, store)
+    reloads = [r.getMessage() for r in caplog.records if r.name == "longer.serving.reload"]
+    assert any(f"{old_version} → {new_version}" in m for m in reloads), reloads
 
 
 def reload_and_watch(bundle, live, data, store):
@@ -269,6 +277,7 @@ def reload_and_watch(bundle, live, data, store):
         assert after["user_state"] == "miss"  # states are cached per model version
         assert after["scores"] != before["scores"]
         assert f'model_version="{new_version}"' in client.get("/metrics").text
+    return new_version
 
 
 def test_concurrent_misses_for_one_user_encode_once(app_and_store):

@@ -2,6 +2,6 @@
 
 import sys
 
-from longer_cli.main import main
+from .cli import main
 
-sys.exit(main(["train", *sys.argv[1:]]))
+sys.exit(main())

@@ -30,12 +30,14 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
+from longer.errors import LongerError
+
 STATE_FILE = "trainer_state.json"
 RNG_FILE = "rng_state.bin"
 MANIFEST = "manifest.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(LongerError, ValueError):
     pass
 
 

@@ -43,11 +43,12 @@ class TrainConfig(ConfigSection):
     shuffle_window: int = 8
     deterministic: bool = False
     prefetch: int = 1  # loader thread prefetch depth
+    threads: int = 0  # torch threads per process (0: auto, from CPU affinity and quota; trainer/threads.py)
 
     def __post_init__(self):
         need = self.need
         self.need_ints(("steps", "batch_size", "eval_batch_size", "log_every", "shuffle_window"), minimum=1)
-        self.need_ints(("eval_every", "checkpoint_every", "warmup_steps", "prefetch"), minimum=0)
+        self.need_ints(("eval_every", "checkpoint_every", "warmup_steps", "prefetch", "threads"), minimum=0)
         for name in ("lr", "emb_lr"):
             need(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
         need(self.weight_decay >= 0 and self.grad_clip >= 0, "weight_decay and grad_clip must be >= 0")

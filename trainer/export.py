@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from feature_store.io import atomic_dir
 from longer.embedding import FEATURE_KEYS, table_sizes
+from longer.errors import LongerError
 from longer.recmodel import RecModel, build_model
 
 from .config import RunConfig
@@ -72,7 +73,7 @@ class Bundle:
     path: Path
 
 
-class BundleError(ValueError):
+class BundleError(LongerError, ValueError):
     pass
 
 
@@ -115,7 +116,8 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
         tensors = load_file(str(files["model.safetensors"]))
     except Exception as e:  # SafetensorError is not a ValueError; a bundle is input like any other
         raise BundleError(f"{path}: unreadable bundle ({type(e).__name__}: {e})") from e
-    if verify and content_version(tensors, cfg.to_dict()) != version:
+    # The hash covers the config as written (a bundle from before a key's rename stays valid).
+    if verify and content_version(tensors, raw) != version:
         raise BundleError(
             f"{path}: content does not match model_version {version} (corrupt or edited bundle)"
         )

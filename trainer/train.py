@@ -24,6 +24,8 @@ from tqdm import tqdm
 
 from feature_store.builder import read_meta
 from feature_store.loader import BatchLoader
+from longer.config import renamed_model_key
+from longer.errors import InputError
 from longer.flops import forward_flops
 from longer.recmodel import build_model
 
@@ -33,9 +35,18 @@ from .distributed import broadcast, init_distributed
 from .evaluate import metrics_of, predict_split, write_predictions
 from .export import write_bundle
 from .sharding import plan_table, shard
+from .threads import configure_threads
 
 # Settings a resumed run may change; everything else must match the checkpoint.
-RESUMABLE_CHANGES = {"steps", "eval_every", "checkpoint_every", "log_every", "prefetch", "eval_batch_size"}
+RESUMABLE_CHANGES = {
+    "steps",
+    "eval_every",
+    "checkpoint_every",
+    "log_every",
+    "prefetch",
+    "eval_batch_size",
+    "threads",
+}
 
 
 class _TrainBatches:
@@ -48,7 +59,7 @@ class _TrainBatches:
     def __iter__(self):
         while True:
             if len(self.loader) == 0:
-                raise ValueError(
+                raise InputError(
                     f"{self.loader.data_dir}: train split smaller than one global batch "
                     f"({self.loader.world_size} ranks × {self.loader.batch_size})"
                 )
@@ -66,6 +77,7 @@ class _TrainBatches:
 
 def _check_resume(saved: dict, cfg: RunConfig) -> None:
     now = cfg.to_dict()
+    saved = {**saved, "model": renamed_model_key(saved["model"], "--resume: the checkpoint's [model]")}
     if saved["model"] != now["model"]:
         diff = sorted(k for k in now["model"] if saved["model"].get(k) != now["model"][k])
         raise ConfigError(f"--resume: model config differs from the checkpoint's ({', '.join(diff)})")
@@ -170,16 +182,16 @@ def _start_point(
     return latest, None
 
 
-def train(
-    cfg: RunConfig,
-    data: str | Path,
-    out: str | Path,
-    resume: bool = False,
-    progress: bool = True,
-    auto_resume: bool = False,
-    overwrite: bool = False,
-) -> dict | None:
-    """Train, evaluate, checkpoint and export; returns a summary on rank 0 (None elsewhere).
+class Trainer:
+    """One training run: `setup` (dataset and run directory checks, model, sharding, loaders),
+    `resume` (from a checkpoint, or step 0), `step` (one optimizer step; `train_steps` loops it
+    with logging and the periodic checkpoints and evals), `evaluate` and `export`; `fit` runs
+    them in that order and returns the summary on rank 0.
+
+    State lives on the instance: the steps done (`self.at`), the TorchRec pipeline, the batch feed
+    it reads from (`self.batches`, which remembers the loader state after every batch) and its
+    iterator. An eval sets the pipeline aside and restarts it after the last trained batch, so
+    a run with evals sees exactly the batches of a run without them.
 
     `auto_resume` (for schedulers that restart a job with its original arguments, e.g. torchrun
     elastic): resume from the newest checkpoint that passes its manifest check (an older one
@@ -189,167 +201,240 @@ def train(
     `overwrite` with an existing run directory: train from step 0 in a hidden sibling directory
     and swap it in for the old run only once it has finished (exported); an interrupted or
     failed run leaves the old one untouched."""
-    ctx = init_distributed()
-    data, run = Path(data), Path(out)
-    if overwrite and (resume or auto_resume):
-        raise ConfigError(
-            "--overwrite starts a new run; it cannot be combined with --resume or --auto-resume"
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        data: str | Path,
+        out: str | Path,
+        resume: bool = False,
+        progress: bool = True,
+        auto_resume: bool = False,
+        overwrite: bool = False,
+    ):
+        if overwrite and (resume or auto_resume):
+            raise ConfigError(
+                "--overwrite starts a new run; it cannot be combined with --resume or --auto-resume"
+            )
+        self.cfg, self.tc = cfg, cfg.train
+        self.data, self.target = Path(data), Path(out)  # `target`: where the run ends up
+        self.run = self.target  # where it is written
+        self.want_resume, self.auto_resume, self.overwrite = resume, auto_resume, overwrite
+        self.ctx = init_distributed()
+        self.show_progress = progress and self.ctx.is_main
+        self.at = 0  # optimizer steps done
+        self.last_eval: dict = {}
+        self.writer = None
+        self.train_seconds = 0.0  # optimizer steps only, not evals or checkpoints
+
+    # --- setup ------------------------------------------------------------------------------------
+    def setup(self) -> Path | None:
+        """Check the dataset and the run directory, build and shard the model, open the loaders;
+        returns the checkpoint to resume from, or None."""
+        ctx, tc = self.ctx, self.tc
+        if self.overwrite and self.run.is_dir() and any(self.run.iterdir()):
+            self.run = self.run.parent / f".{self.run.name}.partial-overwrite"  # the same on every rank
+        self.meta = read_meta(self.data)
+        if self.cfg.model.max_len > self.meta["max_len"]:
+            raise ConfigError(
+                f"model.max_len={self.cfg.model.max_len} exceeds the dataset's --max-len {self.meta['max_len']}"
+            )
+        _quiet_torchrec(ctx.device.type)
+        configure_threads(tc.threads or None, "train.threads", log=ctx.is_main)
+        latest = self._choose_start()
+        _seed(tc.seed, tc.deterministic)
+        self.dmp, self.optimizer, self.dense_opt, self.plan = shard(build_model(self.cfg.model), tc, ctx)
+        self.loader, self.eval_loader = self._loaders()
+        return latest
+
+    def _choose_start(self) -> Path | None:
+        """The checkpoint to resume from (rank 0 decides, every rank learns it)."""
+        if self.ctx.is_main and self.run != self.target:  # --overwrite: an earlier attempt's leftovers
+            shutil.rmtree(self.run, ignore_errors=True)
+            print(
+                f"train: --overwrite: training in {self.run}; it replaces {self.target} once it has finished",
+                file=sys.stderr,
+                flush=True,
+            )
+        latest, err = (
+            _start_point(self.run, self.cfg, self.want_resume, self.auto_resume)
+            if self.ctx.is_main
+            else (None, None)
         )
-    target = run  # where the run ends up; `run` is where it is written
-    if overwrite and run.is_dir() and any(run.iterdir()):
-        run = run.parent / f".{run.name}.partial-overwrite"  # the same name on every rank
-    tc = cfg.train
-    meta = read_meta(data)
-    if cfg.model.max_len > meta["max_len"]:
-        raise ConfigError(
-            f"model.max_len={cfg.model.max_len} exceeds the dataset's --max-len {meta['max_len']}"
+        latest, err = broadcast((str(latest) if latest else None, err))
+        if err:
+            raise ConfigError(err)
+        return Path(latest) if latest else None
+
+    def _loaders(self) -> tuple[BatchLoader, BatchLoader]:
+        tc, ctx, max_len = self.tc, self.ctx, self.cfg.model.max_len
+        common = {"max_len": max_len, "rank": ctx.rank, "world_size": ctx.world_size}
+        train = BatchLoader(
+            self.data,
+            "train",
+            batch_size=tc.batch_size,
+            seed=tc.seed,
+            shuffle_window=tc.shuffle_window,
+            drop_last=True,
+            prefetch=tc.prefetch,
+            **common,
         )
-    if ctx.device.type == "cpu":  # TorchRec warns about CUDA streams that a CPU run does not have
+        evals = BatchLoader(
+            self.data, "eval", batch_size=tc.eval_batch_size, sequences=train.sequences, **common
+        )
+        return train, evals
+
+    # --- resume -----------------------------------------------------------------------------------
+    def resume(self, latest: Path | None) -> None:
+        """Restore model, optimizers and loader position from `latest` (None: from step 0), then
+        write the run's config and plan and open TensorBoard."""
+        if latest is not None:
+            state = ckpt.load_checkpoint(latest, self.dmp, self.optimizer)
+            self.at = state["step"]
+            self.loader.load_state_dict(state["loader"])
+        if self.ctx.is_main:
+            self._open_run(purge_step=self.at + 1 if latest is not None else None)
+        self._start_pipeline()
+        self.dmp.train()
+
+    def _open_run(self, purge_step: int | None) -> None:
+        table = plan_table(self.plan)
+        (self.run / "config.json").write_text(self.cfg.dumps() + "\n")
+        (self.run / "plan.txt").write_text(table + "\n")
+        n = self.ctx.world_size
+        # stdout carries only the summary JSON
+        print(f"sharding plan ({n} rank{'s' * (n > 1)}):\n{table}", file=sys.stderr, flush=True)
+        from torch.utils.tensorboard import SummaryWriter
+
+        # purge_step: TensorBoard drops what a killed attempt logged after the resumed checkpoint
+        self.writer = SummaryWriter(log_dir=str(self.run / "tb"), purge_step=purge_step)
+
+    def _start_pipeline(self) -> None:
+        """A fresh pipeline whose first batch is the one after `self.at` trained batches."""
+        from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+        self.batches = _TrainBatches(self.loader, count=self.at)
+        self.pipe = TrainPipelineSparseDist(self.dmp, self.optimizer, self.ctx.device, pipeline_postproc=True)
+        self.it = iter(self.batches)
+
+    # --- the loop ---------------------------------------------------------------------------------
+    def step(self) -> float:
+        """One optimizer step on the next batch; its loss. Adds the step's time (the step
+        alone) to `self.train_seconds`."""
+        t = time.perf_counter()
+        self.dense_opt.set_lr(self.tc.lr_at(self.at))
+        loss, _, _ = self.pipe.progress(self.it)
+        loss = float(loss)
+        self.train_seconds += time.perf_counter() - t
+        self.at += 1
+        return loss
+
+    def checkpoint(self) -> None:
+        state = self.batches.state_after(self.at)
+        ckpt.save_checkpoint(self.run, self.at, self.dmp, self.optimizer, state, self.cfg.to_dict())
+
+    def train_steps(self) -> float:
+        """Steps until `train.steps`, with a progress bar, the loss, learning rate and samples/s
+        logged every `log_every` steps, and the checkpoints and evals the config asks for
+        between them (`fit` does the last ones); samples per second of the steps alone."""
+        tc, s0 = self.tc, self.at
+        global_batch = tc.batch_size * self.ctx.world_size
+        bar = tqdm(total=tc.steps, initial=s0, desc="train", unit="step", disable=not self.show_progress)
+        loss_sum, loss_n, self.train_seconds = 0.0, 0, 0.0
+        while self.at < tc.steps:
+            loss_sum, loss_n = loss_sum + self.step(), loss_n + 1
+            if self.at % tc.log_every == 0 or self.at == tc.steps:
+                rate = global_batch * (self.at - s0) / self.train_seconds
+                bar.set_postfix(loss=f"{loss_sum / loss_n:.4f}", samples_s=f"{rate:,.0f}")
+                self._log_train(loss_sum / loss_n, rate)
+                loss_sum, loss_n = 0.0, 0
+            bar.update(1)
+            if self.at < tc.steps and tc.checkpoint_every and self.at % tc.checkpoint_every == 0:
+                self.checkpoint()
+            if self.at < tc.steps and tc.eval_every and self.at % tc.eval_every == 0:
+                self.last_eval = self.evaluate(final=False)
+        bar.close()
+        return global_batch * (self.at - s0) / max(self.train_seconds, 1e-9)
+
+    def _log_train(self, loss: float, rate: float) -> None:
+        if self.writer:
+            self.writer.add_scalar("train/loss", loss, self.at)
+            self.writer.add_scalar("train/lr", self.tc.lr_at(self.at - 1), self.at)
+            self.writer.add_scalar("train/samples_per_s", rate, self.at)
+
+    # --- evaluate ---------------------------------------------------------------------------------
+    def evaluate(self, final: bool) -> dict:
+        """Metrics on the eval split (rank 0; {} elsewhere), appended to metrics.jsonl.
+
+        The pipeline has batches in flight (their ids already sent to the shards): set it
+        aside, evaluate through the plain sharded model, and restart it afterwards from the
+        loader state after the last trained batch, so no batch is skipped or repeated."""
+        resume_at = self.batches.state_after(self.at)
+        self.pipe.detach()
+        self.it.close()
+        self.dmp.eval()
+        pred = predict_split(
+            lambda b: self.dmp(b)[1][1], self.eval_loader, self.ctx.device, progress=self.show_progress
+        )
+        self.dmp.train()
+        if not final:
+            self.loader.load_state_dict(resume_at)
+            self._start_pipeline()
+        if not self.ctx.is_main:
+            return {}
+        result = {"step": self.at, "split": "eval", **metrics_of(pred), "time": time.time()}
+        if final:
+            write_predictions(pred, self.run / "predictions.parquet")
+        with open(self.run / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(result) + "\n")
+        for k in ("auc", "gauc", "logloss", "calibration"):
+            self.writer.add_scalar(f"eval/{k}", result[k], self.at)
+        return result
+
+    # --- export -----------------------------------------------------------------------------------
+    def export(self) -> str | None:
+        """Write the bundle (rank 0; every rank gathers the sharded tables), close TensorBoard,
+        and with --overwrite swap the finished run in; the bundle's model_version."""
+        from .export import gather_unsharded
+
+        tensors = gather_unsharded(self.dmp)
+        version = (
+            write_bundle(self.run / "export", tensors, self.cfg, self.meta) if self.ctx.is_main else None
+        )
+        if self.writer:
+            self.writer.close()
+        if self.ctx.is_main and self.run != self.target:
+            _replace_run(self.run, self.target)
+        return version
+
+    def fit(self) -> dict | None:
+        """setup → resume → steps → final checkpoint and eval → export; the summary on rank 0."""
+        self.resume(self.setup())
+        samples_per_s = self.train_steps()
+        self.checkpoint()
+        self.last_eval = self.evaluate(final=True)
+        version = self.export()
+        summary = {
+            "run": str(self.target),
+            "steps": self.at,
+            "world_size": self.ctx.world_size,
+            "train_samples_per_s": round(samples_per_s, 1),
+            "gflops_fwd_per_sample": round(forward_flops(self.cfg.model) / 1e9, 4),
+            "model_version": version,
+            "eval": self.last_eval,
+        }
+        return summary if self.ctx.is_main else None
+
+
+def _quiet_torchrec(device_type: str) -> None:
+    if device_type == "cpu":  # TorchRec warns about CUDA streams that a CPU run does not have
         logging.getLogger("torchrec.distributed.train_pipeline.postproc").setLevel(logging.ERROR)
     # Deprecation notices inside TorchRec 1.8 itself (DDP's broadcast_buffers, ShardedTensor): not ours to act on.
     warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*deprecating ShardedTensor.*", category=FutureWarning)
 
-    if ctx.is_main and run != target:  # --overwrite: a previous attempt's leftovers are not this run's
-        shutil.rmtree(run, ignore_errors=True)
-        print(
-            f"train: --overwrite: training in {run}; it replaces {target} once it has finished",
-            file=sys.stderr,
-            flush=True,
-        )
-    latest, err = _start_point(run, cfg, resume, auto_resume) if ctx.is_main else (None, None)
-    latest, err = broadcast((str(latest) if latest else None, err))
-    if err:
-        raise ConfigError(err)
-    latest = Path(latest) if latest else None
 
-    _seed(tc.seed, tc.deterministic)
-    model = build_model(cfg.model)
-    dmp, optimizer, dense_opt, plan = shard(model, tc, ctx)
-    loader = BatchLoader(
-        data,
-        "train",
-        batch_size=tc.batch_size,
-        max_len=cfg.model.max_len,
-        seed=tc.seed,
-        shuffle_window=tc.shuffle_window,
-        rank=ctx.rank,
-        world_size=ctx.world_size,
-        drop_last=True,
-        prefetch=tc.prefetch,
-    )
-    eval_loader = BatchLoader(
-        data,
-        "eval",
-        batch_size=tc.eval_batch_size,
-        max_len=cfg.model.max_len,
-        rank=ctx.rank,
-        world_size=ctx.world_size,
-        sequences=loader.sequences,
-    )
-    step = 0
-    if latest is not None:
-        state = ckpt.load_checkpoint(latest, dmp, optimizer)
-        step = state["step"]
-        loader.load_state_dict(state["loader"])
-
-    writer = None
-    if ctx.is_main:
-        (run / "config.json").write_text(cfg.dumps() + "\n")
-        (run / "plan.txt").write_text(plan_table(plan) + "\n")
-        print(
-            f"sharding plan ({ctx.world_size} rank{'s' * (ctx.world_size > 1)}):\n{plan_table(plan)}",
-            file=sys.stderr,
-            flush=True,
-        )  # stdout carries only the summary JSON
-        from torch.utils.tensorboard import SummaryWriter
-
-        # purge_step: TensorBoard drops what a killed attempt logged after the resumed checkpoint
-        writer = SummaryWriter(log_dir=str(run / "tb"), purge_step=step + 1 if latest is not None else None)
-
-    from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
-
-    def start_pipeline(at_step: int):
-        """A fresh pipeline whose first batch is the one after `at_step` trained batches."""
-        feed = _TrainBatches(loader, count=at_step)
-        return TrainPipelineSparseDist(dmp, optimizer, ctx.device, pipeline_postproc=True), feed, iter(feed)
-
-    pipe, batches, it = start_pipeline(step)
-    global_batch = tc.batch_size * ctx.world_size
-    last_eval: dict = {}
-
-    def run_eval(at_step: int, final: bool) -> dict:
-        # The pipeline has batches in flight (their ids already sent to the shards): set it
-        # aside, evaluate through the plain sharded model, and restart it afterwards from the
-        # loader state after the last trained batch, so no batch is skipped or repeated.
-        nonlocal pipe, batches, it
-        resume_at = batches.state_after(at_step)
-        pipe.detach()
-        it.close()
-        dmp.eval()
-        pred = predict_split(
-            lambda b: dmp(b)[1][1], eval_loader, ctx.device, progress=progress and ctx.is_main
-        )
-        dmp.train()
-        if not final:
-            loader.load_state_dict(resume_at)
-            pipe, batches, it = start_pipeline(at_step)
-        result = {}
-        if ctx.is_main:
-            result = {"step": at_step, "split": "eval", **metrics_of(pred), "time": time.time()}
-            if final:
-                write_predictions(pred, run / "predictions.parquet")
-            with open(run / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(result) + "\n")
-            for k in ("auc", "gauc", "logloss", "calibration"):
-                writer.add_scalar(f"eval/{k}", result[k], at_step)
-        return result
-
-    bar = tqdm(
-        total=tc.steps, initial=step, desc="train", unit="step", disable=not (progress and ctx.is_main)
-    )
-    s0, loss_sum, loss_n, train_seconds = step, 0.0, 0, 0.0  # train_seconds: steps only, not evals
-    dmp.train()
-    while step < tc.steps:
-        dense_opt.set_lr(tc.lr_at(step))
-        t = time.perf_counter()
-        loss, _, _ = pipe.progress(it)
-        loss_sum, loss_n = loss_sum + float(loss), loss_n + 1
-        train_seconds += time.perf_counter() - t
-        step += 1
-        if step % tc.log_every == 0 or step == tc.steps:
-            rate = global_batch * (step - s0) / train_seconds
-            bar.set_postfix(loss=f"{loss_sum / loss_n:.4f}", samples_s=f"{rate:,.0f}")
-            if writer:
-                writer.add_scalar("train/loss", loss_sum / loss_n, step)
-                writer.add_scalar("train/lr", tc.lr_at(step - 1), step)
-                writer.add_scalar("train/samples_per_s", rate, step)
-            loss_sum, loss_n = 0.0, 0
-        bar.update(1)
-        if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < tc.steps:
-            ckpt.save_checkpoint(run, step, dmp, optimizer, batches.state_after(step), cfg.to_dict())
-        if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
-            last_eval = run_eval(step, final=False)
-    bar.close()
-    samples_per_s = global_batch * (step - s0) / max(train_seconds, 1e-9)
-    ckpt.save_checkpoint(run, step, dmp, optimizer, batches.state_after(step), cfg.to_dict())
-    last_eval = run_eval(step, final=True)
-
-    from .export import gather_unsharded
-
-    tensors = gather_unsharded(dmp)
-    version = write_bundle(run / "export", tensors, cfg, meta) if ctx.is_main else None
-    if writer:
-        writer.close()
-    if ctx.is_main and run != target:
-        _replace_run(run, target)
-    summary = {
-        "run": str(target),
-        "steps": step,
-        "world_size": ctx.world_size,
-        "train_samples_per_s": round(samples_per_s, 1),
-        "gflops_fwd_per_sample": round(forward_flops(cfg.model) / 1e9, 4),
-        "model_version": version,
-        "eval": last_eval,
-    }
-    return summary if ctx.is_main else None
+def train(cfg: RunConfig, data: str | Path, out: str | Path, **options) -> dict | None:
+    """Train, evaluate, checkpoint and export (`Trainer.fit`; `options`: resume, progress,
+    auto_resume, overwrite); the summary on rank 0, None elsewhere."""
+    return Trainer(cfg, data, out, **options).fit()

@@ -12,6 +12,7 @@ import numpy as np
 
 from feature_store.io import atomic_dir, check_output
 from feature_store.online import Event, OnlineStore, stop_embedded
+from longer.errors import InputError, UsageError
 
 from .driver import Arm, replay
 from .report import summarize, write_report
@@ -75,7 +76,7 @@ def parse_pairs(values: list[str], what: str) -> list[tuple[str, str]]:
     out = []
     for v in values or []:
         if "=" not in v or not v.split("=", 1)[0]:
-            raise ValueError(f"{what} {v!r}: expected NAME=VALUE")
+            raise UsageError(f"{what} {v!r}: expected NAME=VALUE")
         out.append(tuple(v.split("=", 1)))
     return out
 
@@ -107,15 +108,15 @@ def run_replay(
     http, offline = parse_pairs(arms_http, "--arm"), parse_pairs(bundles, "--bundle")
     names = [n for n, _ in http + offline]
     if len(names) < 2:
-        raise ValueError("replay needs at least two arms (--arm NAME=URL and/or --bundle NAME=PATH)")
+        raise UsageError("replay needs at least two arms (--arm NAME=URL and/or --bundle NAME=PATH)")
     if len(set(names)) != len(names):
-        raise ValueError(f"arm names must be unique, got {names}")
+        raise UsageError(f"arm names must be unique, got {names}")
     weights = [float(w) for w in split.split(",")] if split else [1.0] * len(names)
     if len(weights) != len(names):
-        raise ValueError(f"--split has {len(weights)} weights for {len(names)} arms")
+        raise UsageError(f"--split has {len(weights)} weights for {len(names)} arms")
     requests = requests_from_log(log, window_s=window_s, start=start, end=end)[:limit]
     if not requests:
-        raise ValueError(f"{log}: no events in the replay window")
+        raise InputError(f"{log}: no events in the replay window")
     headers = {"Authorization": f"Bearer {token}"} if token else {}
 
     def route(req):

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from feature_store.schema import read_log
+from longer.errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ def requests_from_log(
     user's events until `window_s` seconds later (default 1: the same second). Requests come in
     (ts, user_id) order; only events with start <= ts < end are replayed."""
     if window_s < 1:
-        raise ValueError(f"window_s must be >= 1, got {window_s}")
+        raise UsageError(f"window_s must be >= 1, got {window_s}")
     cols = log_columns(log)
     cat, act = cols["category_id"], cols["action"]
     keep = np.ones(len(cols["user_id"]), bool)
@@ -82,9 +83,9 @@ def assign_arm(user_id: int, arms: list[str], split: list[float], salt: str = "l
     """A user's arm: a salted blake2b hash of the user id mapped onto the cumulative split.
     Stable across processes and runs; changing the salt reshuffles users."""
     if len(arms) != len(split) or not arms:
-        raise ValueError(f"{len(arms)} arms but {len(split)} split weights")
+        raise UsageError(f"{len(arms)} arms but {len(split)} split weights")
     if any(w < 0 for w in split) or sum(split) <= 0:
-        raise ValueError(f"split weights must be >= 0 with a positive sum, got {split}")
+        raise UsageError(f"split weights must be >= 0 with a positive sum, got {split}")
     h = int.from_bytes(hashlib.blake2b(f"{salt}:{user_id}".encode(), digest_size=8).digest(), "little")
     x = h / 2**64 * sum(split)
     acc = 0.0

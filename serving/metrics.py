@@ -1,0 +1,64 @@
+"""Prometheus metrics of the service (`GET /metrics`), and the middleware that times requests."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        self.latency = Histogram(
+            "longer_request_seconds",
+            "request latency",
+            ["endpoint"],
+            registry=self.registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+        )
+        self.user_state = Counter(
+            "longer_user_state_total",
+            "score requests by user-state outcome",
+            ["result"],
+            registry=self.registry,
+        )
+        self.candidates = Counter(
+            "longer_candidates_scored_total", "candidates scored", registry=self.registry
+        )
+        self.events = Counter(
+            "longer_events_appended_total",
+            "events appended (new ones only: a repeated event_id is not counted)",
+            registry=self.registry,
+        )
+        self.redis_errors = Counter("longer_redis_errors_total", "failed Redis calls", registry=self.registry)
+        self.bad_keys = Counter(
+            "longer_bad_keys_total",
+            "requests answered 503 for an unusable user key, by key kind (seq, ver, ids)",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.rejected = Counter(
+            "longer_requests_rejected_total",
+            "requests refused before routing (too_large, timeout)",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.model = Gauge("longer_model_info", "the loaded model", ["model_version"], registry=self.registry)
+
+
+class Latency:
+    """Pure ASGI: request latency per route into the histogram."""
+
+    def __init__(self, app, histogram: Histogram):
+        self.app, self.histogram = app, histogram
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            route = scope.get("route")
+            self.histogram.labels(getattr(route, "path", "other")).observe(time.perf_counter() - t0)

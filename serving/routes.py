@@ -1,0 +1,157 @@
+"""The HTTP routes of the scoring service, on one `APIRouter`; thin handlers over `Service`
+(serving/service.py), which reaches them through the `service` dependency.
+
+/v1/score leaves the user-state policy (hit, miss, bypass) to `UserStateCache`
+(serving/state_cache.py); /v1/events and /v1/admin/reload need the bearer token when one is set.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+
+from fastapi import APIRouter, BackgroundTasks, Depends, HTTPException, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from feature_store.online import Event as StoreEvent
+from feature_store.online import store_errors
+from trainer.export import BundleError
+
+from .errors import invalid, responses
+from .schemas import (
+    EventsRequest,
+    EventsResponse,
+    ModelInfo,
+    Readiness,
+    ReloadResult,
+    ScoreRequest,
+    ScoreResponse,
+)
+from .service import Service
+
+STORE_ERRORS = store_errors()
+
+router = APIRouter()
+
+
+def service(request: Request) -> Service:
+    return request.app.state.service
+
+
+def bearer_matches(header: str, token: str) -> bool:
+    """`Authorization: Bearer <token>`, the scheme case-insensitive (RFC 7235), the token
+    compared in constant time."""
+    scheme, _, given = header.strip().partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        given.strip().encode("utf-8", "surrogateescape"), token.encode("utf-8", "surrogateescape")
+    )
+
+
+def require_token(request: Request, svc: Service = Depends(service)) -> None:
+    token = svc.settings.token
+    if token and not bearer_matches(request.headers.get("authorization", ""), token):
+        raise HTTPException(
+            401,
+            "missing or wrong bearer token (Authorization: Bearer <token>)",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+def at_most(what: str, items: list, limit: int, variable: str, unit: str) -> None:
+    if len(items) > limit:
+        raise invalid(what, f"at most {limit} {what} {unit} ({variable}), got {len(items)}", "too_long")
+
+
+@router.post(
+    "/v1/score",
+    response_model=ScoreResponse,
+    summary="score candidates for a user",
+    responses=responses(400, 408, 413, 503),
+)
+async def score(req: ScoreRequest, background: BackgroundTasks, svc: Service = Depends(service)):
+    at_most("candidates", req.candidates, svc.settings.max_candidates, "LONGER_MAX_CANDIDATES", "per request")
+    ts = req.ts if req.ts is not None else int(time.time())
+    items = [c.item_id for c in req.candidates]
+    cats = [c.category_id for c in req.candidates]
+    rt = svc.runtime
+
+    async def score_state(state):
+        return await svc.run(rt.score, state, items, cats, ts)
+
+    scores, outcome = await svc.cache.score(
+        rt, req.user_id, ts, req.history or [], score_state, background.add_task
+    )
+    svc.metrics.user_state.labels(outcome).inc()
+    svc.metrics.candidates.inc(len(items))
+    return ScoreResponse(model_version=rt.model_version, scores=scores, user_state=outcome)
+
+
+@router.post(
+    "/v1/events",
+    response_model=EventsResponse,
+    dependencies=[Depends(require_token)],
+    summary="append user events (idempotent per event_id)",
+    responses=responses(400, 401, 408, 413, 503),
+)
+async def events(req: EventsRequest, svc: Service = Depends(service)):
+    at_most("events", req.events, svc.settings.max_events, "LONGER_MAX_EVENTS", "per call")
+    evs = [StoreEvent(**e.model_dump()) for e in req.events]
+    try:
+        done = await svc.redis(svc.store.append, evs)
+    except STORE_ERRORS as e:
+        raise HTTPException(503, f"online store unavailable: {e}") from e
+    svc.metrics.events.inc(done.total)
+    return EventsResponse(appended=done.total, versions={str(u): v for u, v in done.seq_versions.items()})
+
+
+@router.post(
+    "/v1/admin/reload",
+    response_model=ReloadResult,
+    dependencies=[Depends(require_token)],
+    summary="reload the bundle directory; swaps the model atomically if its version changed",
+    responses=responses(401, 408, 409, 413),
+)
+async def reload(svc: Service = Depends(service)):
+    try:
+        return await svc.reload()
+    except BundleError as e:
+        raise HTTPException(409, f"bundle not loadable, still serving the old model: {e}") from e
+
+
+@router.get("/healthz", summary="the process is alive")
+async def healthz():
+    return {"status": "ok"}
+
+
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    summary="model loaded and online store reachable",
+    responses={503: {"model": Readiness, "description": "the online store is unreachable"}},
+)
+async def readyz(svc: Service = Depends(service)):
+    try:
+        await svc.redis(svc.store.ping)
+    except STORE_ERRORS as e:
+        return JSONResponse(
+            {"status": "degraded", "model_version": svc.runtime.model_version, "redis": f"unreachable: {e}"},
+            status_code=503,
+        )
+    return {"status": "ready", "model_version": svc.runtime.model_version, "redis": "ok"}
+
+
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics (text exposition format)",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+)
+async def metrics(svc: Service = Depends(service)):
+    return Response(generate_latest(svc.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/v1/model", response_model=ModelInfo, summary="the loaded model bundle")
+async def model(svc: Service = Depends(service)):
+    b = svc.runtime.bundle
+    return ModelInfo(model_version=b.version, config=b.config.to_dict(), feature_schema=b.schema)

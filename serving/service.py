@@ -1,0 +1,135 @@
+"""The state one app shares between requests (`Service`): settings, the model runtime, the
+online store, the thread pool for model and store calls, the metrics and the user-state cache;
+and what changes it over time: `reload` (a new bundle) and the bundle watcher.
+
+Logs: a line per reload (old → new model_version) and per failed watcher reload with its
+reason (logger `longer.serving.reload`); Redis errors as bursts (`longer.serving.redis`): the first error of a burst at once,
+then at most one line per `REDIS_LOG_EVERY_S` with the count since (`ErrorBurstLog`), and a line
+when Redis answers again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from feature_store.online import OnlineStore, connect, store_errors
+from trainer.export import BundleError, declared_version
+
+from .metrics import Metrics
+from .runtime import ModelRuntime
+from .settings import Settings
+from .state_cache import UserStateCache
+
+log = logging.getLogger("longer.serving.reload")
+
+STORE_ERRORS = store_errors()
+REDIS_LOG_EVERY_S = 10.0
+
+
+class ErrorBurstLog:
+    """Errors of one kind as a few log lines, not one per request: the first error of a burst,
+    then a count per `every_s` (logged when the next error comes after it), then "recovered"
+    with the errors since the last line on the next success."""
+
+    def __init__(self, logger: logging.Logger, what: str, every_s: float, clock=time.monotonic):
+        self.log, self.what, self.every_s, self.clock = logger, what, every_s, clock
+        self.in_burst, self.count, self.since = False, 0, 0.0
+
+    def error(self, e: BaseException) -> None:
+        now = self.clock()
+        if not self.in_burst:
+            self.in_burst, self.count, self.since = True, 0, now
+            self.log.warning("%s failed: %s: %s", self.what, type(e).__name__, e)
+            return
+        self.count += 1
+        if now - self.since >= self.every_s:
+            self.log.warning(
+                "%s failed %d more times in %.0f s (last: %s: %s)",
+                self.what,
+                self.count,
+                now - self.since,
+                type(e).__name__,
+                e,
+            )
+            self.count, self.since = 0, now
+
+    def ok(self) -> None:
+        if self.in_burst:
+            self.log.warning("%s answers again (%d more failures before that)", self.what, self.count)
+            self.in_burst = False
+
+
+class Service:
+    """Shared state of one app: model runtime, store, executor, metrics, user-state cache."""
+
+    def __init__(
+        self, settings: Settings, runtime: ModelRuntime | None = None, store: OnlineStore | None = None
+    ):
+        self.settings = settings
+        self.reload_lock = asyncio.Lock()
+        self.runtime = runtime or ModelRuntime(settings.model, settings.threads)
+        self.store = store or OnlineStore(
+            connect(settings.redis_url or None),
+            max_len=settings.store_max_len or self.runtime.max_len,
+            prefix=settings.key_prefix,
+            state_ttl_s=settings.state_ttl_s,
+        )
+        self.pool = ThreadPoolExecutor(max_workers=self.runtime.threads, thread_name_prefix="longer-model")
+        self.metrics = Metrics()
+        self.metrics.model.labels(self.runtime.model_version).set(1)
+        self.redis_log = ErrorBurstLog(logging.getLogger("longer.serving.redis"), "Redis", REDIS_LOG_EVERY_S)
+        self.cache = UserStateCache(self.store, self.run, self.redis, settings.state_precision)
+
+    async def run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    async def redis(self, fn, *args):
+        """A store call off the event loop; its failures counted and logged (as bursts)."""
+        try:
+            result = await self.run(fn, *args)
+        except STORE_ERRORS as e:
+            self.metrics.redis_errors.inc()
+            self.redis_log.error(e)
+            raise
+        self.redis_log.ok()
+        return result
+
+    async def reload(self) -> dict:
+        """Load the bundle directory again and swap it in if its version changed. Requests in
+        flight finish on the model they started with; cached states are keyed per version.
+        BundleError (with the reason) when the directory holds no loadable bundle: the current
+        model keeps serving."""
+        async with self.reload_lock:
+            current = self.runtime
+            version = declared_version(self.settings.model)
+            if version == current.model_version:
+                return {"model_version": current.model_version, "reloaded": False}
+            try:
+                new = await self.run(ModelRuntime, self.settings.model, self.settings.threads)
+            except BundleError:
+                raise
+            except Exception as e:  # whatever a hostile or half-copied directory makes the loader raise
+                raise BundleError(f"{self.settings.model}: {type(e).__name__}: {e}") from e
+            self.runtime = new
+            self.metrics.model.clear()
+            self.metrics.model.labels(new.model_version).set(1)
+            log.info(
+                "reloaded %s: model_version %s → %s",
+                self.settings.model,
+                current.model_version,
+                new.model_version,
+            )
+            return {"model_version": new.model_version, "previous": current.model_version, "reloaded": True}
+
+
+async def watch_bundle(svc: Service, every_s: float) -> None:
+    """Reload every `every_s` seconds; a failure is logged with its reason and retried."""
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            await svc.reload()
+        except Exception as e:  # noqa: BLE001 -- a half-copied or bad bundle: keep serving, retry later
+            log.warning("bundle watcher: reload failed, still serving the current model: %s", e)
