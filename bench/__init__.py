@@ -20,11 +20,22 @@ def machine() -> dict:
     }
 
 
+def write_atomic(path: str | Path, text: str) -> None:
+    """`text` into `path` whole or not at all: written beside it, then renamed over it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def finish(result: dict, out: str | None) -> dict:
     """Write the result JSON to `out` (if given) and return it for printing."""
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(result, indent=2) + "\n")
+        write_atomic(out, json.dumps(result, indent=2) + "\n")
     return result
 
 

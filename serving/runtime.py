@@ -5,6 +5,7 @@ How a UserState is cached between requests is serving/state_cache.py's."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,13 +64,17 @@ class ModelRuntime:
             torch.set_num_threads(self.threads)
             return self.bundle.model.encode_user(history_batch(user_id, events, self.max_len))
 
-    def score(self, state: UserState, item_ids: list[int], category_ids: list[int], ts: int) -> list[float]:
+    def score(
+        self, state: UserState, item_ids: Sequence[int], category_ids: Sequence[int], ts: int
+    ) -> list[float]:
+        """Click probabilities of the candidates (parallel id sequences) against `state`.
+        inference_mode: no autograd bookkeeping at all on the hot path (no_grad keeps some)."""
         cands = Candidates(
-            item_id=torch.tensor([item_ids], dtype=torch.long),
-            category_id=torch.tensor([category_ids], dtype=torch.long),
+            item_id=torch.as_tensor(item_ids, dtype=torch.long)[None],
+            category_id=torch.as_tensor(category_ids, dtype=torch.long)[None],
             ts=torch.tensor([ts], dtype=torch.long),
         )
-        with self._lock, torch.no_grad():
+        with self._lock, torch.inference_mode():
             torch.set_num_threads(self.threads)
             logits = self.bundle.model.score(state, cands)[0]
         return torch.sigmoid(logits.double()).tolist()
