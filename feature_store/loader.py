@@ -362,6 +362,7 @@ class BatchLoader:
             ),
             hist_ts=torch.from_numpy(self.sequences.values["ts"][events]),
             hist_lengths=torch.from_numpy(lengths),
+            hist_total=torch.from_numpy(hist_len),
             ts=torch.from_numpy(cols["ts"].astype(np.int64, copy=False)),
             labels=torch.from_numpy(cols["label"].astype(np.float32)),
             row_id=torch.from_numpy(cols["row_id"]),
