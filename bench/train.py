@@ -1,5 +1,6 @@
 """`longer bench train`: forward+backward samples/s and peak memory, `longer` vs `transformer`,
-and the trainer end to end with 1 and 2 processes.
+the trainer end to end with 1 and 2 processes, and `rlb_speedup` (request-level batching,
+bench/rlb.py).
 
 Each (arch, L) runs in its own fresh process (so its peak RSS is its own), one after the
 other in one invocation, on identical random batches of full-length histories. The config is
@@ -18,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 from bench import finish, machine, median_seconds
+from bench.rlb import rlb_speedup
 from trainer.threads import configure_threads, cpu_budget, env_threads
 
 LENGTHS = (512, 2000, 8000)
@@ -179,6 +181,9 @@ def main(quick: bool = False, out: str | None = None, workdir: str | None = None
             print(json.dumps(rows[-1]), file=sys.stderr)
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         e2e = end_to_end(Path(tmp), quick)
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        rlb = rlb_speedup(Path(tmp), quick)
+    print(json.dumps(rlb), file=sys.stderr)
     by = {(r["arch"], r["L"]): r for r in rows}
     result = {
         "benchmark": "train",
@@ -187,6 +192,8 @@ def main(quick: bool = False, out: str | None = None, workdir: str | None = None
         "machine": machine(),
         "results": rows,
         "trainer_end_to_end": e2e,
+        "rlb": rlb,
+        "rlb_speedup": rlb["rlb_speedup"],
         "longer_over_transformer_samples_per_s": {
             str(L): round(by["longer", L]["samples_per_s"] / by["transformer", L]["samples_per_s"], 2)
             for L in LENGTHS

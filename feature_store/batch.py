@@ -45,6 +45,11 @@ class Batch(Pipelineable):
     # int64 (Σ history lengths,) per list<int64> history key: how many of the key's values each
     # history event has (the KJT's length for that key is their sum per sample); pooling per event.
     event_lengths: dict[str, torch.Tensor] = field(default_factory=dict)
+    # int64 (B,) or None: request-level batching (feature_store/loader.py "Units"). Sample i
+    # belongs to request request[i] (consecutive, 0..R-1); only a request's first sample carries
+    # the history in `sparse`, `hist_ts` and `event_lengths` (the others have empty history
+    # keys); `hist_lengths` stays per sample. None: every sample is its own request.
+    request: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -54,7 +59,10 @@ class Batch(Pipelineable):
         kw = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            kw[f.name] = {k: fn(t) for k, t in v.items()} if isinstance(v, dict) else fn(v)
+            if isinstance(v, dict):
+                kw[f.name] = {k: fn(t) for k, t in v.items()}
+            else:
+                kw[f.name] = None if v is None else fn(v)
         return replace(self, **kw)
 
     def to(self, device: torch.device, non_blocking: bool = False) -> Batch:

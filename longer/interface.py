@@ -36,6 +36,7 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from .config import ModelConfig
+from .requests import expand_state, request_view
 
 if TYPE_CHECKING:
     from .tokens import Tokenizer
@@ -102,7 +103,11 @@ class DenseNet(nn.Module, ABC):
         )
 
     def forward(self, batch, emb: dict[str, JaggedTensor]) -> torch.Tensor:
-        """One candidate per sample (training/eval): logits (B,)."""
-        state = self.encode(batch, emb)
+        """One candidate per sample (training/eval): logits (B,). A batch with `request` set is
+        encoded once per request (longer/requests.py), then each sample scored."""
+        if getattr(batch, "request", None) is None:
+            state = self.encode(batch, emb)
+        else:
+            state = expand_state(self.encode(*request_view(batch, emb)), batch.request)
         item, cat = emb["item_id"].values()[:, None], emb["category_id"].values()[:, None]
         return self.score_embedded(state, item, cat, batch.ts)[:, 0]

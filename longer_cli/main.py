@@ -40,6 +40,8 @@ def _synth(a):
             categories=a.categories,
             days=a.days,
             extra_columns=a.extra_columns,
+            impressions_per_request=a.impressions_per_request,
+            long_range=a.long_range,
         ),
         a.out,
         a.overwrite,
@@ -100,6 +102,7 @@ def _eval(a):
         batch_size=a.batch_size,
         split=a.split,
         progress=not a.quiet,
+        max_len=a.max_len,
     )
 
 
@@ -139,9 +142,8 @@ def _serve(a):
     from serving.settings import Settings
 
     prefix = key_prefix(a) if (a.key_prefix, a.prefix) != (None, None) else None  # else Settings reads it
-    settings = Settings.from_env(
-        model=a.bundle, redis_url=a.redis, threads=a.threads, key_prefix=prefix, log_level=a.log_level
-    )
+    flags = {"model": a.bundle, "redis_url": a.redis, "threads": a.threads, "max_len": a.max_len}
+    settings = Settings.from_env(**flags, key_prefix=prefix, log_level=a.log_level)
     if not settings.model:
         raise UsageError("--bundle (or LONGER_BUNDLE) is required")
     configure_logging(settings.log_level)
@@ -251,6 +253,19 @@ def parser() -> argparse.ArgumentParser:
         help="parquet: the behaviour log; taobao: OUT/UserBehavior.csv in Taobao's shape (ids in the "
         "millions, pv/cart/fav/buy, ~10%% positives, 9 days) for `longer import taobao`",
     )
+    s.add_argument(
+        "--impressions-per-request",
+        type=int,
+        default=1,
+        help="consecutive events shown together at one request time (one ts), e.g. 10; "
+        "what request-level batching (train.rlb) encodes once",
+    )
+    s.add_argument(
+        "--long-range",
+        action="store_true",
+        help="clicks depend on interests shown only in the first quarter of a user's life, "
+        "hundreds to thousands of events back; no short-term drift (feature_store/synth.py)",
+    )
     output(s)
 
     s = add("import", _import, "convert a public dataset into a behaviour log")
@@ -282,6 +297,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--predictions", help="write per-sample predictions to this parquet file")
     s.add_argument("--split", default="eval", choices=["eval", "train"])
     s.add_argument("--batch-size", type=int, default=1024)
+    s.add_argument(
+        "--max-len",
+        type=int,
+        help="read histories this long, >= the training max_len (length extrapolation; "
+        "the dataset must be built with at least it)",
+    )
     s.add_argument("--quiet", action="store_true")
 
     store = sub.add_parser("store", help="online store operations").add_subparsers(
@@ -326,6 +347,12 @@ def parser() -> argparse.ArgumentParser:
         "--threads",
         type=int,
         help="torch threads for model compute (default: $LONGER_THREADS, else the CPUs this process may use)",
+    )
+    s.add_argument(
+        "--max-len",
+        type=int,
+        help="events each user's model input reads, >= the bundle's training max_len "
+        "(length extrapolation; default: $LONGER_MAX_LEN, else the bundle's)",
     )
     key_prefix_flags(s)
     s.add_argument(

@@ -152,5 +152,6 @@ async def metrics(svc: Service = Depends(service)):
 
 @router.get("/v1/model", response_model=ModelInfo, summary="the loaded model bundle")
 async def model(svc: Service = Depends(service)):
-    b = svc.runtime.bundle
-    return ModelInfo(model_version=b.version, config=b.config.to_dict(), feature_schema=b.schema)
+    rt = svc.runtime
+    b = rt.bundle
+    return ModelInfo(model_version=rt.model_version, config=b.config.to_dict(), feature_schema=b.schema)

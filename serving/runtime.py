@@ -50,12 +50,15 @@ def history_batch(user_id: int, events: np.ndarray, max_len: int) -> HistoryBatc
 
 
 class ModelRuntime:
-    """One loaded bundle; `model_version` is its version (a hash of its files)."""
+    """One loaded bundle; `model_version` is its version (a hash of its files), tagged with the
+    max_len when it reads longer histories than it was trained at (`max_len`, 0: the trained
+    one), so cached user states of the two never mix."""
 
-    def __init__(self, bundle_dir: str, threads: int = 0):
-        self.bundle: Bundle = load_bundle(bundle_dir)
-        self.model_version = self.bundle.version
+    def __init__(self, bundle_dir: str, threads: int = 0, max_len: int = 0):
+        self.bundle: Bundle = load_bundle(bundle_dir, max_len=max_len or None)
         self.max_len = self.bundle.config.model.max_len
+        extended = max_len and self.max_len != self.bundle.trained_max_len
+        self.model_version = f"{self.bundle.version}-L{self.max_len}" if extended else self.bundle.version
         self.threads = configure_threads(threads or None, "LONGER_THREADS")  # 0: the CPU budget
         self._lock = threading.Lock()  # torch modules are not re-entrant across threads in eval either
 

@@ -70,7 +70,7 @@ class Service:
     ):
         self.settings = settings
         self.reload_lock = asyncio.Lock()
-        self.runtime = runtime or ModelRuntime(settings.model, settings.threads)
+        self.runtime = runtime or ModelRuntime(settings.model, settings.threads, settings.max_len)
         self.store = store or OnlineStore(
             connect(settings.redis_url or None),
             max_len=settings.store_max_len or self.runtime.max_len,
@@ -105,10 +105,11 @@ class Service:
         async with self.reload_lock:
             current = self.runtime
             version = declared_version(self.settings.model)
-            if version == current.model_version:
+            if version == current.bundle.version:
                 return {"model_version": current.model_version, "reloaded": False}
             try:
-                new = await self.run(ModelRuntime, self.settings.model, self.settings.threads)
+                s = self.settings
+                new = await self.run(ModelRuntime, s.model, s.threads, s.max_len)
             except BundleError:
                 raise
             except Exception as e:  # whatever a hostile or half-copied directory makes the loader raise

@@ -36,7 +36,10 @@ class Settings(BaseSettings):
     threads: int = Field(0, ge=0)  # torch intra-op threads for model compute (0 or "auto": the CPU budget)
     state_precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     state_ttl_s: int = Field(24 * 3600, ge=1)
-    store_max_len: int = Field(0, ge=0)  # events kept per user (0: the bundle's max_len)
+    # events the model reads per user, >= the bundle's training max_len (length extrapolation,
+    # trainer/extrapolate.py); 0: the bundle's max_len
+    max_len: int = Field(0, ge=0)
+    store_max_len: int = Field(0, ge=0)  # events kept per user (0: the serving max_len)
     key_prefix: str = "lg"  # Redis key prefix, shared with `longer store load/check --key-prefix`
     watch_s: float = Field(0.0, ge=0)  # poll the bundle directory every N seconds, reload on change (0: off)
     log_level: Literal["debug", "info", "warning", "error"] = "info"  # `longer serve`'s logging

@@ -51,6 +51,9 @@ class TrainConfig(ConfigSection):
     val_days: float = 0.0
     val_frac: float = 0.0
     early_stop: int = 0
+    # request-level batching: the samples of one request (user, ts) are encoded once, and
+    # batch_size / eval_batch_size count requests (feature_store/loader.py "Units")
+    rlb: bool = True
 
     def __post_init__(self):
         need = self.need

@@ -26,6 +26,7 @@ from longer.errors import LongerError
 from longer.recmodel import RecModel, build_model
 
 from .config import RunConfig
+from .extrapolate import extend_max_len
 
 FILES = ("config.json", "feature_schema.json", "model.safetensors")
 
@@ -71,6 +72,7 @@ class Bundle:
     schema: dict
     version: str
     path: Path
+    trained_max_len: int = 0  # the max_len it was trained at (config.model.max_len may be longer)
 
 
 class BundleError(LongerError, ValueError):
@@ -102,10 +104,12 @@ def declared_version(path: str | Path) -> str | None:
         return None
 
 
-def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
+def load_bundle(path: str | Path, verify: bool = True, max_len: int | None = None) -> Bundle:
     """Load a bundle into an unsharded RecModel in eval mode, checking its content hash. Any
     unloadable bundle (missing, truncated, corrupt or foreign files, symlinks out of the
-    directory, weights that do not fit the config) is a BundleError naming the reason."""
+    directory, weights that do not fit the config) is a BundleError naming the reason.
+    `max_len` (None: the trained one): read longer histories (trainer/extrapolate.py); the
+    Bundle's config then says that max_len, its version stays the files' own."""
     path = Path(path)
     files = {f: bundle_file(path, f) for f in FILES}
     try:
@@ -121,6 +125,9 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
         raise BundleError(
             f"{path}: content does not match model_version {version} (corrupt or edited bundle)"
         )
+    trained_max_len = cfg.model.max_len
+    if max_len is not None:
+        cfg, tensors = extend_max_len(cfg, tensors, max_len, str(path))
     try:
         model = build_model(cfg.model)
         missing, unexpected = model.load_state_dict(tensors, strict=False)
@@ -130,7 +137,7 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
         raise BundleError(
             f"{path}: weights do not fit the config (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
-    return Bundle(model.eval(), cfg, schema, version, path)
+    return Bundle(model.eval(), cfg, schema, version, path, trained_max_len)
 
 
 def gather_unsharded(dmp) -> dict[str, torch.Tensor] | None:

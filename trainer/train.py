@@ -56,6 +56,8 @@ class _TrainBatches:
     def __init__(self, loader: BatchLoader, count: int = 0):
         self.loader, self.count = loader, count
         self.states = {count: loader.state_dict()}
+        self.samples = {count: 0}  # this rank's samples in batches [start, count): a batch's
+        # sample count varies with request-level batching (its unit is a request)
 
     def __iter__(self):
         while True:
@@ -67,12 +69,13 @@ class _TrainBatches:
             for batch in self.loader:
                 self.count += 1
                 self.states[self.count] = self.loader.state_dict()
+                self.samples[self.count] = self.samples[self.count - 1] + batch.batch_size
                 yield batch
 
     def state_after(self, n_batches: int) -> dict:
         state = self.states[n_batches]
         for k in [k for k in self.states if k < n_batches]:
-            del self.states[k]
+            del self.states[k], self.samples[k]
         return state
 
 
@@ -286,10 +289,16 @@ class Trainer:
             drop_last=True,
             prefetch=tc.prefetch,
             ts_range=None if val_ts is None else (None, val_ts),
+            requests=tc.rlb,
             **common,
         )
         evals = BatchLoader(
-            self.data, "eval", batch_size=tc.eval_batch_size, sequences=train.sequences, **common
+            self.data,
+            "eval",
+            batch_size=tc.eval_batch_size,
+            sequences=train.sequences,
+            requests=tc.rlb,
+            **common,
         )
         val = None
         if val_ts is not None:
@@ -300,6 +309,7 @@ class Trainer:
                 shuffle=False,
                 sequences=train.sequences,
                 ts_range=(val_ts, None),
+                requests=tc.rlb,
                 **common,
             )
         return train, evals, val
@@ -370,13 +380,13 @@ class Trainer:
         logged every `log_every` steps, and the checkpoints and evals the config asks for
         between them (`fit` does the last ones); samples per second of the steps alone."""
         tc, s0 = self.tc, self.at
-        global_batch = tc.batch_size * self.ctx.world_size
+        seen0, world = self.batches.samples[s0], self.ctx.world_size
         bar = tqdm(total=tc.steps, initial=s0, desc="train", unit="step", disable=not self.show_progress)
         loss_sum, loss_n, self.train_seconds = 0.0, 0, 0.0
         while self.at < tc.steps and not self.stopper.should_stop:
             loss_sum, loss_n = loss_sum + self.step(), loss_n + 1
             if self.at % tc.log_every == 0 or self.at == tc.steps:
-                rate = global_batch * (self.at - s0) / self.train_seconds
+                rate = world * (self.batches.samples[self.at] - seen0) / self.train_seconds
                 bar.set_postfix(loss=f"{loss_sum / loss_n:.4f}", samples_s=f"{rate:,.0f}")
                 self._log_train(loss_sum / loss_n, rate)
                 loss_sum, loss_n = 0.0, 0
@@ -396,7 +406,7 @@ class Trainer:
             ):
                 self.checkpoint()
         bar.close()
-        return global_batch * (self.at - s0) / max(self.train_seconds, 1e-9)
+        return world * (self.batches.samples[self.at] - seen0) / max(self.train_seconds, 1e-9)
 
     def _log_train(self, loss: float, rate: float) -> None:
         if self.writer:
