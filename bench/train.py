@@ -20,6 +20,7 @@ from pathlib import Path
 
 from bench import finish, machine, median_seconds
 from bench.rlb import rlb_speedup
+from trainer.threads import configure_threads, cpu_budget, env_threads
 
 LENGTHS = (512, 2000, 8000)
 TOKENS_PER_BATCH = 16_000  # batch size = max(1, TOKENS_PER_BATCH // L), the same for both models
@@ -51,6 +52,7 @@ def worker(arch: str, L: int, steps: int, seconds: float) -> dict:
     from longer.flops import forward_flops
     from longer.recmodel import build_model
 
+    configure_threads(env_threads(), "LONGER_THREADS", log=False)
     torch.manual_seed(0)
     cfg = config(arch, L)
     m = build_model(cfg).train()
@@ -140,7 +142,7 @@ def end_to_end(work: Path, quick: bool) -> list[dict]:
                 *args,
             ]
         )
-        threads = max(1, (os.cpu_count() or 1) // procs)
+        threads = max(1, cpu_budget() // procs)  # procs × threads ≤ the CPUs this process may use
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         r = subprocess.run(
             cmd, capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1]

@@ -34,6 +34,10 @@ class Batch(Pipelineable):
     sparse: KeyedJaggedTensor
     hist_ts: torch.Tensor  # int64 (Σ history lengths,): event seconds, aligned with hist_* values
     hist_lengths: torch.Tensor  # int64 (B,)
+    # int64 (B,): the user's events before the sample (the sample's `hist_len`); the loaded
+    # history holds the last `hist_lengths` of them, so history event i has absolute index
+    # hist_total - hist_lengths + i (what the append-stable grid aligns to, longer/window.py)
+    hist_total: torch.Tensor
     ts: torch.Tensor  # int64 (B,): the sample's (request) time
     labels: torch.Tensor  # float32 (B,)
     row_id: torch.Tensor  # int64 (B,): the sample's row number in its split, for predictions
@@ -83,6 +87,7 @@ def padding_batch() -> Batch:
         ),
         hist_ts=torch.zeros(1, dtype=torch.long),
         hist_lengths=torch.ones(1, dtype=torch.long),
+        hist_total=torch.ones(1, dtype=torch.long),
         ts=torch.full((1,), 3600, dtype=torch.long),
         labels=torch.zeros(1),
         row_id=torch.zeros(1, dtype=torch.long),

@@ -15,7 +15,10 @@
   (`Batch.event_lengths`). Without a spec: the default spec's keys, as before.
 * Partitioning: rank r of `world_size` takes the epoch-stream positions p ≥ start with
   (p - start) % world_size == r: disjoint, complete, per-rank counts within one. The state's
-  position counts units of all ranks, so a run can resume with a different world size.
+  position counts units (below) of all ranks, so a run can resume with a different world size.
+* `ts_range=(lo, hi)` takes only the split's samples with lo <= ts < hi (a None bound is open):
+  the trainer's validation split is the end of `train/` by time. Row ids keep the split's
+  numbering.
 * Units: a unit is a sample, or with `requests=True` a request: the consecutive samples of a
   row group sharing (user_id, ts, hence hist_len), i.e. the impressions one request showed.
   Shuffling, positions, partitioning and `batch_size` then count requests (a batch holds
@@ -101,9 +104,21 @@ class SequenceStore:
 class _RowGroup:
     file: Path
     index: int
-    rows: int
-    first_row: int  # row number of its first row within the split
+    rows: int  # rows this loader takes from it
+    first_row: int  # row number of its first row within the split (row_id: the split's numbering)
     units: int  # samples, or requests with `requests=True`
+    keep: np.ndarray | None = None  # with a ts_range: the positions taken, else every row
+
+
+def _in_range(ts: np.ndarray, ts_range: tuple[int | None, int | None]) -> np.ndarray:
+    """Positions of the samples with lo <= ts < hi (a None bound is open)."""
+    lo, hi = ts_range
+    mask = np.ones(len(ts), bool)
+    if lo is not None:
+        mask &= ts >= lo
+    if hi is not None:
+        mask &= ts < hi
+    return np.flatnonzero(mask)
 
 
 class BatchLoader:
@@ -127,6 +142,7 @@ class BatchLoader:
         prefetch: int = 0,
         sequences: SequenceStore | None = None,
         spec: FeatureSpec | None = None,
+        ts_range: tuple[int | None, int | None] | None = None,
         requests: bool = False,
     ):
         self.data_dir = Path(data_dir)
@@ -189,17 +205,28 @@ class BatchLoader:
         )
         hist_lists = [f for f in self.history_features if f in self.lists]
         self.sequences = sequences or SequenceStore(self.data_dir, self.history_features, hist_lists)
+        self.ts_range = tuple(ts_range) if ts_range is not None else None
         self.row_groups: list[_RowGroup] = []
         first = units = 0
         for f in sorted((self.data_dir / split).glob("part-*.parquet")):
             pf = pq.ParquetFile(f)
             for i in range(pf.metadata.num_row_groups):
-                n = pf.metadata.row_group(i).num_rows
-                if n:
-                    u = len(_request_starts(pf.read_row_group(i, columns=REQUEST_KEY))) if requests else n
-                    self.row_groups.append(_RowGroup(f, i, n, first, u))
-                    first, units = first + n, units + u
-        self.num_rows, self.num_units = first, units
+                n, keep = pf.metadata.row_group(i).num_rows, None
+                if n and self.ts_range is not None:
+                    keep = _in_range(
+                        pf.read_row_group(i, columns=["ts"]).column("ts").to_numpy(), self.ts_range
+                    )
+                taken = n if keep is None else len(keep)
+                if taken:
+                    u = taken
+                    if requests:  # a ts_range never cuts a request: its samples share one ts
+                        key = pf.read_row_group(i, columns=REQUEST_KEY)
+                        u = len(_request_starts(key if keep is None else key.take(keep)))
+                    self.row_groups.append(_RowGroup(f, i, taken, first, u, keep))
+                    units += u
+                first += n
+        self.num_rows = sum(g.rows for g in self.row_groups)
+        self.num_units = units
         self.epoch, self.position = 0, 0
         self._files: dict[Path, pq.ParquetFile] = {}
 
@@ -260,9 +287,10 @@ class BatchLoader:
         if g.file not in self._files:
             self._files[g.file] = pq.ParquetFile(g.file)
         t = self._files[g.file].read_row_group(g.index, columns=self._columns)
-        return t.append_column(
-            "row_id", pa.array(np.arange(g.first_row, g.first_row + g.rows, dtype=np.int64))
-        )
+        row_id = np.arange(g.first_row, g.first_row + t.num_rows, dtype=np.int64)
+        if g.keep is not None:
+            t, row_id = t.take(g.keep), row_id[g.keep]
+        return t.append_column("row_id", pa.array(row_id))
 
     def units(self, epoch: int, start: int = 0) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
         """This rank's units of the epoch from stream position `start`, window by window:
@@ -371,6 +399,7 @@ class BatchLoader:
             ),
             hist_ts=torch.from_numpy(self.sequences.values["ts"][events]),
             hist_lengths=torch.from_numpy(lengths),
+            hist_total=torch.from_numpy(hist_len),
             ts=torch.from_numpy(cols["ts"].astype(np.int64, copy=False)),
             labels=torch.from_numpy(cols["label"].astype(np.float32)),
             row_id=torch.from_numpy(cols["row_id"]),

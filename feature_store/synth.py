@@ -18,8 +18,9 @@ User u (about K events, K·exp(N(0, 0.3²)) clipped to [K/2, 2K])
         drift         0.20  (the segment's D)                  0.30
         popular       0.40  (global power law)                 0.64
     Within a category, items follow the same power law over their global ranks.
-  * Label: p_true = sigmoid(-1.2 + q_i + 3.0·[cat_i ∈ LT_u] + 1.5·[cat_i = D]),
-    label ~ Bernoulli(p_true). The log carries p_true so a test can compute the oracle AUC.
+  * Label: p_true = sigmoid(b + q_i + 3.0·[cat_i ∈ LT_u] + 1.5·[cat_i = D]),
+    label ~ Bernoulli(p_true), b = label_bias (−1.2). The log carries p_true so a test can
+    compute the oracle AUC.
   * action: 1 = view (label 0); 2 = click or 3 = purchase (label 1, purchase w.p. 0.25).
     A user's past actions reveal past labels, which is what a history model learns from.
   * Time: users start uniformly in the first half of a `days`-long window and stay active to
@@ -87,6 +88,7 @@ class SynthConfig:
     days: int = 60
     chunk_events: int = 2_000_000  # working-set bound: events generated and written at a time
     rows_per_file: int = 5_000_000
+    label_bias: float = -1.2  # the label logit's intercept: sets the positive rate (Taobao-like: lower)
     extra_columns: bool = False  # add tier, brand, device, price, tags (module docstring)
     impressions_per_request: int = 1  # events per request, sharing one ts (module docstring)
     long_range: bool = False  # the long-range log (module docstring)
@@ -211,7 +213,7 @@ def _chunk(
     if cfg.long_range:
         p_true = _sigmoid(-1.5 + world.quality[item] + world.cat_effect[cat] + 3.0 * in_long)
     else:
-        p_true = _sigmoid(-1.2 + world.quality[item] + 3.0 * in_long + 1.5 * (cat == drift))
+        p_true = _sigmoid(cfg.label_bias + world.quality[item] + 3.0 * in_long + 1.5 * (cat == drift))
     label = (rng.random(len(e)) < p_true).astype(np.int8)
     action = np.where(label == 1, np.where(rng.random(len(e)) < 0.25, 3, 2), 1)
 

@@ -12,6 +12,17 @@ Contract of a `DenseNet` subclass:
     score(state, cand (B, N, 2, d)) -> (B, N) candidate-dependent work only: the logits of N
                                              candidates per user against the cached state.
 `forward(batch, emb)` is the two composed for the one candidate each training sample carries.
+
+An append-stable net (LONGER with `encoding = "append_stable"`, longer/stable.py) also has
+    update(state, new_events, emb) -> UserState   the state of `encode` over all the events
+                                             (1e-5, fp32), computing only the new events'
+                                             tokens, the merge groups they touch and the
+                                             user-side queries. Its state caches the layer-1
+                                             K/V of the merge groups (which never change once
+                                             full), each group's newest event time (for the
+                                             request-time bias), the user's event count
+                                             (`total`, the absolute index) and the tokens of
+                                             the latest max(k, K) events.
 """
 
 from __future__ import annotations

@@ -26,6 +26,11 @@ class StoreUnreachable(LongerError):
 def _synth(a):
     from feature_store.synth import SynthConfig, synthesize
 
+    if a.format == "taobao":
+        from feature_store.synth_taobao import synthesize_taobao, taobao_config
+
+        cfg = taobao_config(a.users, a.items, a.events_per_user, a.seed, a.categories)
+        return synthesize_taobao(cfg, a.out, a.overwrite, not a.quiet)
     return synthesize(
         SynthConfig(
             users=a.users,
@@ -235,11 +240,18 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--events-per-user", type=int, required=True, help="mean events per user")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--categories", type=int, default=0, help="item categories (0: from --items)")
-    s.add_argument("--days", type=int, default=60, help="length of the logged time window")
+    s.add_argument("--days", type=int, default=60, help="length of the logged time window (parquet)")
     s.add_argument(
         "--extra-columns",
         action="store_true",
         help="also write tier (user), brand (item), device (context), price (dense), tags (list) columns",
+    )
+    s.add_argument(
+        "--format",
+        choices=["parquet", "taobao"],
+        default="parquet",
+        help="parquet: the behaviour log; taobao: OUT/UserBehavior.csv in Taobao's shape (ids in the "
+        "millions, pv/cart/fav/buy, ~10%% positives, 9 days) for `longer import taobao`",
     )
     s.add_argument(
         "--impressions-per-request",
@@ -332,7 +344,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument(
-        "--threads", type=int, help="torch threads for model compute (default: $LONGER_THREADS or 2)"
+        "--threads",
+        type=int,
+        help="torch threads for model compute (default: $LONGER_THREADS, else the CPUs this process may use)",
     )
     s.add_argument(
         "--max-len",
@@ -429,6 +443,9 @@ def error_text(e: Exception, args) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from trainer.threads import passive_wait_default
+
+    passive_wait_default()  # before anything imports torch (README "CPU threads")
     args = parser().parse_args(argv)
     # torch logs a one-time notice whenever TorchRec asks `is_fx_tracing()` (every KJT does); it
     # is about torch.export internals, not about anything a user of this command can act on.

@@ -70,14 +70,13 @@ def at_most(what: str, items: list, limit: int, variable: str, unit: str) -> Non
     responses=responses(400, 408, 413, 503),
 )
 async def score(req: ScoreRequest, background: BackgroundTasks, svc: Service = Depends(service)):
-    at_most("candidates", req.candidates, svc.settings.max_candidates, "LONGER_MAX_CANDIDATES", "per request")
+    items, cats = req.columns()
+    at_most(req.candidate_field, items, svc.settings.max_candidates, "LONGER_MAX_CANDIDATES", "per request")
     ts = req.ts if req.ts is not None else int(time.time())
-    items = [c.item_id for c in req.candidates]
-    cats = [c.category_id for c in req.candidates]
     rt = svc.runtime
 
-    async def score_state(state):
-        return await svc.run(rt.score, state, items, cats, ts)
+    def score_state(state):
+        return rt.score(state, items, cats, ts)
 
     scores, outcome = await svc.cache.score(
         rt, req.user_id, ts, req.history or [], score_state, background.add_task

@@ -5,6 +5,7 @@ How a UserState is cached between requests is serving/state_cache.py's."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,6 +15,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from feature_store.batch import DEFAULT_KEYS
 from longer.interface import Candidates, UserState
 from trainer.export import Bundle, load_bundle
+from trainer.threads import configure_threads
 
 
 @dataclass
@@ -52,12 +54,12 @@ class ModelRuntime:
     max_len when it reads longer histories than it was trained at (`max_len`, 0: the trained
     one), so cached user states of the two never mix."""
 
-    def __init__(self, bundle_dir: str, threads: int = 2, max_len: int = 0):
+    def __init__(self, bundle_dir: str, threads: int = 0, max_len: int = 0):
         self.bundle: Bundle = load_bundle(bundle_dir, max_len=max_len or None)
         self.max_len = self.bundle.config.model.max_len
         extended = max_len and self.max_len != self.bundle.trained_max_len
         self.model_version = f"{self.bundle.version}-L{self.max_len}" if extended else self.bundle.version
-        self.threads = threads
+        self.threads = configure_threads(threads or None, "LONGER_THREADS")  # 0: the CPU budget
         self._lock = threading.Lock()  # torch modules are not re-entrant across threads in eval either
 
     def encode(self, user_id: int, events: np.ndarray) -> UserState:
@@ -65,13 +67,17 @@ class ModelRuntime:
             torch.set_num_threads(self.threads)
             return self.bundle.model.encode_user(history_batch(user_id, events, self.max_len))
 
-    def score(self, state: UserState, item_ids: list[int], category_ids: list[int], ts: int) -> list[float]:
+    def score(
+        self, state: UserState, item_ids: Sequence[int], category_ids: Sequence[int], ts: int
+    ) -> list[float]:
+        """Click probabilities of the candidates (parallel id sequences) against `state`.
+        inference_mode: no autograd bookkeeping at all on the hot path (no_grad keeps some)."""
         cands = Candidates(
-            item_id=torch.tensor([item_ids], dtype=torch.long),
-            category_id=torch.tensor([category_ids], dtype=torch.long),
+            item_id=torch.as_tensor(item_ids, dtype=torch.long)[None],
+            category_id=torch.as_tensor(category_ids, dtype=torch.long)[None],
             ts=torch.tensor([ts], dtype=torch.long),
         )
-        with self._lock, torch.no_grad():
+        with self._lock, torch.inference_mode():
             torch.set_num_threads(self.threads)
             logits = self.bundle.model.score(state, cands)[0]
         return torch.sigmoid(logits.double()).tolist()

@@ -77,9 +77,7 @@ class Service:
             prefix=settings.key_prefix,
             state_ttl_s=settings.state_ttl_s,
         )
-        self.pool = ThreadPoolExecutor(
-            max_workers=max(1, settings.threads), thread_name_prefix="longer-model"
-        )
+        self.pool = ThreadPoolExecutor(max_workers=self.runtime.threads, thread_name_prefix="longer-model")
         self.metrics = Metrics()
         self.metrics.model.labels(self.runtime.model_version).set(1)
         self.redis_log = ErrorBurstLog(logging.getLogger("longer.serving.redis"), "Redis", REDIS_LOG_EVERY_S)
