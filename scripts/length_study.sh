@@ -4,8 +4,10 @@
 # against max_len, 2 seeds, power-law fit) and length extrapolation (a bundle trained at 256
 # evaluated at 256 … the longest, beside the scaling runs trained at those lengths).
 #   scripts/length_study.sh [OUT] [extra `longer bench quality` flags]
-# Sizes (environment): SCALE=cpu (default: 400 users × ~2,000 events, L 64…2048, 300 steps) or
-# SCALE=gpu (the paper's scale: 20,000 users × ~10,000 events, L 256…8192, 3,000 steps, d 64;
+# Every run trains with the config's [train] budget (configs/quality.toml: early stopping on a
+# validation split, at most train.steps), batches of 16 requests (~160 samples).
+# Sizes (environment): SCALE=cpu (default: 400 users × ~2,000 events, L 64…2048) or SCALE=gpu
+# (the paper's scale: 20,000 users × ~10,000 events, L 256…8192, d 64, at most 20,000 steps;
 # training runs on the GPU when one is visible; pass --device cuda for the throughput columns):
 #   SCALE=gpu scripts/length_study.sh bench-out/length-gpu --device cuda
 # Override any size with USERS, EVENTS, LENGTHS, STEPS, SEEDS, EXTRAPOLATE_FROM.
@@ -16,10 +18,10 @@ shift || true
 LONGER=.venv/bin/longer
 if [ "${SCALE:-cpu}" = gpu ]; then
   USERS="${USERS:-20000}" EVENTS="${EVENTS:-10000}" LENGTHS="${LENGTHS:-256,512,1024,2048,4096,8192}"
-  STEPS="${STEPS:-3000}" MODEL="model.d_model=64 model.emb_dim=32 train.batch_size=64"
+  MODEL="model.d_model=64 model.emb_dim=32 train.batch_size=16 train.steps=${STEPS:-20000}"
 else
   USERS="${USERS:-400}" EVENTS="${EVENTS:-2000}" LENGTHS="${LENGTHS:-64,128,256,512,1024,2048}"
-  STEPS="${STEPS:-300}" MODEL="train.batch_size=16"  # 16 requests = ~160 samples per batch
+  MODEL="train.batch_size=16${STEPS:+ train.steps=$STEPS}"  # 16 requests = ~160 samples per batch
 fi
 SEEDS="${SEEDS:-2}" FROM="${EXTRAPOLATE_FROM:-256}" CFG="${QUALITY_CONFIG:-configs/quality.toml}"
 LONGEST="${LENGTHS##*,}"
@@ -32,17 +34,17 @@ if [ ! -f "$OUT/data/meta.json" ]; then
   $LONGER build --log "$OUT/log" --out "$OUT/data" --max-len "$LONGEST" --test-days 4 --overwrite --quiet >/dev/null
 fi
 
-echo "== scaling: L = $LENGTHS, $SEEDS seeds, $STEPS steps"
+echo "== scaling: L = $LENGTHS, $SEEDS seeds ($MODEL)"
 # shellcheck disable=SC2086  # MODEL is a list of overrides
 $LONGER bench quality --data "$OUT/data" --config "$CFG" --out "$OUT/scaling" --tables scaling \
-  --lengths "$LENGTHS" --seeds "$SEEDS" "$@" model.max_len="$FROM" train.steps="$STEPS" $MODEL >/dev/null
+  --lengths "$LENGTHS" --seeds "$SEEDS" "$@" model.max_len="$FROM" $MODEL >/dev/null
 echo "   → $OUT/scaling/results.md"
 
 echo "== extrapolation: trained at L = $FROM, evaluated at $FROM … $LONGEST"
 # shellcheck disable=SC2086
 [ -f "$OUT/extrapolate-$FROM/export/config.json" ] ||
   $LONGER train --config "$CFG" --data "$OUT/data" --out "$OUT/extrapolate-$FROM" --quiet --overwrite \
-    model.max_len="$FROM" train.steps="$STEPS" $MODEL >/dev/null
+    model.max_len="$FROM" $MODEL >/dev/null
 : > "$OUT/extrapolation.jsonl.tmp"
 for L in ${LENGTHS//,/ }; do
   [ "$L" -ge "$FROM" ] || continue
