@@ -94,6 +94,7 @@ ES_FLAGS = (
     "train.early_stop=2",
     "train.steps=40",
     "train.deterministic=true",
+    "train.rlb=false",  # sample batches: the trajectory this test's plateau was chosen on
 )
 
 

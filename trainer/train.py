@@ -53,11 +53,11 @@ RESUMABLE_CHANGES = {
 class _TrainBatches:
     """Endless batches over epochs, remembering the loader state after each batch."""
 
-    def __init__(self, loader: BatchLoader, count: int = 0):
+    def __init__(self, loader: BatchLoader, count: int = 0, samples: int = 0):
         self.loader, self.count = loader, count
         self.states = {count: loader.state_dict()}
-        self.samples = {count: 0}  # this rank's samples in batches [start, count): a batch's
-        # sample count varies with request-level batching (its unit is a request)
+        self.samples = {count: samples}  # this rank's samples in batches [0, count) of this run
+        # (a batch's sample count varies with request-level batching: its unit is a request)
 
     def __iter__(self):
         while True:
@@ -227,6 +227,7 @@ class Trainer:
         self.ctx = init_distributed()
         self.show_progress = progress and self.ctx.is_main
         self.at = 0  # optimizer steps done
+        self.batches: _TrainBatches | None = None  # the pipeline's batch feed (restarted after evals)
         self.last_eval: dict = {}
         self.writer = None
         self.train_seconds = 0.0  # optimizer steps only, not evals or checkpoints
@@ -344,7 +345,8 @@ class Trainer:
         """A fresh pipeline whose first batch is the one after `self.at` trained batches."""
         from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
-        self.batches = _TrainBatches(self.loader, count=self.at)
+        seen = self.batches.samples.get(self.at, 0) if self.batches is not None else 0
+        self.batches = _TrainBatches(self.loader, count=self.at, samples=seen)
         self.pipe = TrainPipelineSparseDist(self.dmp, self.optimizer, self.ctx.device, pipeline_postproc=True)
         self.it = iter(self.batches)
 
