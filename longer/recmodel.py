@@ -11,15 +11,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .baselines import DIN, HSTU, SumPool
+from .baselines import DIN, HSTU, Base, SumPool
 from .config import ModelConfig
 from .embedding import SparseEmbedding
 from .interface import Candidates, DenseNet, UserState
 from .model import Longer
+from .spec import FeatureSpec
 
 # arch → DenseNet class. `transformer` is Longer without merge and with every token a query
 # (ModelConfig.effective); din_recent50 is DIN over the `din_recent` most recent events.
 ARCH_CLASSES: dict[str, type[DenseNet]] = {
+    "base": Base,
     "longer": Longer,
     "transformer": Longer,
     "sumpool": SumPool,
@@ -35,7 +37,8 @@ class RecModel(nn.Module):
     def __init__(self, net: DenseNet):
         super().__init__()
         self.cfg = net.cfg
-        self.embedding = SparseEmbedding(net.cfg)
+        self.spec = net.features.spec
+        self.embedding = SparseEmbedding(net.cfg, self.spec)
         self.net = net
 
     def forward(self, batch) -> torch.Tensor:
@@ -46,13 +49,15 @@ class RecModel(nn.Module):
 
     def score(self, state: UserState, cands: Candidates) -> torch.Tensor:
         """Logits (B, N) for N candidates per user, from the cached user state."""
-        return self.net.score_embedded(state, *self.embedding.candidates(cands), cands.ts)
+        dense = {k: cands.dense[k] for k in self.spec.dense_keys}
+        return self.net.score_embedded(state, self.embedding.candidates(cands), dense, cands.ts)
 
     def forward_reference(self, batch) -> torch.Tensor:
         """The unsplit computation, where the net has one (LONGER): for tests."""
         return self.net.reference(batch, self.embedding(batch.sparse))
 
 
-def build_model(cfg: ModelConfig) -> RecModel:
-    """The model a config names (`cfg.arch`)."""
-    return RecModel(ARCH_CLASSES[cfg.arch](cfg))
+def build_model(cfg: ModelConfig, spec: FeatureSpec | None = None) -> RecModel:
+    """The model a config names (`cfg.arch`) over a resolved feature spec (default: the default
+    spec, whose tables ModelConfig sizes)."""
+    return RecModel(ARCH_CLASSES[cfg.arch](cfg, spec))
