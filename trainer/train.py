@@ -233,7 +233,9 @@ class Trainer:
         _quiet_torchrec(ctx.device.type)
         latest = self._choose_start()
         _seed(tc.seed, tc.deterministic)
-        self.dmp, self.optimizer, self.dense_opt, self.plan = shard(build_model(self.cfg.model), tc, ctx)
+        self.spec = self.cfg.resolved_spec(self.meta)  # SpecError names a column the data lacks
+        model = build_model(self.cfg.model, self.spec)
+        self.dmp, self.optimizer, self.dense_opt, self.plan = shard(model, tc, ctx)
         self.loader, self.eval_loader = self._loaders()
         return latest
 
@@ -258,7 +260,7 @@ class Trainer:
 
     def _loaders(self) -> tuple[BatchLoader, BatchLoader]:
         tc, ctx, max_len = self.tc, self.ctx, self.cfg.model.max_len
-        common = {"max_len": max_len, "rank": ctx.rank, "world_size": ctx.world_size}
+        common = {"max_len": max_len, "rank": ctx.rank, "world_size": ctx.world_size, "spec": self.spec}
         train = BatchLoader(
             self.data,
             "train",
@@ -389,7 +391,9 @@ class Trainer:
 
         tensors = gather_unsharded(self.dmp)
         version = (
-            write_bundle(self.run / "export", tensors, self.cfg, self.meta) if self.ctx.is_main else None
+            write_bundle(self.run / "export", tensors, self.cfg, self.meta, self.spec)
+            if self.ctx.is_main
+            else None
         )
         if self.writer:
             self.writer.close()
