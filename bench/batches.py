@@ -8,6 +8,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from feature_store.batch import DEFAULT_KEYS, HIST_PREFIX, Batch, hist_key
+from longer.interface import Candidates
 
 T0 = 1_700_000_000
 
@@ -129,4 +130,29 @@ def spec_batch(spec, samples: list[dict]) -> Batch:
         row_id=torch.arange(len(samples)),
         dense={k: torch.tensor([s[k] for s in samples], dtype=torch.float32) for k in spec.dense_keys},
         event_lengths={k: torch.tensor(v, dtype=torch.long) for k, v in event_lengths.items()},
+    )
+
+
+def padded(rows: list) -> torch.Tensor:
+    """Per-row id lists → (len, M) padded with -1 (M >= 1), as `Candidates` takes list columns."""
+    M = max(1, *(len(r) for r in rows))
+    return torch.tensor([r + [-1] * (M - len(r)) for r in rows], dtype=torch.long)
+
+
+def spec_candidates(spec, samples: list[dict]) -> Candidates:
+    """`spec_samples`-style dicts' candidate-side columns as N candidates of one user, with the
+    first sample's request time and context."""
+
+    def ids(k):
+        v = [s[k] for s in samples]
+        return padded(v)[None] if spec.is_list(k) else torch.tensor([v])
+
+    ctx = samples[0]
+    return Candidates(
+        item_id=ids("item_id"),
+        category_id=ids("category_id") if "category_id" in spec.candidate_keys else None,
+        ts=torch.tensor([ctx["ts"]]),
+        columns={k: ids(k) for k in spec.candidate if k != "category_id"},
+        dense={k: torch.tensor([[s[k] for s in samples]]) for k in spec.dense},
+        context={k: padded([ctx[k]]) if spec.is_list(k) else torch.tensor([ctx[k]]) for k in spec.context},
     )

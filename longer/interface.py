@@ -73,6 +73,18 @@ class Candidates:
     dense: dict[str, torch.Tensor] = field(default_factory=dict)  # (B, N) float, normalised as in training
     context: dict[str, torch.Tensor] = field(default_factory=dict)  # (B[, M]) per-request columns
 
+    def to(self, device) -> Candidates:
+        move = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
+        cat = None if self.category_id is None else self.category_id.to(device)
+        return Candidates(
+            self.item_id.to(device),
+            cat,
+            self.ts.to(device),
+            move(self.columns),
+            move(self.dense),
+            move(self.context),
+        )
+
     def column(self, key: str) -> torch.Tensor:
         """A candidate key's ids, (B, N[, M])."""
         if key == "item_id":

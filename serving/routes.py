@@ -11,8 +11,10 @@ import hmac
 import time
 
 from fastapi import APIRouter, BackgroundTasks, Depends, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
 
 from feature_store.online import Event as StoreEvent
 from feature_store.online import store_errors
@@ -25,7 +27,6 @@ from .schemas import (
     ModelInfo,
     Readiness,
     ReloadResult,
-    ScoreRequest,
     ScoreResponse,
 )
 from .service import Service
@@ -68,16 +69,31 @@ def at_most(what: str, items: list, limit: int, variable: str, unit: str) -> Non
     response_model=ScoreResponse,
     summary="score candidates for a user",
     responses=responses(400, 408, 413, 503),
+    # the body is the loaded bundle's ScoreRequest (serving/schemas.py `request_models`); the
+    # OpenAPI schema shows it (serving/app.py `spec_openapi`)
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ScoreRequest"}}},
+        }
+    },
 )
-async def score(req: ScoreRequest, background: BackgroundTasks, svc: Service = Depends(service)):
+async def score(request: Request, background: BackgroundTasks, svc: Service = Depends(service)):
+    rt = svc.runtime  # one model for the whole request, even across a reload
+    try:
+        req = rt.models.score.model_validate_json(await request.body())
+    except ValidationError as e:
+        raise RequestValidationError(e.errors(include_url=False), body=None) from None
     at_most("candidates", req.candidates, svc.settings.max_candidates, "LONGER_MAX_CANDIDATES", "per request")
     ts = req.ts if req.ts is not None else int(time.time())
+    context = req.context.model_dump() if req.context is not None else {}
+    cands, fills = rt.candidates([c.model_dump() for c in req.candidates], context, ts)
+    for (column, source), n in fills.items():
+        svc.metrics.fill_ins.labels(column, source).inc(n)
     items = [c.item_id for c in req.candidates]
-    cats = [c.category_id for c in req.candidates]
-    rt = svc.runtime
 
     async def score_state(state):
-        return await svc.run(rt.score, state, items, cats, ts)
+        return await svc.run(rt.score, state, cands)
 
     scores, outcome = await svc.cache.score(
         rt, req.user_id, ts, req.history or [], score_state, background.add_task

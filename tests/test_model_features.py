@@ -8,9 +8,8 @@ import copy
 import pytest
 import torch
 
-from bench.batches import spec_batch, spec_samples
+from bench.batches import spec_batch, spec_candidates, spec_samples
 from longer.config import ARCHS
-from longer.interface import Candidates
 from longer.recmodel import build_model
 from longer.spec import FeatureSpec
 from tests.test_model import LENGTHS, TINY
@@ -30,30 +29,6 @@ CANDIDATE_SIDE = ("item_id", "category_id", "brand", "genres", "price", "dwell")
 def model(seed=0, **kw):
     torch.manual_seed(seed)
     return build_model(TINY.replace(**kw), SPEC).eval()
-
-
-def padded(rows: list) -> torch.Tensor:
-    """Per-row id lists → (len, M) padded with -1 (M >= 1)."""
-    M = max(1, *(len(r) for r in rows))
-    return torch.tensor([r + [-1] * (M - len(r)) for r in rows], dtype=torch.long)
-
-
-def candidates(samples: list[dict]) -> Candidates:
-    """The samples' candidate-side columns as N candidates of one user (the first sample's request)."""
-
-    def ids(k):
-        v = [s[k] for s in samples]
-        return padded(v)[None] if SPEC.is_list(k) else torch.tensor([v])
-
-    ctx = samples[0]
-    return Candidates(
-        item_id=ids("item_id"),
-        category_id=ids("category_id"),
-        ts=torch.tensor([ctx["ts"]]),
-        columns={k: ids(k) for k in SPEC.candidate if k != "category_id"},
-        dense={k: torch.tensor([[s[k] for s in samples]]) for k in SPEC.dense},
-        context={k: padded([ctx[k]]) if SPEC.is_list(k) else torch.tensor([ctx[k]]) for k in SPEC.context},
-    )
 
 
 @pytest.mark.parametrize(
@@ -79,7 +54,7 @@ def test_serving_path_equals_per_sample_forward_with_every_feature_kind(name):
     samples = [{**user, **{k: o[k] for k in CANDIDATE_SIDE}} for o in others]
     with torch.no_grad():
         expected = m(spec_batch(SPEC, samples))
-        got = m.score(m.encode_user(spec_batch(SPEC, [user])), candidates(samples))
+        got = m.score(m.encode_user(spec_batch(SPEC, [user])), spec_candidates(SPEC, samples))
     torch.testing.assert_close(got[0], expected, atol=1e-5, rtol=0)
 
 
