@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import hmac
+import json
 import time
 
 from fastapi import APIRouter, BackgroundTasks, Depends, HTTPException, Request
@@ -64,6 +65,24 @@ def at_most(what: str, items: list, limit: int, variable: str, unit: str) -> Non
         raise invalid(what, f"at most {limit} {what} {unit} ({variable}), got {len(items)}", "too_long")
 
 
+async def spec_body(request: Request, model):
+    """The JSON body validated against a model built at run time (the bundle's), answered as
+    FastAPI answers a declared body: JSON errors and pydantic errors are 422 under loc "body",
+    an unparseable body (invalid UTF-8, nested too deep) is 400."""
+    try:
+        data = json.loads(await request.body())
+    except json.JSONDecodeError as e:
+        error = {"type": "json_invalid", "loc": ("body", e.pos), "msg": "JSON decode error", "input": {}}
+        raise RequestValidationError([{**error, "ctx": {"error": e.msg}}], body=e.doc) from None
+    except Exception as e:
+        raise HTTPException(400, "There was an error parsing the body") from e
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        errors = [{**err, "loc": ("body", *err["loc"])} for err in e.errors(include_url=False)]
+        raise RequestValidationError(errors, body=data) from None
+
+
 @router.post(
     "/v1/score",
     response_model=ScoreResponse,
@@ -75,15 +94,20 @@ def at_most(what: str, items: list, limit: int, variable: str, unit: str) -> Non
         "requestBody": {
             "required": True,
             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ScoreRequest"}}},
-        }
+        },
+        "responses": {  # FastAPI adds this only for a body it validates itself (/v1/events does)
+            "422": {
+                "description": "Validation Error",
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/HTTPValidationError"}}
+                },
+            }
+        },
     },
 )
 async def score(request: Request, background: BackgroundTasks, svc: Service = Depends(service)):
     rt = svc.runtime  # one model for the whole request, even across a reload
-    try:
-        req = rt.models.score.model_validate_json(await request.body())
-    except ValidationError as e:
-        raise RequestValidationError(e.errors(include_url=False), body=None) from None
+    req = await spec_body(request, rt.models.score)
     at_most("candidates", req.candidates, svc.settings.max_candidates, "LONGER_MAX_CANDIDATES", "per request")
     ts = req.ts if req.ts is not None else int(time.time())
     context = req.context.model_dump() if req.context is not None else {}
