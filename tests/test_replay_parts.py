@@ -262,7 +262,12 @@ def test_replay_sends_the_columns_each_arm_declares(tmp_path):
     }
     write_log(tmp_path / "log.parquet", log)
     req = requests_from_log(tmp_path / "log.parquet")[0]
-    spec = {"candidate": ["category_id", "brand", "tags"], "dense": ["price"], "context": ["device"], "user": []}
+    spec = {
+        "candidate": ["category_id", "brand", "tags"],
+        "dense": ["price"],
+        "context": ["device"],
+        "user": [],
+    }
     assert score_body(req, spec) == {
         "user_id": 1,
         "ts": 100,
