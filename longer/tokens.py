@@ -103,7 +103,8 @@ class Tokenizer(nn.Module):
 
     def user_token(self, emb: dict[str, JaggedTensor]) -> torch.Tensor:
         """(B, d): the user id and the user's profile columns."""
-        return self.user_proj(torch.cat([self.pooled(emb, k) for k in self.spec.user_keys], -1))
+        parts = [self.pooled(emb, k) for k in self.spec.user_keys]
+        return self.user_proj(parts[0] if len(parts) == 1 else torch.cat(parts, -1))
 
     def sample_dense(self, batch) -> dict[str, torch.Tensor]:
         """A training batch's dense columns as (B, 1): its one candidate's."""
