@@ -118,6 +118,10 @@ class SparseEmbedding(nn.Module):
                 lengths.append(torch.zeros(n, dtype=torch.long, device=dev))
                 continue
             v = given[k].reshape(n, -1).long()  # (n, 1) or (n, M) padded with negatives
+            if not self.spec.is_list(k):  # one id per row
+                values.append(v.reshape(-1))
+                lengths.append(torch.ones(n, dtype=torch.long, device=dev))
+                continue
             keep = v >= 0
             values.append(v[keep])
             lengths.append(keep.sum(1))

@@ -111,7 +111,7 @@ async def score(request: Request, background: BackgroundTasks, svc: Service = De
     at_most("candidates", req.candidates, svc.settings.max_candidates, "LONGER_MAX_CANDIDATES", "per request")
     ts = req.ts if req.ts is not None else int(time.time())
     context = req.context.model_dump() if req.context is not None else {}
-    cands, fills = rt.candidates([c.model_dump() for c in req.candidates], context, ts)
+    cands, fills = rt.candidates(req.candidates, context, ts)
     for (column, source), n in fills.items():
         svc.metrics.fill_ins.labels(column, source).inc(n)
     items = [c.item_id for c in req.candidates]

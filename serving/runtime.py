@@ -86,9 +86,10 @@ class ModelRuntime:
             torch.set_num_threads(self.threads)
             return self.bundle.model.encode_user(history_batch(user_id, events, self.max_len, self.spec))
 
-    def candidates(self, cands: list[dict], context: dict, ts: int) -> tuple[Candidates, dict]:
-        """Request candidates (dicts: item_id, candidate and dense columns, None = left out)
-        and context → model Candidates, and the fill-ins {(column, "unknown"): count}."""
+    def candidates(self, cands: list, context: dict, ts: int) -> tuple[Candidates, dict]:
+        """Request candidates (objects with item_id and the candidate and dense columns as
+        attributes, None = left out) and context → model Candidates, and the fill-ins
+        {(column, "unknown"): count}."""
         spec, fills = self.spec, {}
 
         def filled(col, v, unknown):
@@ -104,15 +105,15 @@ class ModelRuntime:
             M = max(1, *(len(r) for r in rows))
             return torch.tensor([[r + [-1] * (M - len(r)) for r in rows]], dtype=torch.long)
 
-        columns = {c: ids(c, [x.get(c) for x in cands]) for c in spec.candidate}
+        columns = {c: ids(c, [getattr(x, c) for x in cands]) for c in spec.candidate}
         dense = {}
         for c in spec.dense:  # normalised with the train split's statistics, as the loader does
             mean, std = spec.dense_stats.get(c, (0.0, 1.0))
-            raw = [filled(c, x.get(c), mean) for x in cands]
+            raw = [filled(c, getattr(x, c), mean) for x in cands]
             dense[c] = torch.from_numpy(normalised(np.array([raw], dtype=np.float64), mean, std))
         ctx = {c: ids(c, [context.get(c)])[0] for c in spec.context}
         out = Candidates(
-            item_id=torch.tensor([[x["item_id"] for x in cands]], dtype=torch.long),
+            item_id=torch.tensor([[x.item_id for x in cands]], dtype=torch.long),
             category_id=columns.pop("category_id", None),
             ts=torch.tensor([ts], dtype=torch.long),
             columns=columns,
