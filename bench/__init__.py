@@ -10,14 +10,32 @@ from pathlib import Path
 
 
 def machine() -> dict:
-    return {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
+    from trainer.threads import cpu_budget
+
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_budget": cpu_budget(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    """`text` into `path` whole or not at all: written beside it, then renamed over it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def finish(result: dict, out: str | None) -> dict:
     """Write the result JSON to `out` (if given) and return it for printing."""
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(result, indent=2) + "\n")
+        write_atomic(out, json.dumps(result, indent=2) + "\n")
     return result
 
 

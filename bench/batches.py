@@ -14,10 +14,11 @@ T0 = 1_700_000_000
 
 
 def random_batch(
-    lengths, seed=0, items=500, categories=20, hist=None, cand=None, ts=None, users=None
+    lengths, seed=0, items=500, categories=20, hist=None, cand=None, ts=None, users=None, totals=None
 ) -> Batch:
     """A random batch with the given history lengths. `hist` (per sample: dict of lists) and `cand`
-    (per sample: (item, category)), `ts` and `users` override the defaults."""
+    (per sample: (item, category)), `ts` and `users` override the defaults; `totals` the users'
+    event counts (`Batch.hist_total`; default: the history is all of the user's events)."""
     g = torch.Generator().manual_seed(seed)
     B = len(lengths)
     hist = hist or [
@@ -58,6 +59,7 @@ def random_batch(
         ),
         hist_ts=torch.tensor([t for h in hist for t in h["ts"]], dtype=torch.long),
         hist_lengths=torch.tensor([len(h["ts"]) for h in hist], dtype=torch.long),
+        hist_total=torch.tensor(totals or [len(h["ts"]) for h in hist], dtype=torch.long),
         ts=torch.tensor(ts, dtype=torch.long),
         labels=torch.randint(0, 2, (B,), generator=g).float(),
         row_id=torch.arange(B),

@@ -41,7 +41,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from bench import machine, median_seconds
+from bench.claims import PAPER, comparison, config_key
+from bench.curves import curve_of, plot_curves
 from bench.train import TOKENS_PER_BATCH
+from bench.verdict import N_BOOT, RULE, deltas_vs, stack_seeds
+from trainer.threads import configure_threads, cpu_budget, env_threads
 
 PAPER_TABLES = ("baselines", "merge", "queries", "norms", "phd", "scaling", "features")
 TABLE_TITLES = {
@@ -55,13 +59,6 @@ TABLE_TITLES = {
 }
 BASELINES = ("base", "sumpool", "din_recent50", "din", "hstu", "transformer", "longer")
 SERVE_CANDIDATES = 500
-# The paper's figures (arXiv 2505.04421, Douyin ads): the ones the comparison quotes.
-PAPER = {
-    "transformer": {"auc": 0.85111, "gflops": 3.73},
-    "longer": {"auc": 0.85290, "gflops": 1.91},
-    "base": {"auc": 0.83968},
-    "queries": "k = 100 recent ≈ k = 250 (and near all); recent > uniform > learnable",
-}
 
 
 @dataclass(frozen=True)
@@ -75,10 +72,6 @@ class Variant:
     def key(self) -> str:
         d = self.model.to_dict()
         return config_key({**d, "features": self.features} if self.features else d)
-
-
-def config_key(d: dict) -> str:
-    return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def default_lengths(base_len: int, data_len: int, quick: bool) -> list[int]:
@@ -140,14 +133,16 @@ def variants(
 
 
 def _worker_init(threads: int) -> None:
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # before torch loads; the trainer honours it
     import torch
 
     torch.set_num_threads(threads)
 
 
-def _train_one(cfg: dict, data: str, run_dir: str) -> dict:
+def _train_one(cfg: dict, data: str, run_dir: str, preds: str) -> dict:
     """One training run in this worker: the real trainer (TorchRec sharding, pipeline, fused
-    optimizer, exact eval), in-process; its run directory is removed afterwards."""
+    optimizer, exact eval), in-process. Its per-sample eval predictions are kept at `preds`
+    (the paired verdicts need them); the rest of its run directory is removed afterwards."""
     from trainer.config import RunConfig
     from trainer.train import train
 
@@ -155,6 +150,10 @@ def _train_one(cfg: dict, data: str, run_dir: str) -> dict:
     try:
         with contextlib.redirect_stderr(io.StringIO()):  # the sharding plan, per run
             summary = train(RunConfig.from_dict(cfg), data, run_dir, progress=False)
+        tmp = Path(preds).with_name(f".{Path(preds).name}.partial")
+        shutil.copyfile(Path(run_dir) / "predictions.parquet", tmp)
+        tmp.replace(preds)
+        curve = curve_of(run_dir)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
     ev = summary["eval"]
@@ -165,8 +164,24 @@ def _train_one(cfg: dict, data: str, run_dir: str) -> dict:
         "calibration": ev["calibration"],
         "eval_samples": ev["n"],
         "trainer_samples_per_s": summary["train_samples_per_s"],
+        "steps": summary["steps"],  # trained (early stopping: fewer than the budget)
+        "best_step": summary["best_step"],  # the weights evaluated (None without a validation split)
+        "val_auc": summary["val_auc"],
+        "curve": curve,
         "wall_s": round(time.perf_counter() - t0, 1),
     }
+
+
+def preds_path(out: Path, key: str) -> Path:
+    return out / "predictions" / f"{key}.parquet"
+
+
+def load_arm(out: Path, keys: list[str]) -> dict:
+    """The eval predictions of one variant's runs (one key per seed), stacked over seeds."""
+    import pyarrow.parquet as pq
+
+    cols = ["row_id", "user_id", "label", "logit"]
+    return stack_seeds([pq.read_table(preds_path(out, k), columns=cols).to_pydict() for k in keys])
 
 
 def _read_journal(path: Path) -> dict[str, dict]:
@@ -188,9 +203,11 @@ def train_all(
     from tqdm import tqdm
 
     journal = out / "runs.jsonl"
-    done = _read_journal(journal)
+    (out / "predictions").mkdir(exist_ok=True)
+    # a run is done when it is journalled and its predictions are kept
+    done = {k: r for k, r in _read_journal(journal).items() if preds_path(out, k).is_file()}
     todo = [(k, c, s) for k, c, s in plan if k not in done]
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = max(1, cpu_budget() // jobs)  # jobs × threads ≤ the CPUs this process may use
     bar = tqdm(
         total=len(plan), initial=len(plan) - len(todo), desc="quality runs", unit="run", disable=not progress
     )
@@ -205,7 +222,10 @@ def train_all(
             ) as pool,
             open(journal, "a") as jf,
         ):
-            futures = {pool.submit(_train_one, c, str(data), str(scratch / k)): (k, c, s) for k, c, s in todo}
+            futures = {
+                pool.submit(_train_one, c, str(data), str(scratch / k), str(preds_path(out, k))): (k, c, s)
+                for k, c, s in todo
+            }
             for f in as_completed(futures):
                 k, c, s = futures[f]
                 try:
@@ -328,6 +348,9 @@ def rows_of(
         }
         for m in ("auc", "gauc", "logloss"):
             row[m], row[f"{m}_std"] = _mean_std([r[m] for r in recs])
+        row["steps_run"] = [r.get("steps") for r in recs]
+        row["best_step"] = [r.get("best_step") for r in recs]
+        row["train_wall_s"] = statistics.fmean(r["wall_s"] for r in recs)
         rows.append(row)
     return rows
 
@@ -343,87 +366,37 @@ def run_key(data_id: str, v: Variant, train: dict, seed: int) -> str:
     return config_key({"data": data_id, "run": run_cfg(v, train, seed)})
 
 
-def comparison(rows: list[dict], base) -> list[dict]:
-    """Where the public-data ordering agrees with the paper's, computed from the rows."""
-    by = {(r["table"], r["variant"]): r for r in rows}
-    checks = []
-
-    def noise(*rs) -> float:
-        return max([r["auc_std"] or 0.0 for r in rs] + [0.0])
-
-    t, lo = by.get(("baselines", "transformer")), by.get(("baselines", "longer"))
-    if t and lo:
-        d = lo["auc"] - t["auc"]
-        checks.append(
-            {
-                "claim": "LONGER matches or beats the full transformer at a fraction of its FLOPs",
-                "paper": f"AUC {PAPER['longer']['auc']} vs {PAPER['transformer']['auc']} (+0.00179) at "
-                f"{PAPER['longer']['gflops']} vs {PAPER['transformer']['gflops']} GFLOPs (0.51×)",
-                "ours": f"AUC {lo['auc']:.4f} vs {t['auc']:.4f} ({d:+.4f}) at {lo['gflops']:.4g} vs "
-                f"{t['gflops']:.4g} GFLOPs ({lo['gflops'] / t['gflops']:.2f}×)",
-                "agrees": bool(d >= -noise(t, lo) and lo["gflops"] < t["gflops"]),
-            }
-        )
-    if lo:
-        others = [r for r in rows if r["table"] == "baselines" and r["arch"] not in ("longer", "transformer")]
-        if others:
-            best = max(others, key=lambda r: r["auc"])
-            checks.append(
-                {
-                    "claim": "LONGER beats the cheaper sequence baselines (sumpool, DIN, HSTU)",
-                    "paper": "LONGER above every baseline in Table 1",
-                    "ours": f"best baseline {best['variant']} AUC {best['auc']:.4f} vs LONGER {lo['auc']:.4f} "
-                    f"({lo['auc'] - best['auc']:+.4f})",
-                    "agrees": bool(lo["auc"] > best["auc"]),
-                }
-            )
-    k0 = base.query_k
-    allq = next((r for r in rows if r["table"] == "queries" and r["variant"].startswith("all")), None)
-    rec = by.get(("queries", f"k={k0} recent"))
-    if allq and rec:
-        d = rec["auc"] - allq["auc"]
-        checks.append(
-            {
-                "claim": f"k = {k0} recent queries lose little against all {base.max_len} as queries",
-                "paper": PAPER["queries"].split(";")[0],
-                "ours": f"AUC {rec['auc']:.4f} vs {allq['auc']:.4f} ({d:+.4f}) at {rec['gflops']:.4g} vs "
-                f"{allq['gflops']:.4g} GFLOPs",
-                "agrees": bool(d >= -max(0.002, 2 * noise(rec, allq))),
-            }
-        )
-    sel = [by.get(("queries", f"k={k0} {s}")) for s in ("recent", "uniform", "learnable")]
-    if all(sel):
-        order = " > ".join(r["variant"].split()[1] for r in sorted(sel, key=lambda r: -r["auc"]))
-        checks.append(
-            {
-                "claim": "query selection: recent > uniform > learnable",
-                "paper": "recent > uniform > learnable",
-                "ours": order
-                + " ("
-                + ", ".join(f"{r['variant'].split()[1]} {r['auc']:.4f}" for r in sel)
-                + ")",
-                "agrees": order == "recent > uniform > learnable",
-            }
-        )
-    merge = {r["variant"]: r for r in rows if r["table"] == "merge"}
-    if "K=1 (no merge)" in merge and f"K={base.merge_k} {base.merge}" in merge:
-        a, b = merge["K=1 (no merge)"], merge[f"K={base.merge_k} {base.merge}"]
-        checks.append(
-            {
-                "claim": f"token merge (K = {base.merge_k}, {base.merge}) cuts FLOPs at little or no AUC loss",
-                "paper": "K = 8 with InnerTrans: lower FLOPs, AUC at or above no merge",
-                "ours": f"AUC {b['auc']:.4f} vs {a['auc']:.4f} ({b['auc'] - a['auc']:+.4f}) at {b['gflops']:.4g} vs "
-                f"{a['gflops']:.4g} GFLOPs",
-                "agrees": bool(
-                    b["auc"] - a["auc"] >= -max(0.002, 2 * noise(a, b)) and b["gflops"] < a["gflops"]
-                ),
-            }
-        )
-    return checks
-
-
 def _fmt(x: float, std: float | None, nd: int = 4) -> str:
     return f"{x:.{nd}f}" + (f" ± {std:.{nd}f}" if std is not None else "")
+
+
+def _budget(train: dict) -> str:
+    if not (train.get("val_days") or train.get("val_frac")):
+        return f"one fixed budget: {train['steps']} steps"
+    val = (
+        f"the last {train['val_days']:g} days" if train["val_days"] else f"the latest {train['val_frac']:.0%}"
+    )
+    stop = (
+        f"stopped after {train['early_stop']} evals without improvement, at most {train['steps']} steps"
+        if train["early_stop"]
+        else f"{train['steps']} steps"
+    )
+    return (
+        f"trained to convergence: validation = {val} of the train split by time, evaluated every "
+        f"{train['eval_every']} steps, {stop}; the eval figures are those of each run's best validation step"
+    )
+
+
+def _delta_cell(row: dict) -> str:
+    d = row.get("delta_vs_base")
+    return "(base)" if d is None else f"{d['diff']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]"
+
+
+def _steps(row: dict) -> str:
+    return ", ".join(
+        f"{b}/{n}" if b is not None else f"{n}"
+        for b, n in zip(row.get("best_step", []), row.get("steps_run", []))
+    )
 
 
 def markdown(result: dict) -> str:
@@ -437,11 +410,13 @@ def markdown(result: dict) -> str:
         f"Dataset: {d['users']:,} users, {d['events']:,} events, {d['train']:,} train / {d['eval']:,} eval "
         f"samples (eval = ts ≥ {d['split_ts']}), longest history {d['max_hist_len']:,}. "
         f"Seeds {result['seeds']}; every variant trains with the same `[train]` settings "
-        f"({result['train']['steps']} steps × batch {result['train']['batch_size']}, lr {result['train']['lr']}, "
-        f"emb_lr {result['train']['emb_lr']}). Machine: {result['machine']['cpus']} CPUs, "
+        f"(batch {result['train']['batch_size']}, lr {result['train']['lr']}, emb_lr {result['train']['emb_lr']}; "
+        f"{_budget(result['train'])}). Machine: {result['machine']['cpus']} CPUs, "
         f"{result['throughput_device']}; wall time {result['wall_s'] / 60:.1f} min.",
         "",
-        "AUC, GAUC, LogLoss: eval split, mean ± std over seeds. GFLOPs: analytic forward per sample at "
+        "AUC, GAUC, LogLoss: eval split, mean ± std over seeds. Δ AUC vs base: the paired difference "
+        "against the base LONGER config on the same eval samples, with the verdicts' bootstrap CI (users "
+        "and seeds resampled; see the rule under *Against the paper*). GFLOPs: analytic forward per sample at "
         "full length. train/s: forward + backward samples/s on full-length batches. serve/s: candidates/s "
         f"on the hit path ({SERVE_CANDIDATES} candidates against a cached user state).",
         "",
@@ -453,13 +428,15 @@ def markdown(result: dict) -> str:
         lines += [
             f"## {TABLE_TITLES[table]}",
             "",
-            "| variant | AUC | GAUC | LogLoss | GFLOPs | train/s | serve/s |",
-            "|---|---|---|---|---|---|---|",
+            "| variant | AUC | Δ AUC vs base LONGER [95 % CI] | GAUC | LogLoss | best step / steps per seed "
+            "| GFLOPs | train/s | serve/s |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for r in tr:
             lines.append(
-                f"| {r['variant']} | {_fmt(r['auc'], r['auc_std'])} | {_fmt(r['gauc'], r['gauc_std'])} | "
-                f"{_fmt(r['logloss'], r['logloss_std'])} | {r['gflops']:.4g} | "
+                f"| {r['variant']} | {_fmt(r['auc'], r['auc_std'])} | {_delta_cell(r)} | "
+                f"{_fmt(r['gauc'], r['gauc_std'])} | "
+                f"{_fmt(r['logloss'], r['logloss_std'])} | {_steps(r)} | {r['gflops']:.4g} | "
                 f"{r['train_samples_per_s']:,.0f} | {r['serve_candidates_per_s']:,} |"
             )
         if table == "features":
@@ -482,12 +459,12 @@ def markdown(result: dict) -> str:
         lines += [
             "## Against the paper",
             "",
-            "| claim | paper (Douyin) | ours | agrees |",
+            "| claim | paper (Douyin) | ours (paired Δ AUC, 95 % CI) | verdict |",
             "|---|---|---|---|",
         ]
         for c in result["comparison"]:
-            lines.append(f"| {c['claim']} | {c['paper']} | {c['ours']} | {'yes' if c['agrees'] else 'no'} |")
-        lines.append("")
+            lines.append(f"| {c['claim']} | {c['paper']} | {c['ours']} | {c['verdict']} |")
+        lines += ["", result["verdict_rule"], ""]
     lines += ["Plots: " + ", ".join(f"`{p}`" for p in result["plots"]), ""]
     return "\n".join(lines)
 
@@ -595,6 +572,7 @@ def plots(result: dict, out: Path) -> list[str]:
 # --- entry point ----------------------------------------------------------------------------------
 
 QUICK_STEPS = 60  # --quick: at most this many training steps per run
+QUICK_BOOT = 200  # --quick: bootstrap draws per verdict
 
 
 def main(
@@ -642,12 +620,15 @@ def main(
         train = replace(
             train, steps=min(train.steps, QUICK_STEPS), warmup_steps=min(train.warmup_steps, QUICK_STEPS // 4)
         )
-    train = replace(train, eval_every=0, checkpoint_every=0)
+    if quick and train.has_val:
+        train = replace(train, eval_every=min(train.eval_every, QUICK_STEPS // 6))
+    # with a validation split every run stops early by the same rule; without, one fixed budget
+    train = replace(train, eval_every=train.eval_every if train.has_val else 0, checkpoint_every=0)
     n_seeds = seeds if seeds is not None else (1 if quick else 3)
     if n_seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {n_seeds}")
     seed_list = [train.seed + i for i in range(n_seeds)]
-    jobs = jobs if jobs is not None else (1 if torch.cuda.is_available() else min(os.cpu_count() or 1, 8))
+    jobs = jobs if jobs is not None else (1 if torch.cuda.is_available() else min(cpu_budget(), 8))
     if jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {jobs}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -678,7 +659,7 @@ def main(
 
     from tqdm import tqdm
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    configure_threads(env_threads(), "LONGER_THREADS")
     speed: dict[str, dict] = {}
     distinct = {v.key: v for v in vs}
     for k, v in tqdm(distinct.items(), desc="throughput", unit="variant", disable=not progress):
@@ -690,6 +671,9 @@ def main(
         speed[k] = throughput(v.model, device, seconds=2.0 if quick else 6.0, spec=spec)
 
     rows = rows_of(vs, runs, speed, seed_list, key_of)
+    arms = {v.key: load_arm(out, [key_of(v, s) for s in seed_list]) for v in {v.key: v for v in vs}.values()}
+    n_boot = QUICK_BOOT if quick else N_BOOT
+    deltas_vs(rows, config_key(base.to_dict()), arms, lambda r: config_key(r["config"]), n_boot)
     sc = [r for r in rows if r["table"] == "scaling"]
     fits = {
         "max_len": power_law([r["max_len"] for r in sc], [r["auc"] for r in sc]),
@@ -721,12 +705,16 @@ def main(
         "machine": machine(),
         "rows": rows,
         "scaling_fits": fits,
-        "comparison": comparison(rows, base),
+        "comparison": comparison(rows, base, arms, n_boot=n_boot),
+        "verdict_rule": RULE,
         "paper": PAPER,
         "runs": [runs[k] for k, _, _ in plan],
     }
     result["wall_s"] = round(time.time() - t0, 1)
     result["plots"] = plots(result, out)
+    curves = plot_curves(result, out)
+    if curves:
+        result["plots"].append(curves)
     _write(out / "results.json", json.dumps(result, indent=2) + "\n")
     _write(out / "results.md", markdown(result))
     print(

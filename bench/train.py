@@ -1,5 +1,6 @@
 """`longer bench train`: forward+backward samples/s and peak memory, `longer` vs `transformer`,
-and the trainer end to end with 1 and 2 processes.
+the trainer end to end with 1 and 2 processes, and `rlb_speedup` (request-level batching,
+bench/rlb.py).
 
 Each (arch, L) runs in its own fresh process (so its peak RSS is its own), one after the
 other in one invocation, on identical random batches of full-length histories. The config is
@@ -18,6 +19,8 @@ import tempfile
 from pathlib import Path
 
 from bench import finish, machine, median_seconds
+from bench.rlb import rlb_speedup
+from trainer.threads import configure_threads, cpu_budget, env_threads
 
 LENGTHS = (512, 2000, 8000)
 TOKENS_PER_BATCH = 16_000  # batch size = max(1, TOKENS_PER_BATCH // L), the same for both models
@@ -49,6 +52,7 @@ def worker(arch: str, L: int, steps: int, seconds: float) -> dict:
     from longer.flops import forward_flops
     from longer.recmodel import build_model
 
+    configure_threads(env_threads(), "LONGER_THREADS", log=False)
     torch.manual_seed(0)
     cfg = config(arch, L)
     m = build_model(cfg).train()
@@ -138,7 +142,7 @@ def end_to_end(work: Path, quick: bool) -> list[dict]:
                 *args,
             ]
         )
-        threads = max(1, (os.cpu_count() or 1) // procs)
+        threads = max(1, cpu_budget() // procs)  # procs × threads ≤ the CPUs this process may use
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         r = subprocess.run(
             cmd, capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1]
@@ -177,6 +181,9 @@ def main(quick: bool = False, out: str | None = None, workdir: str | None = None
             print(json.dumps(rows[-1]), file=sys.stderr)
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         e2e = end_to_end(Path(tmp), quick)
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        rlb = rlb_speedup(Path(tmp), quick)
+    print(json.dumps(rlb), file=sys.stderr)
     by = {(r["arch"], r["L"]): r for r in rows}
     result = {
         "benchmark": "train",
@@ -185,6 +192,8 @@ def main(quick: bool = False, out: str | None = None, workdir: str | None = None
         "machine": machine(),
         "results": rows,
         "trainer_end_to_end": e2e,
+        "rlb": rlb,
+        "rlb_speedup": rlb["rlb_speedup"],
         "longer_over_transformer_samples_per_s": {
             str(L): round(by["longer", L]["samples_per_s"] / by["transformer", L]["samples_per_s"], 2)
             for L in LENGTHS

@@ -34,6 +34,10 @@ class Batch(Pipelineable):
     sparse: KeyedJaggedTensor
     hist_ts: torch.Tensor  # int64 (Σ history lengths,): event seconds, aligned with hist_* values
     hist_lengths: torch.Tensor  # int64 (B,)
+    # int64 (B,): the user's events before the sample (the sample's `hist_len`); the loaded
+    # history holds the last `hist_lengths` of them, so history event i has absolute index
+    # hist_total - hist_lengths + i (what the append-stable grid aligns to, longer/window.py)
+    hist_total: torch.Tensor
     ts: torch.Tensor  # int64 (B,): the sample's (request) time
     labels: torch.Tensor  # float32 (B,)
     row_id: torch.Tensor  # int64 (B,): the sample's row number in its split, for predictions
@@ -41,6 +45,11 @@ class Batch(Pipelineable):
     # int64 (Σ history lengths,) per list<int64> history key: how many of the key's values each
     # history event has (the KJT's length for that key is their sum per sample); pooling per event.
     event_lengths: dict[str, torch.Tensor] = field(default_factory=dict)
+    # int64 (B,) or None: request-level batching (feature_store/loader.py "Units"). Sample i
+    # belongs to request request[i] (consecutive, 0..R-1); only a request's first sample carries
+    # the history in `sparse`, `hist_ts` and `event_lengths` (the others have empty history
+    # keys); `hist_lengths` stays per sample. None: every sample is its own request.
+    request: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -50,7 +59,10 @@ class Batch(Pipelineable):
         kw = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            kw[f.name] = {k: fn(t) for k, t in v.items()} if isinstance(v, dict) else fn(v)
+            if isinstance(v, dict):
+                kw[f.name] = {k: fn(t) for k, t in v.items()}
+            else:
+                kw[f.name] = None if v is None else fn(v)
         return replace(self, **kw)
 
     def to(self, device: torch.device, non_blocking: bool = False) -> Batch:
@@ -75,6 +87,7 @@ def padding_batch() -> Batch:
         ),
         hist_ts=torch.zeros(1, dtype=torch.long),
         hist_lengths=torch.ones(1, dtype=torch.long),
+        hist_total=torch.ones(1, dtype=torch.long),
         ts=torch.full((1,), 3600, dtype=torch.long),
         labels=torch.zeros(1),
         row_id=torch.zeros(1, dtype=torch.long),

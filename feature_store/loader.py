@@ -15,7 +15,17 @@
   (`Batch.event_lengths`). Without a spec: the default spec's keys, as before.
 * Partitioning: rank r of `world_size` takes the epoch-stream positions p ≥ start with
   (p - start) % world_size == r: disjoint, complete, per-rank counts within one. The state's
-  position counts samples of all ranks, so a run can resume with a different world size.
+  position counts units (below) of all ranks, so a run can resume with a different world size.
+* `ts_range=(lo, hi)` takes only the split's samples with lo <= ts < hi (a None bound is open):
+  the trainer's validation split is the end of `train/` by time. Row ids keep the split's
+  numbering.
+* Units: a unit is a sample, or with `requests=True` a request: the consecutive samples of a
+  row group sharing (user_id, ts, hence hist_len), i.e. the impressions one request showed.
+  Shuffling, positions, partitioning and `batch_size` then count requests (a batch holds
+  `batch_size` requests and all their samples); the batch's history is stored once per request,
+  on the request's first sample (the others have empty history keys), and `Batch.request`
+  maps samples to requests, so the model encodes each request once (request-level batching,
+  STCA arXiv 2511.06077). A log with one sample per request gives exactly the sample loader.
 """
 
 from __future__ import annotations
@@ -94,8 +104,21 @@ class SequenceStore:
 class _RowGroup:
     file: Path
     index: int
-    rows: int
-    first_row: int  # row number of its first row within the split
+    rows: int  # rows this loader takes from it
+    first_row: int  # row number of its first row within the split (row_id: the split's numbering)
+    units: int  # samples, or requests with `requests=True`
+    keep: np.ndarray | None = None  # with a ts_range: the positions taken, else every row
+
+
+def _in_range(ts: np.ndarray, ts_range: tuple[int | None, int | None]) -> np.ndarray:
+    """Positions of the samples with lo <= ts < hi (a None bound is open)."""
+    lo, hi = ts_range
+    mask = np.ones(len(ts), bool)
+    if lo is not None:
+        mask &= ts >= lo
+    if hi is not None:
+        mask &= ts < hi
+    return np.flatnonzero(mask)
 
 
 class BatchLoader:
@@ -119,6 +142,8 @@ class BatchLoader:
         prefetch: int = 0,
         sequences: SequenceStore | None = None,
         spec: FeatureSpec | None = None,
+        ts_range: tuple[int | None, int | None] | None = None,
+        requests: bool = False,
     ):
         self.data_dir = Path(data_dir)
         self.meta = read_meta(self.data_dir)
@@ -168,6 +193,7 @@ class BatchLoader:
         self.shuffle = split == "train" if shuffle is None else shuffle
         self.seed, self.shuffle_window = seed, shuffle_window
         self.rank, self.world_size, self.drop_last, self.prefetch = rank, world_size, drop_last, prefetch
+        self.requests = requests
         self.history_features = tuple(history_features)
         self.candidate_features = tuple(candidate_features)
         self.dense_features = tuple(dense_features)
@@ -179,16 +205,28 @@ class BatchLoader:
         )
         hist_lists = [f for f in self.history_features if f in self.lists]
         self.sequences = sequences or SequenceStore(self.data_dir, self.history_features, hist_lists)
+        self.ts_range = tuple(ts_range) if ts_range is not None else None
         self.row_groups: list[_RowGroup] = []
-        first = 0
+        first = units = 0
         for f in sorted((self.data_dir / split).glob("part-*.parquet")):
-            md = pq.ParquetFile(f).metadata
-            for i in range(md.num_row_groups):
-                n = md.row_group(i).num_rows
-                if n:
-                    self.row_groups.append(_RowGroup(f, i, n, first))
-                    first += n
-        self.num_rows = first
+            pf = pq.ParquetFile(f)
+            for i in range(pf.metadata.num_row_groups):
+                n, keep = pf.metadata.row_group(i).num_rows, None
+                if n and self.ts_range is not None:
+                    keep = _in_range(
+                        pf.read_row_group(i, columns=["ts"]).column("ts").to_numpy(), self.ts_range
+                    )
+                taken = n if keep is None else len(keep)
+                if taken:
+                    u = taken
+                    if requests:  # a ts_range never cuts a request: its samples share one ts
+                        key = pf.read_row_group(i, columns=REQUEST_KEY)
+                        u = len(_request_starts(key if keep is None else key.take(keep)))
+                    self.row_groups.append(_RowGroup(f, i, taken, first, u, keep))
+                    units += u
+                first += n
+        self.num_rows = sum(g.rows for g in self.row_groups)
+        self.num_units = units
         self.epoch, self.position = 0, 0
         self._files: dict[Path, pq.ParquetFile] = {}
 
@@ -201,16 +239,18 @@ class BatchLoader:
             "seed": self.seed,
             "num_rows": self.num_rows,
             "split": self.split,
+            "requests": self.requests,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        for k in ("seed", "num_rows", "split"):
+        state = {"requests": False} | state  # states written before request units count samples
+        for k in ("seed", "num_rows", "split", "requests"):
             if state[k] != getattr(self, k):
                 raise InputError(
                     f"loader state is for {k}={state[k]!r}, this loader has {getattr(self, k)!r}"
                 )
-        if not 0 <= state["position"] <= self.num_rows:
-            raise InputError(f"loader state position {state['position']} outside [0, {self.num_rows}]")
+        if not 0 <= state["position"] <= self.num_units:
+            raise InputError(f"loader state position {state['position']} outside [0, {self.num_units}]")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
     def rewind(self) -> None:
@@ -218,14 +258,15 @@ class BatchLoader:
         self.position = 0
 
     def rank_samples(self, start: int | None = None) -> int:
-        """Samples this rank gets from epoch position `start` (default: the current one) to the end."""
+        """Units (samples or requests) this rank gets from epoch position `start` (default: the
+        current one) to the end."""
         start = self.position if start is None else start
-        n = self.num_rows - start
+        n = self.num_units - start
         return max(0, (n - self.rank + self.world_size - 1) // self.world_size)
 
     def __len__(self) -> int:
         if self.drop_last:  # every rank the same number of full batches (synchronous training)
-            return (self.num_rows - self.position) // (self.world_size * self.batch_size)
+            return (self.num_units - self.position) // (self.world_size * self.batch_size)
         return -(-self.rank_samples() // self.batch_size)
 
     # --- iteration ----------------------------------------------------------------------------
@@ -246,48 +287,57 @@ class BatchLoader:
         if g.file not in self._files:
             self._files[g.file] = pq.ParquetFile(g.file)
         t = self._files[g.file].read_row_group(g.index, columns=self._columns)
-        return t.append_column(
-            "row_id", pa.array(np.arange(g.first_row, g.first_row + g.rows, dtype=np.int64))
-        )
+        row_id = np.arange(g.first_row, g.first_row + t.num_rows, dtype=np.int64)
+        if g.keep is not None:
+            t, row_id = t.take(g.keep), row_id[g.keep]
+        return t.append_column("row_id", pa.array(row_id))
 
-    def _samples(self, epoch: int, start: int) -> Iterator[dict[str, np.ndarray]]:
-        """This rank's samples of the epoch from stream position `start`, window by window."""
+    def units(self, epoch: int, start: int = 0) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
+        """This rank's units of the epoch from stream position `start`, window by window:
+        (their samples' columns, each unit's number of samples)."""
         w_first = 0
         for groups, rng in self._windows(epoch):
-            n = sum(self.row_groups[i].rows for i in groups)
+            n = sum(self.row_groups[i].units for i in groups)
             lo, hi = max(w_first, start), w_first + n
             first_pos = lo + (self.rank - (lo - start)) % self.world_size  # first position ≥ lo of this rank
             w_first, local_first = hi, first_pos - (hi - n)
             if first_pos >= hi:
                 continue
-            t = pa.concat_tables([self._rg(self.row_groups[i]) for i in groups])
+            tables = [self._rg(self.row_groups[i]) for i in groups]
+            t = pa.concat_tables(tables)
             cols = {c: _column(t, c) for c in t.column_names}
+            if self.requests:  # unit starts, row group by row group (a request never spans two)
+                offsets = np.cumsum([0] + [len(x) for x in tables[:-1]])
+                starts = np.concatenate([o + _request_starts(x) for o, x in zip(offsets, tables)])
+            else:
+                starts = np.arange(len(t), dtype=np.int64)
+            sizes = np.diff(np.append(starts, len(t)))
             take = np.arange(local_first, n, self.world_size)
             if rng is not None:
                 take = rng.permutation(n)[take]
-            yield {c: take_rows(v, take) for c, v in cols.items()}
+            rows = ranges(starts[take], sizes[take])
+            yield {c: take_rows(v, rows) for c, v in cols.items()}, sizes[take]
 
     def _batches(self, epoch: int, start: int) -> Iterator[tuple[Batch, int]]:
-        """(batch, rank samples consumed so far) pairs, carrying rows across windows."""
-        pending: list[dict[str, np.ndarray]] = []
+        """(batch, rank units consumed so far) pairs, carrying units across windows."""
+        pending: list[tuple[dict[str, np.ndarray], np.ndarray]] = []
         have, consumed = 0, 0
-        full_batches = (self.num_rows - start) // (self.world_size * self.batch_size)
-        for part in self._samples(epoch, start):
+        full_batches = (self.num_units - start) // (self.world_size * self.batch_size)
+        for part in self.units(epoch, start):
             pending.append(part)
-            have += len(part["user_id"])
+            have += len(part[1])
             while have >= self.batch_size:
                 if self.drop_last and consumed == full_batches * self.batch_size:
                     return
-                cols = {c: concat_rows([p[c] for p in pending]) for c in pending[0]}
-                b = self.batch_size
+                cols, sizes = _joined(pending)
+                b, rows = self.batch_size, int(sizes[: self.batch_size].sum())
                 consumed += b
-                yield self.assemble({c: v[:b] for c, v in cols.items()}), consumed
-                rest = {c: v[b:] for c, v in cols.items()}
-                pending, have = [rest], have - b
+                yield self.assemble({c: v[:rows] for c, v in cols.items()}, sizes[:b]), consumed
+                pending, have = [({c: v[rows:] for c, v in cols.items()}, sizes[b:])], have - b
         if have and not self.drop_last:
-            cols = {c: concat_rows([p[c] for p in pending]) for c in pending[0]}
+            cols, sizes = _joined(pending)
             consumed += have
-            yield self.assemble(cols), consumed
+            yield self.assemble(cols, sizes), consumed
 
     def __iter__(self) -> Iterator[Batch]:
         """The rest of the current epoch; afterwards the state points at the next epoch."""
@@ -301,24 +351,34 @@ class BatchLoader:
         self.epoch, self.position = epoch + 1, 0
 
     # --- batch assembly -----------------------------------------------------------------------
-    def assemble(self, cols: dict[str, np.ndarray]) -> Batch:
-        """Join samples to their users' sequences (point in time) and build the KJT."""
+    def assemble(self, cols: dict[str, np.ndarray], sizes: np.ndarray | None = None) -> Batch:
+        """Join samples to their users' sequences (point in time) and build the KJT. `sizes`:
+        samples per request (consecutive rows), whose history is then stored once, on the
+        request's first sample; None or all ones: one request per sample."""
         user = cols["user_id"]
         hist_len = cols["hist_len"].astype(np.int64)
         lengths = np.minimum(hist_len, self.max_len)
-        starts = self.sequences.starts[self.sequences.rows(user)] + hist_len - lengths
-        events = ranges(starts, lengths)  # the batch's history events, sample by sample
+        request = None
+        if sizes is not None and len(sizes) < len(user):
+            request = np.repeat(np.arange(len(sizes)), sizes)
+            first = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+            stored = np.zeros_like(lengths)
+            stored[first] = lengths[first]
+        else:
+            stored = lengths
+        starts = self.sequences.starts[self.sequences.rows(user)] + hist_len - stored
+        events = ranges(starts, stored)  # the batch's history events, request by request
         values, kjt_lengths, event_lengths = [], [], {}
         for f in self.history_features:
             v = self.sequences.values[f]
             if isinstance(v, EventLists):
                 flat, per_event = v.take(events)
                 values.append(flat)
-                kjt_lengths.append(segment_sums(per_event, lengths))
+                kjt_lengths.append(segment_sums(per_event, stored))
                 event_lengths[hist_key(f)] = torch.from_numpy(per_event)
             else:
                 values.append(v[events])
-                kjt_lengths.append(lengths)
+                kjt_lengths.append(stored)
         ones = np.ones(len(user), np.int64)
         for f in self.sample_features:
             v = cols[f]
@@ -339,12 +399,32 @@ class BatchLoader:
             ),
             hist_ts=torch.from_numpy(self.sequences.values["ts"][events]),
             hist_lengths=torch.from_numpy(lengths),
+            hist_total=torch.from_numpy(hist_len),
             ts=torch.from_numpy(cols["ts"].astype(np.int64, copy=False)),
             labels=torch.from_numpy(cols["label"].astype(np.float32)),
             row_id=torch.from_numpy(cols["row_id"]),
             dense={f: torch.from_numpy(x) for f, x in dense.items()},
             event_lengths=event_lengths,
+            request=None if request is None else torch.from_numpy(request),
         )
+
+
+REQUEST_KEY = ["user_id", "ts", "hist_len"]  # samples sharing these are one request
+
+
+def _request_starts(t: pa.Table) -> np.ndarray:
+    """Row numbers where a request starts: rows differing from the previous one in REQUEST_KEY."""
+    new = np.zeros(len(t), bool)
+    new[:1] = True
+    for c in REQUEST_KEY:
+        v = t.column(c).to_numpy()
+        new[1:] |= v[1:] != v[:-1]
+    return np.flatnonzero(new)
+
+
+def _joined(parts: list[tuple[dict[str, np.ndarray], np.ndarray]]) -> tuple[dict, np.ndarray]:
+    cols = {c: concat_rows([p[0][c] for p in parts]) for c in parts[0][0]}
+    return cols, np.concatenate([p[1] for p in parts])
 
 
 def _column(t: pa.Table, c: str):

@@ -320,9 +320,22 @@ class OnlineStore:
     def read(self, user: int, model_version: str | None = None) -> tuple[np.ndarray, int, bytes | None]:
         """(events sorted by (ts, item_id), seq_version, cached state bytes or None) in one
         round trip. BadKeyError for a key of the wrong type or an unreadable counter."""
+        events, seq_version, blob = self._read_keys(user, model_version, whole_sequence=True)
+        return unpack_events(events or []), seq_version, blob
+
+    def read_head(self, user: int, model_version: str) -> tuple[int, int, bytes | None]:
+        """(number of events held, seq_version, cached state bytes or None) in one round trip,
+        without the events themselves (LLEN, not LRANGE): what a cache hit needs. BadKeyError
+        as `read`."""
+        return self._read_keys(user, model_version, whole_sequence=False)
+
+    def _read_keys(self, user: int, model_version: str | None, whole_sequence: bool) -> tuple:
         keys = [self._key(user, "seq"), self._key(user, "ver")]
         p = self.r.pipeline(transaction=False)
-        p.lrange(keys[0], 0, -1)
+        if whole_sequence:
+            p.lrange(keys[0], 0, -1)
+        else:
+            p.llen(keys[0])
         p.get(keys[1])
         if model_version is not None:
             keys.append(self._key(user, f"st:{model_version}"))
@@ -337,7 +350,7 @@ class OnlineStore:
                     continue
                 raise BadKeyError(key, f"holds a {self._type(key)}, expected a {('list', 'string')[i]}")
         seq_version = parse_seq_version(keys[1], res[1])
-        return unpack_events(res[0] or []), seq_version, (res[2] if model_version is not None else None)
+        return res[0], seq_version, (res[2] if model_version is not None else None)
 
     def _type(self, key: str) -> str:
         t = self.r.type(key)

@@ -18,13 +18,33 @@ User u (about K events, K·exp(N(0, 0.3²)) clipped to [K/2, 2K])
         drift         0.20  (the segment's D)                  0.30
         popular       0.40  (global power law)                 0.64
     Within a category, items follow the same power law over their global ranks.
-  * Label: p_true = sigmoid(-1.2 + q_i + 3.0·[cat_i ∈ LT_u] + 1.5·[cat_i = D]),
-    label ~ Bernoulli(p_true). The log carries p_true so a test can compute the oracle AUC.
+  * Label: p_true = sigmoid(b + q_i + 3.0·[cat_i ∈ LT_u] + 1.5·[cat_i = D]),
+    label ~ Bernoulli(p_true), b = label_bias (−1.2). The log carries p_true so a test can
+    compute the oracle AUC.
   * action: 1 = view (label 0); 2 = click or 3 = purchase (label 1, purchase w.p. 0.25).
     A user's past actions reveal past labels, which is what a history model learns from.
   * Time: users start uniformly in the first half of a `days`-long window and stay active to
     its end. Gaps: 25% exactly 0 (same-second events: the builder's tie handling matters),
     60% in-session gaps ~ Exp(60 s), 15% session breaks, scaled to fill the user's span.
+
+Requests (`--impressions-per-request k`, default 1): a user's events are cut into runs of k
+consecutive impressions shown at one request, all carrying the run's first timestamp (so
+they share hist_len: none sees the others); everything else is drawn as above, with no extra
+random draws, so k = 1 is the default log. Such a log is what request-level batching (RLB,
+`train.rlb`) encodes once per request.
+
+Long range (`--long-range`): a log a CPU budget can learn, whose clicks depend on behaviour
+hundreds to thousands of events back, with the short-term signal removed:
+  * Early life (the first LR_EARLY = 25% of a user's events): 60% of exposures come from the
+    two long-term categories LT_u, 40% from the popular distribution.
+  * Late life: only LR_LATE = 3% from LT_u (about 1.5 of the last 50 events), 97% popular; no
+    drift segments. The platform has stopped showing the old interest; the user has not lost it.
+  * Label: p_true = sigmoid(-1.5 + q_i + b_cat + 3.0·[cat_i ∈ LT_u]), b_cat ~ N(0, 0.5²) a
+    simple per-category effect (its own Generator). Item and category effects are learnable
+    from counts; the LT effect only from the early-life clicks, which a late sample at event
+    index p sees only with L ≥ p - 0.25·n_u: quality should rise with L up to ~2n_u.
+  Each row carries p_true, so the oracle AUC is the ceiling; tests/test_synth_long_range.py
+  checks that full-history counts beat the last 50 events by a wide margin.
 
 Extra columns (`--extra-columns`, for tests of declared features; no signal, drawn from a
 second Generator so the default log is unchanged): `tier` (user profile, int: 1 for the first
@@ -55,6 +75,7 @@ from .io import atomic_dir
 
 T0 = 1_700_000_000  # 2023-11-14T22:13:20Z
 ZIPF_A = 1.1
+LR_EARLY, LR_EARLY_LT, LR_LATE = 0.25, 0.60, 0.03  # --long-range exposure (module docstring)
 
 
 @dataclass(frozen=True)
@@ -67,10 +88,14 @@ class SynthConfig:
     days: int = 60
     chunk_events: int = 2_000_000  # working-set bound: events generated and written at a time
     rows_per_file: int = 5_000_000
+    label_bias: float = -1.2  # the label logit's intercept: sets the positive rate (Taobao-like: lower)
     extra_columns: bool = False  # add tier, brand, device, price, tags (module docstring)
+    impressions_per_request: int = 1  # events per request, sharing one ts (module docstring)
+    long_range: bool = False  # the long-range log (module docstring)
 
     def __post_init__(self):
-        for name in ("users", "items", "events_per_user", "days", "chunk_events", "rows_per_file"):
+        names = ("users", "items", "events_per_user", "days", "chunk_events", "rows_per_file")
+        for name in (*names, "impressions_per_request"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.events_per_user < 2:
@@ -106,6 +131,8 @@ class _World:
         self.cat_items = np.lexsort((rank, self.item_cat))  # items by (category, rank)
         self.cat_size = np.bincount(self.item_cat, minlength=c)
         self.cat_start = np.concatenate([[0], np.cumsum(self.cat_size)[:-1]])
+        # --long-range's category effect, from its own Generator (the default log is unchanged)
+        self.cat_effect = np.random.default_rng([cfg.seed, 2]).normal(0.0, 0.5, c)
 
     def item_in(self, rng, cats: np.ndarray) -> np.ndarray:
         return self.cat_items[self.cat_start[cats] + _zipf_rank(rng, self.cat_size[cats])]
@@ -167,8 +194,12 @@ def _chunk(
     drift = rng.integers(c, size=seg[-1] + 1)[seg]
 
     r = rng.random(len(e))
-    p_long = np.where(early, 0.40, 0.06)
-    p_drift = np.where(early, 0.20, 0.30)
+    if cfg.long_range:
+        early = e < np.ceil(n[user] * LR_EARLY)
+        p_long, p_drift = np.where(early, LR_EARLY_LT, LR_LATE), np.zeros(len(e))
+    else:
+        p_long = np.where(early, 0.40, 0.06)
+        p_drift = np.where(early, 0.20, 0.30)
     src_long = r < p_long
     src_drift = ~src_long & (r < p_long + p_drift)
     item = world.popular(rng, len(e))
@@ -179,7 +210,10 @@ def _chunk(
     cat = world.item_cat[item]
 
     in_long = (cat == lt1[user]) | (cat == lt2[user])
-    p_true = _sigmoid(-1.2 + world.quality[item] + 3.0 * in_long + 1.5 * (cat == drift))
+    if cfg.long_range:
+        p_true = _sigmoid(-1.5 + world.quality[item] + world.cat_effect[cat] + 3.0 * in_long)
+    else:
+        p_true = _sigmoid(cfg.label_bias + world.quality[item] + 3.0 * in_long + 1.5 * (cat == drift))
     label = (rng.random(len(e)) < p_true).astype(np.int8)
     action = np.where(label == 1, np.where(rng.random(len(e)) < 0.25, 3, 2), 1)
 
@@ -198,6 +232,8 @@ def _chunk(
     cum = np.cumsum(gaps)
     cum -= np.repeat(cum[start] - gaps[start], n)
     ts = np.minimum(t_start[user] + np.floor(cum).astype(np.int64), t_end)
+    if cfg.impressions_per_request > 1:  # a request's impressions share its first event's ts
+        ts = ts[start[user] + e // cfg.impressions_per_request * cfg.impressions_per_request]
 
     return pa.table(
         {
@@ -245,4 +281,6 @@ def synthesize(cfg: SynthConfig, out: str | Path, overwrite: bool = False, progr
         "categories": cfg.n_categories,
         "files": files,
         "seed": cfg.seed,
+        "impressions_per_request": cfg.impressions_per_request,
+        "long_range": cfg.long_range,
     }

@@ -23,6 +23,7 @@ ARCHS = ("longer", "transformer", "din", "din_recent50", "sumpool", "hstu", "bas
 NORMS = ("pre", "post", "hybrid", "hybrid_star")
 MERGES = ("concat", "inner_trans")
 QUERY_SELECTIONS = ("recent", "uniform", "learnable")
+ENCODINGS = ("recency", "append_stable")
 
 
 class ConfigError(LongerError, ValueError):
@@ -112,6 +113,12 @@ class ModelConfig(ConfigSection):
     query_select: str = "recent"
     norm: str = "hybrid"  # HybridNorm; hybrid_star = HybridNorm* (first block Pre-Norm)
     phd_copies: int = 1  # PHD: R copies of each candidate-side token (1 = plain model)
+    # How LONGER's user side encodes time (longer/window.py, longer/stable.py): `recency` aligns
+    # groups, positions and time features to the latest event (every new event changes every
+    # cached K/V); `append_stable` aligns them to the absolute event index, so a state can be
+    # updated with new events, and request-relative recency enters as an attention bias.
+    encoding: str = "recency"
+    time_bias: bool = True  # append_stable: relative time/position bias (log2 buckets, per head)
     # Id spaces: raw ids are hashed (mod) into these table sizes.
     item_buckets: int = 200_003
     category_buckets: int = 1_024
@@ -127,6 +134,15 @@ class ModelConfig(ConfigSection):
         self.need_choice("norm", NORMS)
         self.need_choice("merge", MERGES)
         self.need_choice("query_select", QUERY_SELECTIONS)
+        self.need_choice("encoding", ENCODINGS)
+        self.need(
+            self.encoding == "recency" or self.arch in ("longer", "transformer"),
+            f"encoding 'append_stable' is LONGER's (arch longer or transformer), not {self.arch!r}'s",
+        )
+        self.need(
+            self.encoding == "recency" or self.query_select != "uniform",
+            "encoding 'append_stable' needs query_select 'recent' or 'learnable' (uniform queries move with every event)",
+        )
         self.need_ints(
             (
                 "max_len",

@@ -25,6 +25,7 @@ DEFAULT_SPEC = FeatureSpec()
 # The default spec's layout (the model before the spec existed).
 EMBEDDING_TABLES = DEFAULT_SPEC.tables()
 FEATURE_KEYS = DEFAULT_SPEC.sparse_keys
+HISTORY_KEYS = DEFAULT_SPEC.history_keys  # the default spec's (longer/stable.py reads exactly these)
 
 
 def column_rows(cfg: ModelConfig, spec: FeatureSpec, column: str) -> int:

@@ -14,6 +14,17 @@ Contract of a `DenseNet` subclass:
 Which columns feed which token is the model's `FeatureSpec` (longer/spec.py): user columns the
 user side (cached), candidate, context and dense columns the candidate side.
 `forward(batch, emb)` is the two composed for the one candidate each training sample carries.
+
+An append-stable net (LONGER with `encoding = "append_stable"`, longer/stable.py) also has
+    update(state, new_events, emb) -> UserState   the state of `encode` over all the events
+                                             (1e-5, fp32), computing only the new events'
+                                             tokens, the merge groups they touch and the
+                                             user-side queries. Its state caches the layer-1
+                                             K/V of the merge groups (which never change once
+                                             full), each group's newest event time (for the
+                                             request-time bias), the user's event count
+                                             (`total`, the absolute index) and the tokens of
+                                             the latest max(k, K) events.
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from .config import ModelConfig
+from .requests import expand_state, request_view
 
 if TYPE_CHECKING:
     from .tokens import Tokenizer
@@ -121,6 +133,10 @@ class DenseNet(nn.Module, ABC):
         return self.score(state, self.features.candidate_tokens(emb, dense, request_ts, state["latest_ts"]))
 
     def forward(self, batch, emb: dict[str, JaggedTensor]) -> torch.Tensor:
-        """One candidate per sample (training/eval): logits (B,)."""
-        state = self.encode(batch, emb)
+        """One candidate per sample (training/eval): logits (B,). A batch with `request` set is
+        encoded once per request (longer/requests.py), then each sample scored."""
+        if getattr(batch, "request", None) is None:
+            state = self.encode(batch, emb)
+        else:
+            state = expand_state(self.encode(*request_view(batch, emb)), batch.request)
         return self.score_embedded(state, emb, self.features.sample_dense(batch), batch.ts)[:, 0]

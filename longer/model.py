@@ -60,7 +60,7 @@ class Attention(nn.Module):
         return self._heads(k, 1), self._heads(v, 2)
 
     def forward(self, q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
-        if mask is not None:
+        if mask is not None and mask.dim() == 3:  # a float (B, H, Tq, Tk) mask also adds a bias
             mask = mask[:, None]  # (B, 1, Tq, Tk): one mask for every head
         out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
         return self.o_proj(out.transpose(1, 2).flatten(2))
@@ -289,7 +289,9 @@ class Longer(DenseNet):
         within = copy[None, :] <= copy[:, None]
         return torch.block_diag(*[within] * n_cand) if n_cand > 1 else within
 
-    def score(self, state: UserState, cand: torch.Tensor) -> torch.Tensor:
+    def score(
+        self, state: UserState, cand: torch.Tensor, request_ts: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """cand (B, N, 2, d) candidate tokens → logits (B, N), against the cached user state."""
         B, N = cand.shape[:2]
         chunk = min(N, self.cfg.cand_chunk)
@@ -303,10 +305,13 @@ class Longer(DenseNet):
             kc, vc = blk.kv(x)
             k = torch.cat([state[f"k{i}"][rows], kc], dim=2)
             v = torch.cat([state[f"v{i}"][rows], vc], dim=2)
-            user_valid = state[f"valid{i}"][rows][:, None, :].expand(-1, x.shape[1], -1)
-            mask = torch.cat([user_valid, own[None].expand(len(rows), -1, -1)], dim=2)
-            x = self._run(i, x, k, v, mask)
+            x = self._run(i, x, k, v, self._cand_mask(state, i, rows, own, request_ts))
         return self._head(state["cls"], x.reshape(B, n_chunks * chunk, -1, self.cfg.d_model)[:, :N])
+
+    def _cand_mask(self, state: UserState, i: int, rows, own, request_ts) -> torch.Tensor:
+        """(B·chunks, chunk·T, Tk) layer-i mask of candidate queries: every valid user key + `own`."""
+        user_valid = state[f"valid{i}"][rows][:, None, :].expand(-1, own.shape[0], -1)
+        return torch.cat([user_valid, own[None].expand(len(rows), -1, -1)], dim=2)
 
     def _head(self, cls: torch.Tensor, cand_out: torch.Tensor) -> torch.Tensor:
         last = cand_out[:, :, -2:]  # the last copy's [target, context]

@@ -26,6 +26,11 @@ class StoreUnreachable(LongerError):
 def _synth(a):
     from feature_store.synth import SynthConfig, synthesize
 
+    if a.format == "taobao":
+        from feature_store.synth_taobao import synthesize_taobao, taobao_config
+
+        cfg = taobao_config(a.users, a.items, a.events_per_user, a.seed, a.categories)
+        return synthesize_taobao(cfg, a.out, a.overwrite, not a.quiet)
     return synthesize(
         SynthConfig(
             users=a.users,
@@ -35,6 +40,8 @@ def _synth(a):
             categories=a.categories,
             days=a.days,
             extra_columns=a.extra_columns,
+            impressions_per_request=a.impressions_per_request,
+            long_range=a.long_range,
         ),
         a.out,
         a.overwrite,
@@ -95,6 +102,7 @@ def _eval(a):
         batch_size=a.batch_size,
         split=a.split,
         progress=not a.quiet,
+        max_len=a.max_len,
     )
 
 
@@ -134,9 +142,8 @@ def _serve(a):
     from serving.settings import Settings
 
     prefix = key_prefix(a) if (a.key_prefix, a.prefix) != (None, None) else None  # else Settings reads it
-    settings = Settings.from_env(
-        model=a.bundle, redis_url=a.redis, threads=a.threads, key_prefix=prefix, log_level=a.log_level
-    )
+    flags = {"model": a.bundle, "redis_url": a.redis, "threads": a.threads, "max_len": a.max_len}
+    settings = Settings.from_env(**flags, key_prefix=prefix, log_level=a.log_level)
     if not settings.model:
         raise UsageError("--bundle (or LONGER_BUNDLE) is required")
     configure_logging(settings.log_level)
@@ -233,11 +240,31 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--events-per-user", type=int, required=True, help="mean events per user")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--categories", type=int, default=0, help="item categories (0: from --items)")
-    s.add_argument("--days", type=int, default=60, help="length of the logged time window")
+    s.add_argument("--days", type=int, default=60, help="length of the logged time window (parquet)")
     s.add_argument(
         "--extra-columns",
         action="store_true",
         help="also write tier (user), brand (item), device (context), price (dense), tags (list) columns",
+    )
+    s.add_argument(
+        "--format",
+        choices=["parquet", "taobao"],
+        default="parquet",
+        help="parquet: the behaviour log; taobao: OUT/UserBehavior.csv in Taobao's shape (ids in the "
+        "millions, pv/cart/fav/buy, ~10%% positives, 9 days) for `longer import taobao`",
+    )
+    s.add_argument(
+        "--impressions-per-request",
+        type=int,
+        default=1,
+        help="consecutive events shown together at one request time (one ts), e.g. 10; "
+        "what request-level batching (train.rlb) encodes once",
+    )
+    s.add_argument(
+        "--long-range",
+        action="store_true",
+        help="clicks depend on interests shown only in the first quarter of a user's life, "
+        "hundreds to thousands of events back; no short-term drift (feature_store/synth.py)",
     )
     output(s)
 
@@ -270,6 +297,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--predictions", help="write per-sample predictions to this parquet file")
     s.add_argument("--split", default="eval", choices=["eval", "train"])
     s.add_argument("--batch-size", type=int, default=1024)
+    s.add_argument(
+        "--max-len",
+        type=int,
+        help="read histories this long, >= the training max_len (length extrapolation; "
+        "the dataset must be built with at least it)",
+    )
     s.add_argument("--quiet", action="store_true")
 
     store = sub.add_parser("store", help="online store operations").add_subparsers(
@@ -311,7 +344,15 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument(
-        "--threads", type=int, help="torch threads for model compute (default: $LONGER_THREADS or 2)"
+        "--threads",
+        type=int,
+        help="torch threads for model compute (default: $LONGER_THREADS, else the CPUs this process may use)",
+    )
+    s.add_argument(
+        "--max-len",
+        type=int,
+        help="events each user's model input reads, >= the bundle's training max_len "
+        "(length extrapolation; default: $LONGER_MAX_LEN, else the bundle's)",
     )
     key_prefix_flags(s)
     s.add_argument(
@@ -404,6 +445,9 @@ def error_text(e: Exception, args) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from trainer.threads import passive_wait_default
+
+    passive_wait_default()  # before anything imports torch (README "CPU threads")
     args = parser().parse_args(argv)
     # torch logs a one-time notice whenever TorchRec asks `is_fx_tracing()` (every KJT does); it
     # is about torch.export internals, not about anything a user of this command can act on.

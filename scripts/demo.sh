@@ -63,7 +63,7 @@ print(f"  oracle (the log's own p_true)        {y['oracle_auc']:.4f}   (the best
 PY
 
 stage 5 eval "evaluate the exported bundle without any process group"
-$LONGER eval --model "$OUT/run/export" --data "$OUT/data" --quiet
+$LONGER eval --bundle "$OUT/run/export" --data "$OUT/data" --quiet
 
 stage 6 store-load "load the online store (embedded Redis in $OUT/redis) and start the server"
 case "$OUT" in /*) export LONGER_REDIS_DIR="$OUT/redis" ;; *) export LONGER_REDIS_DIR="$PWD/$OUT/redis" ;; esac
@@ -71,7 +71,7 @@ unset REDIS_URL
 rm -rf "$LONGER_REDIS_DIR"
 $LONGER store load --data "$OUT/data" --quiet >/dev/null
 PORT="${DEMO_PORT:-8765}"
-$LONGER serve --model "$OUT/run/export" --port "$PORT" &
+$LONGER serve --bundle "$OUT/run/export" --port "$PORT" &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null || true' EXIT
 
@@ -139,8 +139,8 @@ What it made:
   $OUT/replay/           the A/B report: report.md, report.json, latency_cdf.png, calibration.png, deltas.png
 
 Next, try:
-  LONGER_REDIS_DIR=$OUT/redis $LONGER serve --model $OUT/run/export   # then open http://127.0.0.1:8000/docs
-  $LONGER eval --model $OUT/run/export --data $OUT/data --predictions preds.parquet
+  LONGER_REDIS_DIR=$OUT/redis $LONGER serve --bundle $OUT/run/export   # then open http://127.0.0.1:8000/docs
+  $LONGER eval --bundle $OUT/run/export --data $OUT/data --predictions preds.parquet
   $LONGER train --config configs/demo.toml --data $OUT/data --out $OUT/run --overwrite train.steps=1000
   .venv/bin/tensorboard --logdir $OUT/run/tb
 EOF

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make bench-quality` (QUICK=1: `make bench-quality-quick`): the paper's tables on public data.
-# Builds the two datasets once (MovieLens ml-latest-small from ../shared/data or $MOVIELENS,
-# and a synthetic long-sequence log), then runs `longer bench quality` on each. Reruns reuse
+# Builds the datasets once (MovieLens ml-latest-small from ../shared/data or $MOVIELENS, ml-100k
+# from ../shared/data or $ML100K, a synthetic long-sequence log, and a synthetic log in Taobao
+# UserBehavior's shape run through `longer import taobao`), then runs `longer bench quality` on each. Reruns reuse
 # finished training runs (each output directory keeps a journal, runs.jsonl).
 #   scripts/quality.sh [OUT] [--quick] [extra `longer bench quality` flags, e.g. --seeds 3]
 set -euo pipefail
@@ -10,6 +11,7 @@ OUT="${1:-bench-out/quality}"
 shift || true
 LONGER=.venv/bin/longer
 ML="${MOVIELENS:-../shared/data/ml-latest-small}"
+ML100K="${ML100K:-../shared/data/ml-100k}"
 
 if [ ! -f "$OUT/data/ml-latest-small/meta.json" ]; then
   echo "== building ml-latest-small (last 365 days = eval)"
@@ -24,10 +26,26 @@ if [ ! -f "$OUT/data/synth-long/meta.json" ]; then
   $LONGER build --log "$OUT/logs/synth-long" --out "$OUT/data/synth-long" --max-len 1024 --test-days 2 \
     --overwrite --quiet >/dev/null
 fi
+if [ ! -f "$OUT/data/ml-100k/meta.json" ] && [ -d "$ML100K" ]; then
+  echo "== building ml-100k (last 30 days = eval)"
+  $LONGER import movielens "$ML100K" --out "$OUT/logs/ml-100k" --overwrite --quiet >/dev/null
+  $LONGER build --log "$OUT/logs/ml-100k" --out "$OUT/data/ml-100k" --max-len 1024 \
+    --test-days 30 --overwrite --quiet >/dev/null
+fi
+if [ ! -f "$OUT/data/synth-taobao/meta.json" ]; then
+  echo "== building synth-taobao (1,000 users × ~100 events, Taobao UserBehavior shape, last day = eval)"
+  $LONGER synth --format taobao --users 1000 --items 400000 --events-per-user 100 --seed 7 \
+    --out "$OUT/logs/synth-taobao-csv" --overwrite --quiet >/dev/null
+  $LONGER import taobao "$OUT/logs/synth-taobao-csv" --out "$OUT/logs/synth-taobao" --overwrite --quiet >/dev/null
+  $LONGER build --log "$OUT/logs/synth-taobao" --out "$OUT/data/synth-taobao" --max-len 256 --test-days 1 \
+    --overwrite --quiet >/dev/null
+fi
 if [[ " $* " == *" --quick "* ]]; then
   sets="ml-latest-small"
 else
   sets="ml-latest-small synth-long"
+  [ -f "$OUT/data/ml-100k/meta.json" ] && sets="$sets ml-100k"
+  sets="$sets synth-taobao"
 fi
 for s in $sets; do
   name="$s"; cfg="${QUALITY_CONFIG:-configs/quality.toml}"

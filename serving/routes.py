@@ -83,6 +83,15 @@ async def spec_body(request: Request, model):
         raise RequestValidationError(errors, body=data) from None
 
 
+def columnar(req, rt) -> list:
+    """The columnar form (`item_ids`, `category_ids`) as candidate objects; every other declared
+    column left out."""
+    items, cats = req.columns()
+    with_cat = "category_id" in rt.spec.candidate
+    build = rt.models.candidate.model_construct
+    return [build(item_id=i, **({"category_id": c} if with_cat else {})) for i, c in zip(items, cats)]
+
+
 @router.post(
     "/v1/score",
     response_model=ScoreResponse,
@@ -108,16 +117,17 @@ async def spec_body(request: Request, model):
 async def score(request: Request, background: BackgroundTasks, svc: Service = Depends(service)):
     rt = svc.runtime  # one model for the whole request, even across a reload
     req = await spec_body(request, rt.models.score)
-    at_most("candidates", req.candidates, svc.settings.max_candidates, "LONGER_MAX_CANDIDATES", "per request")
+    given = req.candidates if req.candidates is not None else columnar(req, rt)
+    at_most(req.candidate_field, given, svc.settings.max_candidates, "LONGER_MAX_CANDIDATES", "per request")
     ts = req.ts if req.ts is not None else int(time.time())
     context = req.context.model_dump() if req.context is not None else {}
-    cands, fills = rt.candidates(req.candidates, context, ts)
+    cands, fills = rt.candidates(given, context, ts)
     for (column, source), n in fills.items():
         svc.metrics.fill_ins.labels(column, source).inc(n)
-    items = [c.item_id for c in req.candidates]
+    items = [c.item_id for c in given]
 
-    async def score_state(state):
-        return await svc.run(rt.score, state, cands)
+    def score_state(state):
+        return rt.score(state, cands)
 
     scores, outcome = await svc.cache.score(
         rt, req.user_id, ts, req.history or [], score_state, background.add_task
@@ -193,5 +203,6 @@ async def metrics(svc: Service = Depends(service)):
 
 @router.get("/v1/model", response_model=ModelInfo, summary="the loaded model bundle")
 async def model(svc: Service = Depends(service)):
-    b = svc.runtime.bundle
-    return ModelInfo(model_version=b.version, config=b.config.to_dict(), feature_schema=b.schema)
+    rt = svc.runtime
+    b = rt.bundle
+    return ModelInfo(model_version=rt.model_version, config=b.config.to_dict(), feature_schema=b.schema)

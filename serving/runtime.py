@@ -22,6 +22,7 @@ from feature_store.columns import normalised
 from longer.interface import Candidates, UserState
 from longer.spec import FeatureSpec, hist_key
 from trainer.export import Bundle, load_bundle
+from trainer.threads import configure_threads
 
 from .schemas import request_models
 
@@ -70,15 +71,18 @@ def history_batch(
 
 
 class ModelRuntime:
-    """One loaded bundle; `model_version` is its version (a hash of its files)."""
+    """One loaded bundle; `model_version` is its version (a hash of its files), tagged with the
+    max_len when it reads longer histories than it was trained at (`max_len`, 0: the trained
+    one), so cached user states of the two never mix."""
 
-    def __init__(self, bundle_dir: str, threads: int = 2):
-        self.bundle: Bundle = load_bundle(bundle_dir)
-        self.model_version = self.bundle.version
+    def __init__(self, bundle_dir: str, threads: int = 0, max_len: int = 0):
+        self.bundle: Bundle = load_bundle(bundle_dir, max_len=max_len or None)
+        self.max_len = self.bundle.config.model.max_len
+        extended = max_len and self.max_len != self.bundle.trained_max_len
+        self.model_version = f"{self.bundle.version}-L{self.max_len}" if extended else self.bundle.version
+        self.threads = configure_threads(threads or None, "LONGER_THREADS")  # 0: the CPU budget
         self.spec = self.bundle.spec
         self.models = request_models(self.spec)  # the request bodies this bundle declares
-        self.max_len = self.bundle.config.model.max_len
-        self.threads = threads
         self._lock = threading.Lock()  # torch modules are not re-entrant across threads in eval either
 
     def encode(self, user_id: int, events: np.ndarray) -> UserState:
@@ -123,7 +127,9 @@ class ModelRuntime:
         return out, fills
 
     def score(self, state: UserState, cands: Candidates) -> list[float]:
-        with self._lock, torch.no_grad():
+        """Click probabilities of the candidates against `state`. inference_mode: no autograd
+        bookkeeping at all on the hot path (no_grad keeps some)."""
+        with self._lock, torch.inference_mode():
             torch.set_num_threads(self.threads)
             logits = self.bundle.model.score(state, cands)[0]
         return torch.sigmoid(logits.double()).tolist()

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, create_model
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, create_model, model_validator
 
 from feature_store.schema import MAX_TS_SECONDS
 
@@ -53,12 +53,48 @@ class HistoryEvent(Strict):
 
 
 class ScoreRequest(Strict):
+    """The candidates come in one of two forms: `candidates`, a list of objects, or the columnar
+    `item_ids` with the parallel `category_ids` (cheaper to build, send and validate for
+    hundreds of candidates). Both are validated as strictly; the scores are the same."""
+
     user_id: Id
-    candidates: list[Candidate] = Field(min_length=1)
+    candidates: list[Candidate] | None = Field(
+        default=None, min_length=1, description="the candidates as objects (or give `item_ids`)"
+    )
+    item_ids: list[Id] | None = Field(
+        default=None, min_length=1, description="the candidates' item ids, columnar (or give `candidates`)"
+    )
+    category_ids: list[Id] | None = Field(
+        default=None, description="with `item_ids`: one category per item, in the same order (default: all 0)"
+    )
     ts: Ts | None = Field(default=None, description="request time, unix seconds (default: now)")
     history: list[HistoryEvent] | None = Field(
         default=None, description="the user's events, used only when the online store is unreachable"
     )
+
+    @model_validator(mode="after")
+    def one_form(self) -> ScoreRequest:
+        if (self.candidates is None) == (self.item_ids is None):
+            raise ValueError("give the candidates as `candidates` (objects) or as `item_ids`, exactly one")
+        if self.category_ids is not None:
+            if self.item_ids is None:
+                raise ValueError("`category_ids` goes with `item_ids`, not with `candidates`")
+            if len(self.category_ids) != len(self.item_ids):
+                raise ValueError(
+                    f"`category_ids` has {len(self.category_ids)} entries, `item_ids` "
+                    f"{len(self.item_ids)}: one category per item"
+                )
+        return self
+
+    @property
+    def candidate_field(self) -> str:
+        return "item_ids" if self.item_ids is not None else "candidates"
+
+    def columns(self) -> tuple[list[int], list[int]]:
+        """(item ids, category ids) of the candidates, in request order, whichever the form."""
+        if self.item_ids is not None:
+            return self.item_ids, self.category_ids or [0] * len(self.item_ids)
+        return [c.item_id for c in self.candidates], [c.category_id for c in self.candidates]
 
 
 class ScoreResponse(BaseModel):
@@ -142,18 +178,13 @@ def request_models(spec) -> RequestModels:
     }
     candidate = create_model("Candidate", __base__=Strict, item_id=(Id, ...), **cand_fields)
     context = create_model("Context", __base__=Strict, **{c: _id_field(spec, c) for c in spec.context})
-    score = create_model(
+    score = create_model(  # the columnar form (item_ids, category_ids) and its checks: ScoreRequest's
         "ScoreRequest",
-        __base__=Strict,
-        user_id=(Id, ...),
-        candidates=(list[candidate], Field(min_length=1)),
-        context=(context | None, Field(default=None, description="the request's context columns")),
-        ts=(Ts | None, Field(default=None, description="request time, unix seconds (default: now)")),
-        history=(
-            list[HistoryEvent] | None,
-            Field(
-                default=None, description="the user's events, used only when the online store is unreachable"
-            ),
+        __base__=ScoreRequest,
+        candidates=(
+            list[candidate] | None,
+            Field(default=None, min_length=1, description="the candidates as objects (or give `item_ids`)"),
         ),
+        context=(context | None, Field(default=None, description="the request's context columns")),
     )
     return RequestModels(candidate, context, score)

@@ -70,16 +70,14 @@ class Service:
     ):
         self.settings = settings
         self.reload_lock = asyncio.Lock()
-        self.runtime = runtime or ModelRuntime(settings.model, settings.threads)
+        self.runtime = runtime or ModelRuntime(settings.model, settings.threads, settings.max_len)
         self.store = store or OnlineStore(
             connect(settings.redis_url or None),
             max_len=settings.store_max_len or self.runtime.max_len,
             prefix=settings.key_prefix,
             state_ttl_s=settings.state_ttl_s,
         )
-        self.pool = ThreadPoolExecutor(
-            max_workers=max(1, settings.threads), thread_name_prefix="longer-model"
-        )
+        self.pool = ThreadPoolExecutor(max_workers=self.runtime.threads, thread_name_prefix="longer-model")
         self.metrics = Metrics()
         self.metrics.model.labels(self.runtime.model_version).set(1)
         self.redis_log = ErrorBurstLog(logging.getLogger("longer.serving.redis"), "Redis", REDIS_LOG_EVERY_S)
@@ -107,10 +105,11 @@ class Service:
         async with self.reload_lock:
             current = self.runtime
             version = declared_version(self.settings.model)
-            if version == current.model_version:
+            if version == current.bundle.version:
                 return {"model_version": current.model_version, "reloaded": False}
             try:
-                new = await self.run(ModelRuntime, self.settings.model, self.settings.threads)
+                s = self.settings
+                new = await self.run(ModelRuntime, s.model, s.threads, s.max_len)
             except BundleError:
                 raise
             except Exception as e:  # whatever a hostile or half-copied directory makes the loader raise

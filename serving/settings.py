@@ -33,13 +33,21 @@ class Settings(BaseSettings):
     max_events: int = Field(1000, ge=1)
     max_body_bytes: int = Field(4 << 20, ge=1)  # a larger body (any transfer encoding) gets 413
     body_timeout_s: float = Field(10.0, gt=0)  # a body not complete this long after the request arrived: 408
-    threads: int = Field(2, ge=1)  # torch intra-op threads for model compute
+    threads: int = Field(0, ge=0)  # torch intra-op threads for model compute (0 or "auto": the CPU budget)
     state_precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     state_ttl_s: int = Field(24 * 3600, ge=1)
-    store_max_len: int = Field(0, ge=0)  # events kept per user (0: the bundle's max_len)
+    # events the model reads per user, >= the bundle's training max_len (length extrapolation,
+    # trainer/extrapolate.py); 0: the bundle's max_len
+    max_len: int = Field(0, ge=0)
+    store_max_len: int = Field(0, ge=0)  # events kept per user (0: the serving max_len)
     key_prefix: str = "lg"  # Redis key prefix, shared with `longer store load/check --key-prefix`
     watch_s: float = Field(0.0, ge=0)  # poll the bundle directory every N seconds, reload on change (0: off)
     log_level: Literal["debug", "info", "warning", "error"] = "info"  # `longer serve`'s logging
+
+    @field_validator("threads", mode="before")
+    @classmethod
+    def _auto(cls, v):
+        return 0 if isinstance(v, str) and v.strip().lower() in ("", "auto") else v
 
     @field_validator("log_level", mode="before")
     @classmethod

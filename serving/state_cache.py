@@ -1,8 +1,9 @@
 """The user-state cache policy of /v1/score, in one place: `UserStateCache`.
 
-A request reads the user's events, sequence version (`seq_version`) and the cached UserState
-of the serving model (`model_version`) in one pipelined Redis round trip
-(`OnlineStore.read`), then:
+A request reads the head of the user's keys — how many events the list holds, the sequence
+version (`seq_version`) and the cached UserState of the serving model (`model_version`) — in
+one pipelined Redis round trip (`OnlineStore.read_head`), and the events themselves
+(`OnlineStore.read`) only when that is not a hit; then:
 
 * **hit** — the cached value decodes (feature_store/codec.py: format version, checksum) and
   its tag is exactly this request's: model version, user, sequence version and number of
@@ -72,16 +73,25 @@ class UserStateCache:
 
     def loads(self, rt: ModelRuntime, blob: bytes | None, tag: dict) -> UserState | None:
         """The cached state if it decodes and carries exactly this model version and `tag`."""
+        return self.matching(rt, self.decoded(blob, tag["user_id"]), tag)
+
+    @staticmethod
+    def decoded(blob: bytes | None, user_id: int) -> tuple[UserState, dict] | None:
+        """(state, meta) of a cached value; None if there is none or it does not decode (logged)."""
         if blob is None:
             return None
         try:
             tensors, meta = codec.decode(blob)
         except codec.CodecError as e:
-            log.warning("user %s: cached state not decodable (%s), recomputing", tag["user_id"], e)
+            log.warning("user %s: cached state not decodable (%s), recomputing", user_id, e)
             return None
-        if meta != {"model_version": rt.model_version, **tag}:
+        return UserState(tensors), meta
+
+    @staticmethod
+    def matching(rt: ModelRuntime, decoded: tuple[UserState, dict] | None, tag: dict) -> UserState | None:
+        if decoded is None or decoded[1] != {"model_version": rt.model_version, **tag}:
             return None  # stale (an older sequence) or not this user's: an ordinary miss
-        return UserState(tensors)
+        return decoded[0]
 
     # --- the policy --------------------------------------------------------------------------------
     async def score(
@@ -90,28 +100,58 @@ class UserStateCache:
         user_id: int,
         ts: int,
         history: Sequence,
-        score: Callable[[UserState], Awaitable[list[float]]],
+        score: Callable[[UserState], list[float]],
         defer: Callable,
     ) -> tuple[list[float], str]:
         """(scores, "hit" | "miss" | "bypass") for a request at `ts`. `score(state)` scores the
-        candidates; `defer(fn, *args)` runs the write-back after the response (BackgroundTasks)."""
+        candidates (blocking: it runs off the event loop); `defer(fn, *args)` runs the write-back
+        after the response (BackgroundTasks).
+
+        A hit costs one hop off the event loop: `read_hit` reads the store's head (no events),
+        checks the cached state and scores it in the same worker thread."""
         try:
-            events, seq_version, blob = await self.redis(self.store.read, user_id, rt.model_version)
+            scores, decoded = await self.redis(self.read_hit, rt, user_id, ts, score)
+            if scores is not None:
+                return scores, "hit"
+            events, seq_version, _ = await self.redis(self.store.read, user_id, None)
         except STORE_ERRORS:
             state = await self.run(rt.encode, user_id, history_events(history, ts))
-            return await score(state), "bypass"
+            return await self.run(score, state), "bypass"
         used = events[events["ts"] < ts]  # point in time: strictly earlier events only
         tag = state_tag(user_id, seq_version, len(used))
-        state = self.loads(rt, blob, tag)
+        state = self.matching(rt, decoded, tag)  # the head's value (a list with unreadable items)
         if state is not None:
             try:
-                return await score(state), "hit"
+                return await self.run(score, state), "hit"
             except Exception as e:  # noqa: BLE001 -- a well-formed but unusable cached value: recompute it
                 log.warning("user %s: cached state unusable (%s), recomputing", user_id, e)
         state = await self.encode_once(rt, (rt.model_version, user_id, seq_version, len(used)), used)
         if len(used) == len(events):  # the state of the whole current sequence: cache it
             defer(self.write_back, rt, user_id, state, tag)
-        return await score(state), "miss"
+        return await self.run(score, state), "miss"
+
+    def read_hit(
+        self, rt: ModelRuntime, user_id: int, ts: int, score: Callable[[UserState], list[float]]
+    ) -> tuple[list[float] | None, tuple | None]:
+        """(scores, None) when the cached state is this request's; else (None, the decoded value
+        to check against the full read's tag, or None). Blocking: the store read, the decode and
+        the scoring all run in the calling thread.
+
+        Without the events, "this request's" is: the tag names this model, user, seq_version and
+        as many events as the list holds, and the state's latest event is strictly before `ts`.
+        Then every held event is before `ts`, so the full read would build the same tag. Anything
+        else (a request earlier than the latest event, a list with unreadable items) goes to the
+        full read, which decides as before."""
+        n_held, seq_version, blob = self.store.read_head(user_id, rt.model_version)
+        decoded = self.decoded(blob, user_id)
+        state = self.matching(rt, decoded, state_tag(user_id, seq_version, n_held))
+        try:
+            if state is None or not bool((state["latest_ts"] < ts).all()):
+                return None, decoded
+            return score(state), None
+        except Exception as e:  # noqa: BLE001 -- a well-formed but unusable cached value: recompute it
+            log.warning("user %s: cached state unusable (%s), recomputing", user_id, e)
+            return None, None
 
     async def encode_once(self, rt: ModelRuntime, key: tuple, events: np.ndarray) -> UserState:
         """Concurrent misses for the same key (model, user, sequence, events) compute the state once."""

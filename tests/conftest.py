@@ -10,12 +10,18 @@
   trainer — is still running when it ends (found by the session's environment marker, as
   descendants of this process, or by a command line or working directory under its temp space,
   which is what identifies a daemonized redis-server).
+
+OpenMP threads wait passively (OMP_WAIT_POLICY=PASSIVE, set before torch loads), as the `longer`
+CLI sets it: on a shared machine, spinning threads slow every test (trainer/threads.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before anything imports torch
+
+import contextlib
 import tempfile
 import time
 import uuid

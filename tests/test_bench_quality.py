@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from bench.quality import comparison, default_lengths, power_law, variants
+from bench.quality import default_lengths, power_law, variants
+from bench.verdict import STATES
 from longer.config import ModelConfig
 from longer.flops import forward_flops
 from tests.test_trainer import run
@@ -111,31 +112,6 @@ def test_power_law_fit_recovers_a_known_law():
     assert power_law([1, 2], [0.5, 0.6]) is None
 
 
-def _row(table, variant, auc, gflops, std=0.001, arch="longer"):
-    return {"table": table, "variant": variant, "arch": arch, "auc": auc, "auc_std": std, "gflops": gflops}
-
-
-def test_comparison_states_agreement_from_the_numbers():
-    base = ModelConfig(max_len=512, merge_k=8, query_k=100)
-    rows = [
-        _row("baselines", "transformer", 0.80, 4.0, arch="transformer"),
-        _row("baselines", "longer", 0.81, 1.0),
-        _row("baselines", "din", 0.79, 0.1, arch="din"),
-        _row("queries", "all (512) recent", 0.81, 2.0),
-        _row("queries", "k=100 recent", 0.81, 1.0),
-        _row("queries", "k=100 uniform", 0.805, 1.0),
-        _row("queries", "k=100 learnable", 0.80, 1.0),
-        _row("merge", "K=1 (no merge)", 0.81, 3.0),
-        _row("merge", "K=8 inner_trans", 0.81, 1.0),
-    ]
-    got = {c["claim"].split()[0] + c["claim"].split()[-1]: c["agrees"] for c in comparison(rows, base)}
-    assert all(got.values()) and len(got) == 5, got
-    rows[1]["auc"] = 0.70  # LONGER now far below the transformer and DIN
-    rows[6]["auc"] = 0.90  # learnable queries best
-    flipped = {c["claim"]: c["agrees"] for c in comparison(rows, base)}
-    assert sum(not a for a in flipped.values()) == 3, flipped
-
-
 @pytest.mark.slow
 def test_bench_quality_writes_tables_and_resumes_from_its_journal(tmp_path, synth_dataset):
     out = tmp_path / "q"
@@ -148,6 +124,7 @@ def test_bench_quality_writes_tables_and_resumes_from_its_journal(tmp_path, synt
     # R=1 (the base, also L=32), R=2, R=3, L=16: 4 configs, 2 seeds each
     journal = (out / "runs.jsonl").read_text().splitlines()
     assert len(journal) == len(res["runs"]) == 8
+    assert len(list((out / "predictions").glob("*.parquet"))) == 8  # every run's, for the verdicts
     by_key = {json.loads(line)["key"]: json.loads(line) for line in journal}
     for r in rows:
         assert 0 < r["auc"] < 1 and r["auc_std"] is not None and r["logloss"] > 0
@@ -180,16 +157,27 @@ def test_bench_quality_writes_tables_and_resumes_from_its_journal(tmp_path, synt
 @pytest.mark.slow
 def test_bench_quality_quick_covers_every_table(tmp_path, synth_dataset):
     out = tmp_path / "quick"
-    r = bench(tmp_path, synth_dataset, out, "--quick", "train.steps=3")
+    converge = ["train.steps=6", "train.val_frac=0.2", "train.eval_every=2", "train.early_stop=2"]
+    r = bench(tmp_path, synth_dataset, out, "--quick", *converge)
     summary = json.loads(r.stdout)
     res = json.loads((out / "results.json").read_text())
     assert res["quick"] and res["seeds"] == [0] and summary["rows"] == len(res["rows"])
-    assert res["train"]["steps"] == 3 and all(x["model"]["d_model"] == 16 for x in res["runs"])
+    assert res["train"]["steps"] == 6 and all(x["model"]["d_model"] == 16 for x in res["runs"])
+    for x in res["runs"]:  # every variant, baselines too, by the same early-stopping rule
+        assert [p["step"] for p in x["curve"]] == list(range(2, x["steps"] + 1, 2)), x["curve"]
+        assert x["best_step"] in [p["step"] for p in x["curve"]]
+    assert "curves.png" in res["plots"] and (out / "curves.png").stat().st_size > 10_000
     assert {r["table"] for r in res["rows"]} == {"baselines", "merge", "queries", "norms", "phd", "scaling"}
     assert all(r["auc_std"] is None for r in res["rows"])
-    assert len(res["comparison"]) == 5
+    assert len(res["comparison"]) == 5 and all(c["verdict"] in STATES for c in res["comparison"])
+    for c in res["comparison"]:
+        assert all(
+            d["ci_low"] <= d["diff"] <= d["ci_high"] or d["verdict"] == "inconclusive" for d in c["deltas"]
+        )
     md = (out / "results.md").read_text()
     assert "Table 1 analogue" in md and "| hstu |" in md and "Against the paper" in md and "0.85111" in md
+    assert "**inconclusive**: the CI contains it" in md  # the rule is printed with the table
+    assert "trained to convergence" in md
     assert all(math.isfinite(r["auc"]) for r in res["rows"])
 
 

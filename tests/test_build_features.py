@@ -192,3 +192,22 @@ def test_cli_build_reads_features_from_config(tmp_path, capsys):
     assert main([*args, "--out", str(tmp_path / "d3"), "--config", str(cfg)]) == 2
     err = capsys.readouterr().err.strip()
     assert str(cfg) in err and "unknown key 'usr'" in err, err
+
+
+def test_cli_build_config_unreadable(tmp_path, capsys):
+    write_log(tmp_path / "log.parquet", random_log(np.random.default_rng(0)))
+    args = [
+        "build",
+        "--log",
+        str(tmp_path / "log.parquet"),
+        "--max-len",
+        "8",
+        "--quiet",
+        "--out",
+        str(tmp_path / "d"),
+    ]
+    assert main([*args, "--config", str(tmp_path / "missing.toml")]) == 2
+    assert "missing.toml" in capsys.readouterr().err
+    (tmp_path / "bad.toml").write_text("[features\n")
+    assert main([*args, "--config", str(tmp_path / "bad.toml")]) == 2
+    assert "bad.toml" in capsys.readouterr().err

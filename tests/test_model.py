@@ -19,10 +19,14 @@ def model(seed=0, **kw):
     return build_model(TINY.replace(**kw)).eval()
 
 
+ENCODINGS = pytest.mark.parametrize("encoding", ["recency", "append_stable"])
+
+
+@ENCODINGS
 @pytest.mark.parametrize("norm", ["pre", "post", "hybrid", "hybrid_star"])
 @pytest.mark.parametrize("R", [1, 2, 3])
-def test_split_equals_unsplit_reference(norm, R):
-    m = model(norm=norm, phd_copies=R)
+def test_split_equals_unsplit_reference(norm, R, encoding):
+    m = model(norm=norm, phd_copies=R, encoding=encoding)
     b = random_batch(LENGTHS)
     with torch.no_grad():
         split, ref = m(b), m.forward_reference(b)
@@ -39,6 +43,12 @@ def test_split_equals_unsplit_reference(norm, R):
         {"merge_k": 1},
         {"arch": "transformer"},
         {"query_k": 64},
+        {"encoding": "append_stable", "query_select": "learnable"},
+        {"encoding": "append_stable", "merge": "concat"},
+        {"encoding": "append_stable", "merge_k": 1},
+        {"encoding": "append_stable", "time_bias": False},
+        {"encoding": "append_stable", "arch": "transformer"},
+        {"encoding": "append_stable", "query_k": 64},
     ],
 )
 def test_split_equals_reference_other_settings(kw):
@@ -86,7 +96,18 @@ def test_candidate_never_changes_the_user_state(name):
 
 
 @pytest.mark.parametrize(
-    "kw", [{}, {"query_select": "uniform"}, {"merge": "concat"}, {"norm": "pre"}, {"arch": "transformer"}]
+    "kw",
+    [
+        {},
+        {"query_select": "uniform"},
+        {"merge": "concat"},
+        {"norm": "pre"},
+        {"arch": "transformer"},
+        {"encoding": "append_stable"},
+        {"encoding": "append_stable", "merge": "concat"},
+        {"encoding": "append_stable", "norm": "pre"},
+        {"encoding": "append_stable", "arch": "transformer"},
+    ],
 )
 def test_queries_never_see_later_events(kw):
     """Perturbing events more recent than recency r leaves every sequence query at recency >= r unchanged."""
@@ -120,10 +141,10 @@ def test_queries_never_see_later_events(kw):
     assert not torch.allclose(outs[0][-1][:, 0], outs[1][-1][:, 0])
 
 
-@pytest.mark.parametrize("name", ARCHS)
+@pytest.mark.parametrize("name", ARCHS + ("append_stable",))
 def test_extra_padding_leaves_scores_unchanged(name):
     """A sample scored alone equals the same sample in a batch padded for a longer history."""
-    m = model(arch=name)
+    m = model(encoding="append_stable") if name == "append_stable" else model(arch=name)
     alone = random_batch([9], seed=5)
     hist, cand, ts = split_batch(alone)
     long = random_batch([60], seed=6)

@@ -101,6 +101,22 @@ def test_state_round_trip_ttl_and_size_cap(store):
     assert not store.write_state(5, "mv2", b"y" * 5)
 
 
+def test_read_head_counts_the_events_without_reading_them(store):
+    store.append([Event(6, 1, 10), Event(6, 2, 11)])
+    store.write_state(6, "mv", b"s")
+    events, version, blob = store.read(6, "mv")
+    assert store.read_head(6, "mv") == (len(events), version, blob) == (2, version, b"s")
+    assert store.read_head(6, "other") == (2, version, None)
+    assert store.read_head(404, "mv") == (0, 0, None)  # no such user: an empty head
+    store.r.rpush(store._key(6, "seq"), b"short")  # held, though `read` skips it
+    assert store.read_head(6, "mv")[0] == 3 and len(store.read(6)[0]) == 2
+    store.r.set(store._key(6, "st:mv"), b"x")
+    store.r.delete(store._key(6, "seq"))
+    store.r.sadd(store._key(6, "seq"), "1")
+    with pytest.raises(BadKeyError, match=r"\{u6\}:seq holds a set, expected a list"):
+        store.read_head(6, "mv")
+
+
 def test_garbage_in_redis_is_never_trusted(store):
     store.append([Event(9, 1, 10)])
     store.r.rpush(store._key(9, "seq"), b"short")

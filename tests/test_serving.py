@@ -142,6 +142,67 @@ def test_stale_or_corrupt_states_are_never_used(app_and_store, caplog):
         assert client.post("/v1/score", json=body).json()["user_state"] == "miss"
 
 
+def a_user(store) -> int:
+    return int(store.r.keys(f"{store.prefix}:*:seq")[0].decode().split("{u")[1].split("}")[0])
+
+
+def test_columnar_candidates_score_as_the_object_list_and_are_as_strict(app_and_store):
+    app, store = app_and_store
+    user = a_user(store)
+    items, cats = [3, 9, 4, 3], [1, 2, 0, 7]
+    objects = {"user_id": user, "candidates": [{"item_id": i, "category_id": c} for i, c in zip(items, cats)]}
+    with TestClient(app) as client:
+        by_objects = client.post("/v1/score", json=objects).json()["scores"]
+        columns = {"user_id": user, "item_ids": items, "category_ids": cats}
+        by_columns = client.post("/v1/score", json=columns).json()
+        assert by_columns["user_state"] == "hit" and by_columns["scores"] == by_objects
+        no_cats = client.post("/v1/score", json={"user_id": user, "item_ids": items}).json()["scores"]
+        zero_cats = {"user_id": user, "candidates": [{"item_id": i} for i in items]}
+        assert no_cats == client.post("/v1/score", json=zero_cats).json()["scores"]
+        cases = [
+            ({**columns, "candidates": objects["candidates"]}, "exactly one"),
+            ({"user_id": user, "candidates": objects["candidates"], "category_ids": cats}, "category_ids"),
+            ({"user_id": user, "item_ids": items, "category_ids": cats[:3]}, "3 entries"),
+            ({"user_id": user, "item_ids": []}, "item_ids"),
+            ({"user_id": user, "item_ids": [1, "2"]}, "item_ids"),
+            ({"user_id": user, "item_ids": [1, 2.0]}, "item_ids"),
+            ({"user_id": user, "item_ids": [-1]}, "item_ids"),
+            ({"user_id": user, "item_ids": [1], "category_ids": [2**63]}, "category_ids"),
+            ({"user_id": user, "item_ids": None}, "exactly one"),
+        ]
+        for body, named in cases:
+            r = client.post("/v1/score", json=body)
+            assert r.status_code == 422 and named in r.text, (body, r.text)
+        r = client.post("/v1/score", json={"user_id": user, "item_ids": list(range(51))})
+        assert r.status_code == 422 and "at most 50 item_ids" in r.text
+        schema = client.get("/openapi.json").json()["components"]["schemas"]["ScoreRequest"]
+        assert {"candidates", "item_ids", "category_ids"} <= set(schema["properties"])
+
+
+def test_a_hit_reads_no_events_and_earlier_requests_stay_point_in_time(app_and_store, monkeypatch):
+    app, store = app_and_store
+    user = a_user(store)
+    latest = int(store.read(user)[0]["ts"].max())
+    body = {"user_id": user, "item_ids": [3, 9], "ts": latest + 60}
+    reads = []
+    read = store.read
+    monkeypatch.setattr(store, "read", lambda *a: reads.append(a) or read(*a))
+    with TestClient(app) as client:
+        assert client.post("/v1/score", json=body).json()["user_state"] == "miss"
+        reads.clear()
+        hit = client.post("/v1/score", json=body).json()
+        assert hit["user_state"] == "hit" and reads == []  # the head only: no LRANGE of the events
+        # at the latest event's own time that event is not history yet: a prefix, computed
+        earlier = client.post("/v1/score", json={**body, "ts": latest}).json()
+        assert earlier["user_state"] == "miss" and earlier["scores"] != hit["scores"]
+        assert client.post("/v1/score", json=body).json() == hit  # the full state is still cached
+        # an unreadable item in the list: the head's count is off, the full read still finds the hit
+        store.r.rpush(store._key(user, "seq"), b"short")
+        reads.clear()
+        again = client.post("/v1/score", json=body).json()
+        assert again == hit and len(reads) == 1
+
+
 def test_client_mistakes_are_4xx_naming_the_problem(app_and_store):
     app, _ = app_and_store
     with TestClient(app) as client:

@@ -51,8 +51,8 @@ def test_a_bad_value_is_an_error_naming_the_variable(clean_env, name, value, say
 
 
 def test_a_bad_flag_value_names_the_setting(clean_env):
-    with pytest.raises(SettingsError, match="^threads=0: "):
-        Settings.from_env(threads=0)
+    with pytest.raises(SettingsError, match="^threads=-1: "):
+        Settings.from_env(threads=-1)
 
 
 def test_redis_errors_are_logged_as_bursts_not_per_request(caplog):

@@ -2,6 +2,10 @@
 
 import sys
 
-from .cli import main
+from .threads import passive_wait_default
+
+passive_wait_default()  # before anything imports torch (trainer/threads.py)
+
+from .cli import main  # noqa: E402
 
 sys.exit(main())

@@ -151,7 +151,10 @@ def tensors_only(state, where: str = "") -> None:
         raise TypeError(f"checkpoint state {where} is a {type(state).__name__}, not a tensor")
 
 
-def save_checkpoint(run: Path, step: int, dmp, optimizer, loader_state: dict, config: dict) -> Path:
+def save_checkpoint(
+    run: Path, step: int, dmp, optimizer, loader_state: dict, config: dict, extra: dict | None = None
+) -> Path:
+    """`extra`: more JSON state for trainer_state.json (the early-stop state)."""
     final = checkpoint_dir(run, step)
     tmp = final.with_name(final.name + ".partial")
     if dist.get_rank() == 0:
@@ -164,7 +167,13 @@ def save_checkpoint(run: Path, step: int, dmp, optimizer, loader_state: dict, co
     dist.barrier()
     if dist.get_rank() == 0:
         (tmp / RNG_FILE).write_bytes(torch.get_rng_state().numpy().tobytes())
-        state = {"step": step, "loader": loader_state, "world_size": dist.get_world_size(), "config": config}
+        state = {
+            "step": step,
+            "loader": loader_state,
+            "world_size": dist.get_world_size(),
+            "config": config,
+            **(extra or {}),
+        }
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
         write_manifest(tmp)  # last: a checkpoint without one is incomplete
         if final.exists():

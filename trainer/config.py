@@ -44,11 +44,22 @@ class TrainConfig(ConfigSection):
     shuffle_window: int = 8
     deterministic: bool = False
     prefetch: int = 1  # loader thread prefetch depth
+    threads: int = 0  # torch threads per process (0: auto, from CPU affinity and quota; trainer/threads.py)
+    # Validation split and early stopping (trainer/early_stop.py): the end of the train split by
+    # time is held out (val_days: its last days; val_frac: its latest fraction of samples),
+    # evaluated every eval_every steps; the run keeps the weights of the best validation AUC and
+    # stops after early_stop evals without improvement (0: runs all `steps`, still keeping the best).
+    val_days: float = 0.0
+    val_frac: float = 0.0
+    early_stop: int = 0
+    # request-level batching: the samples of one request (user, ts) are encoded once, and
+    # batch_size / eval_batch_size count requests (feature_store/loader.py "Units")
+    rlb: bool = True
 
     def __post_init__(self):
         need = self.need
         self.need_ints(("steps", "batch_size", "eval_batch_size", "log_every", "shuffle_window"), minimum=1)
-        self.need_ints(("eval_every", "checkpoint_every", "warmup_steps", "prefetch"), minimum=0)
+        self.need_ints(("eval_every", "checkpoint_every", "warmup_steps", "prefetch", "threads"), minimum=0)
         for name in ("lr", "emb_lr"):
             need(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
         need(self.weight_decay >= 0 and self.grad_clip >= 0, "weight_decay and grad_clip must be >= 0")
@@ -56,6 +67,18 @@ class TrainConfig(ConfigSection):
         self.need_choice("decay", DECAYS)
         self.need_choice("emb_optimizer", EMB_OPTIMIZERS)
         self.need_choice("sharding", SHARDINGS)
+        need(self.val_days >= 0, f"val_days must be >= 0, got {self.val_days}")
+        need(0 <= self.val_frac < 1, f"val_frac must be in [0, 1), got {self.val_frac}")
+        need(not (self.val_days and self.val_frac), "give val_days or val_frac, not both")
+        need(self.early_stop >= 0, f"early_stop must be >= 0, got {self.early_stop}")
+        need(
+            not self.early_stop or ((self.val_days or self.val_frac) and self.eval_every),
+            "early_stop needs a validation split (val_days or val_frac) and eval_every >= 1",
+        )
+
+    @property
+    def has_val(self) -> bool:
+        return bool(self.val_days or self.val_frac)
 
     def lr_at(self, step: int) -> float:
         """Dense learning rate for 0-based `step`: linear warm-up, then the chosen decay."""

@@ -86,11 +86,13 @@ def eval_bundle(
     batch_size: int = 1024,
     split: str = "eval",
     progress: bool = True,
+    max_len: int | None = None,
 ) -> dict:
-    """`longer eval`: load a bundle without any process group and evaluate it on a split."""
+    """`longer eval`: load a bundle without any process group and evaluate it on a split;
+    `max_len`: read histories that long (≥ the training one; trainer/extrapolate.py)."""
     from .export import load_bundle
 
-    bundle = load_bundle(bundle_path)
+    bundle = load_bundle(bundle_path, max_len=max_len)
     loader = BatchLoader(
         data,
         split,
@@ -102,4 +104,9 @@ def eval_bundle(
     pred = predict_split(bundle.model, loader, torch.device("cpu"), progress=progress)
     if predictions:
         write_predictions(pred, predictions)
-    return {**metrics_of(pred), "model_version": bundle.version, "split": split}
+    return {
+        **metrics_of(pred),
+        "model_version": bundle.version,
+        "split": split,
+        "max_len": bundle.config.model.max_len,
+    }

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,6 +30,7 @@ from longer.recmodel import RecModel, build_model
 from longer.spec import FeatureSpec
 
 from .config import RunConfig
+from .extrapolate import extend_max_len
 
 FILES = ("config.json", "feature_schema.json", "model.safetensors")
 SCHEMA_FORMAT = 2  # 1: no "spec" (the default spec)
@@ -89,7 +90,9 @@ class Bundle:
     schema: dict
     version: str
     path: Path
-    spec: FeatureSpec  # resolved: what the model reads and the server's request fields
+    trained_max_len: int = 0  # the max_len it was trained at (config.model.max_len may be longer)
+    # resolved: what the model reads and the server's request fields
+    spec: FeatureSpec = field(default_factory=FeatureSpec)
 
 
 class BundleError(LongerError, ValueError):
@@ -121,10 +124,12 @@ def declared_version(path: str | Path) -> str | None:
         return None
 
 
-def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
+def load_bundle(path: str | Path, verify: bool = True, max_len: int | None = None) -> Bundle:
     """Load a bundle into an unsharded RecModel in eval mode, checking its content hash. Any
     unloadable bundle (missing, truncated, corrupt or foreign files, symlinks out of the
-    directory, weights that do not fit the config) is a BundleError naming the reason."""
+    directory, weights that do not fit the config) is a BundleError naming the reason.
+    `max_len` (None: the trained one): read longer histories (trainer/extrapolate.py); the
+    Bundle's config then says that max_len, its version stays the files' own."""
     path = Path(path)
     files = {f: bundle_file(path, f) for f in FILES}
     try:
@@ -140,6 +145,9 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
         raise BundleError(
             f"{path}: content does not match model_version {version} (corrupt or edited bundle)"
         )
+    trained_max_len = cfg.model.max_len
+    if max_len is not None:
+        cfg, tensors = extend_max_len(cfg, tensors, max_len, str(path))
     try:
         spec = FeatureSpec.from_json(schema["spec"]) if "spec" in schema else FeatureSpec()
         model = build_model(cfg.model, spec)
@@ -150,7 +158,7 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
         raise BundleError(
             f"{path}: weights do not fit the config (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
-    return Bundle(model.eval(), cfg, schema, version, path, spec)
+    return Bundle(model.eval(), cfg, schema, version, path, trained_max_len, spec)
 
 
 def gather_unsharded(dmp) -> dict[str, torch.Tensor] | None:

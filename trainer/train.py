@@ -32,12 +32,22 @@ from longer.recmodel import build_model
 from . import checkpoint as ckpt
 from .config import ConfigError, RunConfig
 from .distributed import broadcast, init_distributed
+from .early_stop import METRIC, EarlyStop, val_start
 from .evaluate import metrics_of, predict_split, write_predictions
 from .export import write_bundle
 from .sharding import plan_table, shard
+from .threads import configure_threads
 
 # Settings a resumed run may change; everything else must match the checkpoint.
-RESUMABLE_CHANGES = {"steps", "eval_every", "checkpoint_every", "log_every", "prefetch", "eval_batch_size"}
+RESUMABLE_CHANGES = {
+    "steps",
+    "eval_every",
+    "checkpoint_every",
+    "log_every",
+    "prefetch",
+    "eval_batch_size",
+    "threads",
+}
 
 
 class _TrainBatches:
@@ -46,6 +56,8 @@ class _TrainBatches:
     def __init__(self, loader: BatchLoader, count: int = 0):
         self.loader, self.count = loader, count
         self.states = {count: loader.state_dict()}
+        self.samples = {count: 0}  # this rank's samples in batches [start, count): a batch's
+        # sample count varies with request-level batching (its unit is a request)
 
     def __iter__(self):
         while True:
@@ -57,12 +69,13 @@ class _TrainBatches:
             for batch in self.loader:
                 self.count += 1
                 self.states[self.count] = self.loader.state_dict()
+                self.samples[self.count] = self.samples[self.count - 1] + batch.batch_size
                 yield batch
 
     def state_after(self, n_batches: int) -> dict:
         state = self.states[n_batches]
         for k in [k for k in self.states if k < n_batches]:
-            del self.states[k]
+            del self.states[k], self.samples[k]
         return state
 
 
@@ -217,6 +230,9 @@ class Trainer:
         self.last_eval: dict = {}
         self.writer = None
         self.train_seconds = 0.0  # optimizer steps only, not evals or checkpoints
+        self.t_start = time.time()
+        self.curve = [0.0, 0]  # train loss sum and steps since the last eval: each eval line's train_loss
+        self.saved_at: int | None = None  # the step of the latest checkpoint this process wrote
 
     # --- setup ------------------------------------------------------------------------------------
     def setup(self) -> Path | None:
@@ -231,12 +247,15 @@ class Trainer:
                 f"model.max_len={self.cfg.model.max_len} exceeds the dataset's --max-len {self.meta['max_len']}"
             )
         _quiet_torchrec(ctx.device.type)
+        configure_threads(tc.threads or None, "train.threads", log=ctx.is_main)
         latest = self._choose_start()
+        self.val_ts = val_start(self.data, self.meta, tc)  # None: no validation split
+        self.stopper = EarlyStop(tc.early_stop)
         _seed(tc.seed, tc.deterministic)
         self.spec = self.cfg.resolved_spec(self.meta)  # SpecError names a column the data lacks
         model = build_model(self.cfg.model, self.spec)
         self.dmp, self.optimizer, self.dense_opt, self.plan = shard(model, tc, ctx)
-        self.loader, self.eval_loader = self._loaders()
+        self.loader, self.eval_loader, self.val_loader = self._loaders()
         return latest
 
     def _choose_start(self) -> Path | None:
@@ -258,8 +277,10 @@ class Trainer:
             raise ConfigError(err)
         return Path(latest) if latest else None
 
-    def _loaders(self) -> tuple[BatchLoader, BatchLoader]:
-        tc, ctx, max_len = self.tc, self.ctx, self.cfg.model.max_len
+    def _loaders(self) -> tuple[BatchLoader, BatchLoader, BatchLoader | None]:
+        """Train, eval and (with a validation split) validation loaders; the validation split is
+        the train split's samples from val_ts on, and training takes only those before it."""
+        tc, ctx, max_len, val_ts = self.tc, self.ctx, self.cfg.model.max_len, self.val_ts
         common = {"max_len": max_len, "rank": ctx.rank, "world_size": ctx.world_size, "spec": self.spec}
         train = BatchLoader(
             self.data,
@@ -269,12 +290,31 @@ class Trainer:
             shuffle_window=tc.shuffle_window,
             drop_last=True,
             prefetch=tc.prefetch,
+            ts_range=None if val_ts is None else (None, val_ts),
+            requests=tc.rlb,
             **common,
         )
         evals = BatchLoader(
-            self.data, "eval", batch_size=tc.eval_batch_size, sequences=train.sequences, **common
+            self.data,
+            "eval",
+            batch_size=tc.eval_batch_size,
+            sequences=train.sequences,
+            requests=tc.rlb,
+            **common,
         )
-        return train, evals
+        val = None
+        if val_ts is not None:
+            val = BatchLoader(
+                self.data,
+                "train",
+                batch_size=tc.eval_batch_size,
+                shuffle=False,
+                sequences=train.sequences,
+                ts_range=(val_ts, None),
+                requests=tc.rlb,
+                **common,
+            )
+        return train, evals, val
 
     # --- resume -----------------------------------------------------------------------------------
     def resume(self, latest: Path | None) -> None:
@@ -284,6 +324,7 @@ class Trainer:
             state = ckpt.load_checkpoint(latest, self.dmp, self.optimizer)
             self.at = state["step"]
             self.loader.load_state_dict(state["loader"])
+            self.stopper.load_state_dict(state.get("early_stop"))
         if self.ctx.is_main:
             self._open_run(purge_step=self.at + 1 if latest is not None else None)
         self._start_pipeline()
@@ -319,34 +360,55 @@ class Trainer:
         loss = float(loss)
         self.train_seconds += time.perf_counter() - t
         self.at += 1
+        self.curve[0], self.curve[1] = self.curve[0] + loss, self.curve[1] + 1
         return loss
 
     def checkpoint(self) -> None:
+        """Save a checkpoint at this step (with the early-stop state); with a validation split,
+        drop the checkpoints of superseded best steps that no checkpoint_every asked for."""
         state = self.batches.state_after(self.at)
-        ckpt.save_checkpoint(self.run, self.at, self.dmp, self.optimizer, state, self.cfg.to_dict())
+        extra = {"early_stop": self.stopper.state_dict()}
+        ckpt.save_checkpoint(self.run, self.at, self.dmp, self.optimizer, state, self.cfg.to_dict(), extra)
+        self.saved_at = self.at
+        every = self.tc.checkpoint_every
+        if self.val_loader is not None and self.ctx.is_main:
+            for old in ckpt.complete_checkpoints(self.run):
+                s = ckpt.step_of(old)
+                if s not in (self.at, self.stopper.best_step) and not (every and s % every == 0):
+                    shutil.rmtree(old, ignore_errors=True)
 
     def train_steps(self) -> float:
         """Steps until `train.steps`, with a progress bar, the loss, learning rate and samples/s
         logged every `log_every` steps, and the checkpoints and evals the config asks for
         between them (`fit` does the last ones); samples per second of the steps alone."""
         tc, s0 = self.tc, self.at
-        global_batch = tc.batch_size * self.ctx.world_size
+        seen0, world = self.batches.samples[s0], self.ctx.world_size
         bar = tqdm(total=tc.steps, initial=s0, desc="train", unit="step", disable=not self.show_progress)
         loss_sum, loss_n, self.train_seconds = 0.0, 0, 0.0
-        while self.at < tc.steps:
+        while self.at < tc.steps and not self.stopper.should_stop:
             loss_sum, loss_n = loss_sum + self.step(), loss_n + 1
             if self.at % tc.log_every == 0 or self.at == tc.steps:
-                rate = global_batch * (self.at - s0) / self.train_seconds
+                rate = world * (self.batches.samples[self.at] - seen0) / self.train_seconds
                 bar.set_postfix(loss=f"{loss_sum / loss_n:.4f}", samples_s=f"{rate:,.0f}")
                 self._log_train(loss_sum / loss_n, rate)
                 loss_sum, loss_n = 0.0, 0
             bar.update(1)
-            if self.at < tc.steps and tc.checkpoint_every and self.at % tc.checkpoint_every == 0:
-                self.checkpoint()
-            if self.at < tc.steps and tc.eval_every and self.at % tc.eval_every == 0:
+            improved = False
+            if (
+                self.val_loader is not None
+                and tc.eval_every
+                and (self.at % tc.eval_every == 0 or self.at == tc.steps)
+            ):
+                improved = self.validate()
+            elif self.at < tc.steps and tc.eval_every and self.at % tc.eval_every == 0:
                 self.last_eval = self.evaluate(final=False)
+            # after the eval, so that a checkpoint carries the early-stop state of its step
+            if self.at < tc.steps and (
+                (tc.checkpoint_every and self.at % tc.checkpoint_every == 0) or improved
+            ):
+                self.checkpoint()
         bar.close()
-        return global_batch * (self.at - s0) / max(self.train_seconds, 1e-9)
+        return world * (self.batches.samples[self.at] - seen0) / max(self.train_seconds, 1e-9)
 
     def _log_train(self, loss: float, rate: float) -> None:
         if self.writer:
@@ -355,8 +417,13 @@ class Trainer:
             self.writer.add_scalar("train/samples_per_s", rate, self.at)
 
     # --- evaluate ---------------------------------------------------------------------------------
-    def evaluate(self, final: bool) -> dict:
-        """Metrics on the eval split (rank 0; {} elsewhere), appended to metrics.jsonl.
+    def validate(self) -> bool:
+        """Evaluate the validation split and update the early stop (every rank takes rank 0's
+        figure, so all stop and save together); True when this step is the new best."""
+        return self.stopper.update(self.at, broadcast(self.evaluate(final=False, split="val").get(METRIC)))
+
+    def evaluate(self, final: bool, split: str = "eval") -> dict:
+        """Metrics on the eval (or validation) split (rank 0; {} elsewhere), appended to metrics.jsonl.
 
         The pipeline has batches in flight (their ids already sent to the shards): set it
         aside, evaluate through the plain sharded model, and restart it afterwards from the
@@ -365,22 +432,29 @@ class Trainer:
         self.pipe.detach()
         self.it.close()
         self.dmp.eval()
+        loader = self.val_loader if split == "val" else self.eval_loader
         pred = predict_split(
-            lambda b: self.dmp(b)[1][1], self.eval_loader, self.ctx.device, progress=self.show_progress
+            lambda b: self.dmp(b)[1][1], loader, self.ctx.device, progress=self.show_progress
         )
         self.dmp.train()
         if not final:
             self.loader.load_state_dict(resume_at)
             self._start_pipeline()
+        train_loss = self.curve[0] / self.curve[1] if self.curve[1] else None
+        self.curve = [0.0, 0]
         if not self.ctx.is_main:
             return {}
-        result = {"step": self.at, "split": "eval", **metrics_of(pred), "time": time.time()}
+        result = {"step": self.at, "split": split, **metrics_of(pred), "time": time.time()}
+        if train_loss is not None:
+            result["train_loss"] = train_loss
+        if final and self.stopper.best_step is not None:
+            result["best_step"] = self.stopper.best_step  # the weights evaluated: the best on validation
         if final:
             write_predictions(pred, self.run / "predictions.parquet")
         with open(self.run / "metrics.jsonl", "a") as f:
             f.write(json.dumps(result) + "\n")
         for k in ("auc", "gauc", "logloss", "calibration"):
-            self.writer.add_scalar(f"eval/{k}", result[k], self.at)
+            self.writer.add_scalar(f"{split}/{k}", result[k], self.at)
         return result
 
     # --- export -----------------------------------------------------------------------------------
@@ -405,7 +479,11 @@ class Trainer:
         """setup → resume → steps → final checkpoint and eval → export; the summary on rank 0."""
         self.resume(self.setup())
         samples_per_s = self.train_steps()
-        self.checkpoint()
+        if self.saved_at != self.at:
+            self.checkpoint()
+        best = self.stopper.best_step
+        if best is not None and best != self.at:  # evaluate and export the best on validation
+            ckpt.load_checkpoint(ckpt.checkpoint_dir(self.run, best), self.dmp, self.optimizer)
         self.last_eval = self.evaluate(final=True)
         version = self.export()
         summary = {
@@ -415,7 +493,11 @@ class Trainer:
             "train_samples_per_s": round(samples_per_s, 1),
             "gflops_fwd_per_sample": round(forward_flops(self.cfg.model) / 1e9, 4),
             "model_version": version,
-            "eval": self.last_eval,
+            "eval": self.last_eval,  # of the best validation step's weights, with a validation split
+            "best_step": self.stopper.best_step,
+            "val_auc": self.stopper.best,
+            "stopped_early": self.at < self.tc.steps,
+            "wall_s": round(time.time() - self.t_start, 1),
         }
         return summary if self.ctx.is_main else None
 

@@ -29,13 +29,21 @@ def _rows_by_user(users: np.ndarray) -> dict[int, np.ndarray]:
 
 
 def bootstrap_diff(
-    a: dict, b: dict, metric: Metric, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+    a: dict,
+    b: dict,
+    metric: Metric,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    resample: Callable[[np.random.Generator, dict], dict] | None = None,
 ) -> dict:
     """metric(B) − metric(A) and its percentile bootstrap CI.
 
     `a` and `b` hold per-row arrays, among them `user_id`. Each draw resamples the users of
     both arms together (with replacement) and takes every row of each drawn user, so a user's
-    requests stay together, and a paired replay (every request in both arms) stays paired."""
+    requests stay together, and a paired replay (every request in both arms) stays paired.
+    `resample(rng, arm)`, when given, also redraws something else of each arm in every draw
+    (the quality bench: its training seeds), so the interval covers that variation too."""
     rng = np.random.default_rng(seed)
     rows_a, rows_b = _rows_by_user(np.asarray(a["user_id"])), _rows_by_user(np.asarray(b["user_id"]))
     users = np.array(sorted(set(rows_a) | set(rows_b)))
@@ -47,7 +55,8 @@ def bootstrap_diff(
         pick = rng.choice(users, size=len(users), replace=True).tolist()
         ra = np.concatenate([rows_a.get(u, empty) for u in pick])
         rb = np.concatenate([rows_b.get(u, empty) for u in pick])
-        draws.append(metric(b, rb) - metric(a, ra))
+        da, db = (resample(rng, a), resample(rng, b)) if resample else (a, b)
+        draws.append(metric(db, rb) - metric(da, ra))
     draws = np.asarray(draws, float)
     draws = draws[np.isfinite(draws)]
     lo, hi = np.quantile(draws, [(1 - level) / 2, 1 - (1 - level) / 2]) if len(draws) else (np.nan, np.nan)
