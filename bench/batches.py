@@ -127,6 +127,7 @@ def spec_batch(spec, samples: list[dict]) -> Batch:
         ),
         hist_ts=torch.tensor([t for s in samples for t in s["hist"]["ts"]], dtype=torch.long),
         hist_lengths=torch.tensor([len(s["hist"]["ts"]) for s in samples], dtype=torch.long),
+        hist_total=torch.tensor([len(s["hist"]["ts"]) for s in samples], dtype=torch.long),
         ts=torch.tensor([s["ts"] for s in samples], dtype=torch.long),
         labels=torch.tensor([float(i % 2) for i in range(len(samples))]),
         row_id=torch.arange(len(samples)),
