@@ -47,7 +47,7 @@ from bench.train import TOKENS_PER_BATCH
 from bench.verdict import N_BOOT, RULE, deltas_vs, stack_seeds
 from trainer.threads import configure_threads, cpu_budget, env_threads
 
-PAPER_TABLES = ("baselines", "merge", "queries", "norms", "phd", "scaling")
+PAPER_TABLES = ("baselines", "merge", "queries", "norms", "phd", "scaling", "features")
 TABLE_TITLES = {
     "baselines": "Table 1 analogue: sequence baselines",
     "merge": "Table 2 analogue: token merge",
@@ -55,8 +55,9 @@ TABLE_TITLES = {
     "norms": "Block norm (HybridNorm)",
     "phd": "PHD copies per candidate token",
     "scaling": "Scaling with sequence length",
+    "features": "Table 1's Base → LONGER with the dataset's own features (the config's [features])",
 }
-BASELINES = ("sumpool", "din_recent50", "din", "hstu", "transformer", "longer")
+BASELINES = ("base", "sumpool", "din_recent50", "din", "hstu", "transformer", "longer")
 SERVE_CANDIDATES = 500
 
 
@@ -65,10 +66,12 @@ class Variant:
     table: str
     label: str
     model: object  # longer.config.ModelConfig
+    features: dict | None = None  # the run's [features] table (None: the default spec)
 
     @property
     def key(self) -> str:
-        return config_key(self.model.to_dict())
+        d = self.model.to_dict()
+        return config_key({**d, "features": self.features} if self.features else d)
 
 
 def default_lengths(base_len: int, data_len: int, quick: bool) -> list[int]:
@@ -85,8 +88,11 @@ def default_lengths(base_len: int, data_len: int, quick: bool) -> list[int]:
     return lengths
 
 
-def variants(base, lengths: list[int], quick: bool = False, tables=PAPER_TABLES) -> list[Variant]:
-    """The rows of every table, each a full ModelConfig derived from `base` (a LONGER config)."""
+def variants(
+    base, lengths: list[int], quick: bool = False, tables=PAPER_TABLES, features: dict | None = None
+) -> list[Variant]:
+    """The rows of every table, each a full ModelConfig derived from `base` (a LONGER config);
+    `features`, the config's [features] table, feeds the features table's rows."""
     L, k0, K0 = base.max_len, base.query_k, base.merge_k
     out: list[Variant] = []
 
@@ -114,6 +120,12 @@ def variants(base, lengths: list[int], quick: bool = False, tables=PAPER_TABLES)
     for n in lengths:
         if n % K0 == 0:
             add("scaling", f"L={n}", max_len=n, query_k=min(k0, n))
+    if "features" in tables and features:
+        out += [
+            Variant("features", "base (no sequence), with features", base.replace(arch="base"), features),
+            Variant("features", "LONGER without features", base),
+            Variant("features", "LONGER with features", base, features),
+        ]
     return out
 
 
@@ -234,21 +246,25 @@ def train_all(
 # --- throughput (one variant at a time, all cores) ------------------------------------------------
 
 
-def throughput(cfg, device: str, seconds: float) -> dict:
+def throughput(cfg, device: str, seconds: float, spec=None) -> dict:
     """Train samples/s (forward + backward) and hit-path candidates/s of an untrained model of
-    `cfg`, on random full-length histories (speed does not depend on the weights)."""
+    `cfg` over a resolved `spec` (None: the default), on random full-length histories (speed
+    does not depend on the weights)."""
     import torch
 
-    from bench.batches import random_batch
+    from bench.batches import random_batch, spec_batch, spec_candidates, spec_samples
     from longer.interface import Candidates
     from longer.recmodel import build_model
 
     torch.manual_seed(0)
     dev = torch.device(device)
-    model = build_model(cfg).to(dev)
+    model = build_model(cfg, spec).to(dev)
     L = cfg.max_len
     B = max(1, TOKENS_PER_BATCH // L)
-    batch = random_batch([L] * B, seed=0, items=100_000, categories=500).to(dev)
+    if spec is not None:
+        batch = spec_batch(spec, spec_samples(spec, [L] * B, seed=0)).to(dev)
+    else:
+        batch = random_batch([L] * B, seed=0, items=100_000, categories=500).to(dev)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
 
     def train_step():
@@ -261,13 +277,18 @@ def throughput(cfg, device: str, seconds: float) -> dict:
 
     train_s = median_seconds(train_step, steps=3, seconds=seconds)
     model.eval()
-    user = random_batch([L], seed=1, items=100_000, categories=500).to(dev)
-    g = torch.Generator().manual_seed(2)
-    cands = Candidates(
-        item_id=torch.randint(0, 100_000, (1, SERVE_CANDIDATES), generator=g).to(dev),
-        category_id=torch.randint(0, 500, (1, SERVE_CANDIDATES), generator=g).to(dev),
-        ts=user.ts,
-    )
+    if spec is not None:
+        samples = spec_samples(spec, [L] + [0] * (SERVE_CANDIDATES - 1), seed=1)
+        user = spec_batch(spec, samples[:1]).to(dev)
+        cands = spec_candidates(spec, samples).to(dev)
+    else:
+        user = random_batch([L], seed=1, items=100_000, categories=500).to(dev)
+        g = torch.Generator().manual_seed(2)
+        cands = Candidates(
+            item_id=torch.randint(0, 100_000, (1, SERVE_CANDIDATES), generator=g).to(dev),
+            category_id=torch.randint(0, 500, (1, SERVE_CANDIDATES), generator=g).to(dev),
+            ts=user.ts,
+        )
     with torch.no_grad(), autocast:
         state = model.encode_user(user)
 
@@ -309,6 +330,7 @@ def rows_of(
     vs: list[Variant], runs: dict[str, dict], speed: dict[str, dict], seeds: list[int], key_of
 ) -> list[dict]:
     from longer.flops import forward_flops
+    from longer.spec import FeatureSpec
 
     rows = []
     for v in vs:
@@ -319,7 +341,8 @@ def rows_of(
             "arch": v.model.arch,
             "max_len": v.model.max_len,
             "seeds": seeds,
-            "gflops": forward_flops(v.model) / 1e9,
+            "gflops": forward_flops(v.model, FeatureSpec.from_config(v.features)) / 1e9,
+            "features": v.features,
             **speed[v.key],
             "config": v.model.to_dict(),
         }
@@ -333,8 +356,10 @@ def rows_of(
 
 
 def run_cfg(v: Variant, train: dict, seed: int) -> dict:
-    """The full RunConfig dict of one run: the variant's model, the shared [train] table, a seed."""
-    return {"model": v.model.to_dict(), "train": {**train, "seed": seed}}
+    """The full RunConfig dict of one run: the variant's model, the shared [train] table, a seed
+    (and the variant's [features], if any)."""
+    run = {"model": v.model.to_dict(), "train": {**train, "seed": seed}}
+    return {**run, "features": v.features} if v.features else run
 
 
 def run_key(data_id: str, v: Variant, train: dict, seed: int) -> str:
@@ -414,6 +439,13 @@ def markdown(result: dict) -> str:
                 f"{_fmt(r['logloss'], r['logloss_std'])} | {_steps(r)} | {r['gflops']:.4g} | "
                 f"{r['train_samples_per_s']:,.0f} | {r['serve_candidates_per_s']:,} |"
             )
+        if table == "features":
+            base_auc, longer_auc = PAPER["base"]["auc"], PAPER["longer"]["auc"]
+            lines += [
+                "",
+                f"The paper's Table 1 (Douyin ads, its production features): Base {base_auc:.5f} → "
+                f"LONGER {longer_auc:.5f} (+{longer_auc - base_auc:.5f} AUC).",
+            ]
         if table == "scaling":
             for axis, f in fits.items():
                 if f:
@@ -561,6 +593,7 @@ def main(
 
     from feature_store.builder import read_meta
     from longer.config import ConfigError
+    from longer.spec import FeatureSpec
     from trainer.config import RunConfig
 
     t0 = time.time()
@@ -576,7 +609,9 @@ def main(
         raise ConfigError(
             f"{config}: max_len {base.max_len} exceeds the dataset's --max-len {meta['max_len']}"
         )
-    tables = list(tables or PAPER_TABLES)
+    features = cfg.to_dict().get("features")  # None: the default spec
+    # by default every table the config allows (features: only with a [features] table)
+    tables = list(tables or [t for t in PAPER_TABLES if t != "features" or features])
     unknown = sorted(set(tables) - set(PAPER_TABLES))
     if unknown:
         raise ConfigError(f"--tables: unknown table {unknown[0]!r} (known: {', '.join(PAPER_TABLES)})")
@@ -610,7 +645,9 @@ def main(
     def key_of(v: Variant, seed: int) -> str:
         return run_key(data_id, v, shared, seed)
 
-    vs = variants(base, lengths, quick, tables)
+    if "features" in tables and not features:
+        raise ConfigError(f"{config}: --tables features needs a [features] table in the config")
+    vs = variants(base, lengths, quick, tables, features)
     plan, seen = [], set()
     for v in vs:
         for s in seed_list:
@@ -624,9 +661,14 @@ def main(
 
     configure_threads(env_threads(), "LONGER_THREADS")
     speed: dict[str, dict] = {}
-    distinct = {v.key: v.model for v in vs}
-    for k, m in tqdm(distinct.items(), desc="throughput", unit="variant", disable=not progress):
-        speed[k] = throughput(m, device, seconds=2.0 if quick else 6.0)
+    distinct = {v.key: v for v in vs}
+    for k, v in tqdm(distinct.items(), desc="throughput", unit="variant", disable=not progress):
+        spec = (
+            replace(cfg, features=FeatureSpec.from_config(v.features)).resolved_spec(meta)
+            if v.features
+            else None
+        )
+        speed[k] = throughput(v.model, device, seconds=2.0 if quick else 6.0, spec=spec)
 
     rows = rows_of(vs, runs, speed, seed_list, key_of)
     arms = {v.key: load_arm(out, [key_of(v, s) for s in seed_list]) for v in {v.key: v for v in vs}.values()}

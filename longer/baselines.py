@@ -22,23 +22,45 @@ from torch import nn
 from .config import ModelConfig
 from .interface import DenseNet, History, UserState
 from .modules import Head, RMSNorm, log2_bucket
+from .spec import FeatureSpec
 from .tokens import Tokenizer
 
 
-class SumPool(DenseNet):
-    def __init__(self, cfg: ModelConfig):
+class Base(DenseNet):
+    """The paper's Base (Table 1): the DNN head over the non-sequence features only — the user
+    token (user id and profile columns), the target item token (candidate and dense columns)
+    and the request-context token (context columns, hour, and the gap since the user's latest
+    event: the one number it reads from the history). Every other arch is this plus a sequence
+    module that turns the history into the user vector."""
+
+    uses_history = False  # a sequence arch (a subclass) reads the history tokens
+
+    def __init__(self, cfg: ModelConfig, spec: FeatureSpec | None = None):
         super().__init__()
         self.cfg = cfg
-        self.features = Tokenizer(cfg)
+        self.features = Tokenizer(cfg, spec, history=self.uses_history)
         self.head = Head(cfg)
 
     def encode(self, batch, emb) -> UserState:
-        hist = self.features.history(emb, batch.hist_ts)
-        pooled = hist.tokens.sum(1) / hist.lengths.clamp(min=1)[:, None]
-        return UserState({"latest_ts": hist.latest_ts, "user": pooled + self.features.user_token(emb)})
+        lengths = emb["hist_item_id"].lengths().long()
+        last = (torch.cumsum(lengths, 0) - 1).clamp(min=0)  # each history's latest event: its last
+        ts = torch.cat([batch.hist_ts.long(), lengths.new_full((1,), -1)])  # + one for all-empty
+        latest = torch.where(lengths > 0, ts[last], -1)
+        return UserState({"latest_ts": latest, "user": self.features.user_token(emb)})
 
     def score(self, state, cand):
         return self.head(state["user"], cand[:, :, 0], cand[:, :, 1])
+
+
+class SumPool(Base):
+    """Base + the mean of the history tokens added to the user vector."""
+
+    uses_history = True
+
+    def encode(self, batch, emb) -> UserState:
+        hist = self.features.history(emb, batch)
+        pooled = hist.tokens.sum(1) / hist.lengths.clamp(min=1)[:, None]
+        return UserState({"latest_ts": hist.latest_ts, "user": pooled + self.features.user_token(emb)})
 
 
 DIN_HIDDEN = 32  # width of DIN's activation unit
@@ -48,11 +70,11 @@ class DIN(DenseNet):
     """Target attention. The activation unit's first layer W·[h, t, h−t, h⊙t] is computed as
     A·h + B·t + W₄·(h⊙t), so nothing of size (candidates × L × 4d) is ever materialised."""
 
-    def __init__(self, cfg: ModelConfig, hidden: int = DIN_HIDDEN):
+    def __init__(self, cfg: ModelConfig, spec: FeatureSpec | None = None, hidden: int = DIN_HIDDEN):
         super().__init__()
         self.cfg = cfg
         d = cfg.d_model
-        self.features = Tokenizer(cfg)
+        self.features = Tokenizer(cfg, spec)
         self.w_h = nn.Linear(d, hidden)  # (W1 + W3) h, with the bias
         self.w_t = nn.Linear(d, hidden, bias=False)  # (W2 − W3) t
         self.w_ht = nn.Parameter(torch.randn(d, hidden) / math.sqrt(d))  # W4 (h ⊙ t)
@@ -60,7 +82,7 @@ class DIN(DenseNet):
         self.head = Head(cfg)
 
     def encode(self, batch, emb) -> UserState:
-        hist = self.features.history(emb, batch.hist_ts, max_len=self.cfg.history_window)
+        hist = self.features.history(emb, batch, max_len=self.cfg.history_window)
         return UserState(
             {
                 "latest_ts": hist.latest_ts,
@@ -120,16 +142,16 @@ class HSTULayer(nn.Module):
 
 
 class HSTU(DenseNet):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, spec: FeatureSpec | None = None):
         super().__init__()
         self.cfg = cfg
-        self.features = Tokenizer(cfg)
+        self.features = Tokenizer(cfg, spec)
         self.layers = nn.ModuleList([HSTULayer(cfg) for _ in range(cfg.n_layers)])
         self.final_norm = RMSNorm(cfg.d_model)
         self.head = Head(cfg)
 
     def encode(self, batch, emb) -> UserState:
-        hist: History = self.features.history(emb, batch.hist_ts)
+        hist: History = self.features.history(emb, batch)
         B, L, _ = hist.tokens.shape
         r = torch.arange(L, device=hist.tokens.device).expand(B, L)
         mask = hist.valid[:, None, :] & (r[:, None, :] >= r[:, :, None])  # key at or before the query

@@ -19,7 +19,7 @@ import tomllib
 
 from .errors import LongerError
 
-ARCHS = ("longer", "transformer", "din", "din_recent50", "sumpool", "hstu")
+ARCHS = ("longer", "transformer", "din", "din_recent50", "sumpool", "hstu", "base")
 NORMS = ("pre", "post", "hybrid", "hybrid_star")
 MERGES = ("concat", "inner_trans")
 QUERY_SELECTIONS = ("recent", "uniform", "learnable")

@@ -1,10 +1,12 @@
-"""The sparse part of every model: id hashing and one TorchRec EmbeddingCollection.
+"""The sparse part of every model: id hashing and one TorchRec EmbeddingCollection, laid out
+by the model's `FeatureSpec` (longer/spec.py).
 
-Contract: `SparseEmbedding(cfg)(kjt)` maps a KeyedJaggedTensor with the keys of
-`FEATURE_KEYS` (raw ids, any non-negative int64) to one JaggedTensor of (n, emb_dim)
-embeddings per key. History and candidate keys share a table (`EMBEDDING_TABLES`), so a
-candidate and the same item in a history get the same vector. This module is what TorchRec's
-DistributedModelParallel shards; it holds no dense parameters.
+Contract: `SparseEmbedding(cfg, spec)(kjt)` maps a KeyedJaggedTensor with the keys of
+`spec.sparse_keys` (raw ids, any non-negative int64) to one JaggedTensor of (n, emb_dim)
+embeddings per key. A history key and the candidate key of the same column share a table
+(`spec.tables()`), so a candidate and the same item in a history get the same vector. Table
+rows: `table_sizes`. List (multi-valued) columns come out per value; the Tokenizer pools them.
+This module is what TorchRec's DistributedModelParallel shards; it holds no dense parameters.
 """
 
 from __future__ import annotations
@@ -17,36 +19,37 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from .config import ModelConfig
 from .interface import Candidates
+from .spec import MODEL_SIZED, FeatureSpec, SpecError, table_name
 
-# (table, features reading it): history and candidate share the item and category tables.
-EMBEDDING_TABLES = {
-    "item": ("hist_item_id", "item_id"),
-    "category": ("hist_category_id", "category_id"),
-    "action": ("hist_action",),
-    "user": ("user_id",),
-}
-HISTORY_KEYS = ("hist_item_id", "hist_category_id", "hist_action")
-CANDIDATE_KEYS = ("item_id", "category_id")
-FEATURE_KEYS = HISTORY_KEYS + CANDIDATE_KEYS + ("user_id",)
+DEFAULT_SPEC = FeatureSpec()
+# The default spec's layout (the model before the spec existed).
+EMBEDDING_TABLES = DEFAULT_SPEC.tables()
+FEATURE_KEYS = DEFAULT_SPEC.sparse_keys
+HISTORY_KEYS = DEFAULT_SPEC.history_keys  # the default spec's (longer/stable.py reads exactly these)
 
 
-def table_sizes(cfg: ModelConfig) -> dict[str, int]:
+def column_rows(cfg: ModelConfig, spec: FeatureSpec, column: str) -> int:
+    """Rows of a column's table: the spec's resolved buckets, else ModelConfig's `*_buckets`."""
+    if column in spec.buckets:
+        return int(spec.buckets[column])
+    if column in MODEL_SIZED:
+        return int(getattr(cfg, MODEL_SIZED[column]))
+    raise SpecError(f"column '{column}': no table size; resolve the spec against the dataset first")
+
+
+def table_sizes(cfg: ModelConfig, spec: FeatureSpec = DEFAULT_SPEC) -> dict[str, int]:
     """Rows of each embedding table (raw ids are hashed into them)."""
-    return {
-        "item": cfg.item_buckets,
-        "category": cfg.category_buckets,
-        "action": cfg.action_buckets,
-        "user": cfg.user_buckets,
-    }
+    cols = ("item_id", *spec.categorical, "user_id")
+    return {table_name(c): column_rows(cfg, spec, c) for c in cols}
 
 
 class IdHash(nn.Module):
     """Hash raw ids into their table's size (`id mod size`), key by key of the KJT."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, spec: FeatureSpec = DEFAULT_SPEC):
         super().__init__()
-        sizes = table_sizes(cfg)
-        self.size_of = {f: sizes[t] for t, feats in EMBEDDING_TABLES.items() for f in feats}
+        sizes = table_sizes(cfg, spec)
+        self.size_of = {f: sizes[t] for t, feats in spec.tables().items() for f in feats}
 
     def forward(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
         keys = kjt.keys()  # not `for k in kjt`: a KJT is not iterable over its keys
@@ -76,10 +79,11 @@ class SparseEmbedding(nn.Module):
     Kept apart from everything dense so TorchRec's train pipeline can trace the model as
     `net(batch, embedding(batch.sparse))`, with IdHash as a parameter-free postproc module."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, spec: FeatureSpec = DEFAULT_SPEC):
         super().__init__()
-        sizes = table_sizes(cfg)
-        self.hash = IdHash(cfg)
+        self.spec = spec
+        sizes = table_sizes(cfg, spec)
+        self.hash = IdHash(cfg, spec)
         self.ec = EmbeddingCollection(
             tables=[
                 EmbeddingConfig(
@@ -89,27 +93,40 @@ class SparseEmbedding(nn.Module):
                     feature_names=list(feats),
                     init_fn=init_embedding,
                 )
-                for t, feats in EMBEDDING_TABLES.items()
+                for t, feats in spec.tables().items()
             ]
         )
 
     def forward(self, kjt: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
         return self.ec(self.hash(kjt))
 
-    def candidates(self, cands: Candidates) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, N, e) item and category embeddings of the candidates, through the same tables."""
+    def candidates(self, cands: Candidates) -> dict[str, JaggedTensor]:
+        """The candidates' candidate-key and context-key embeddings, through the same tables.
+
+        One KJT row per (user, candidate): B·N rows; a context key's value is repeated for each
+        of its user's candidates (the Tokenizer reads it from the first). List values: padded
+        with negative ids in `Candidates`, dropped here."""
         B, N = cands.item_id.shape
         n = B * N
         dev = cands.item_id.device
+        given = {k: cands.column(k) for k in self.spec.candidate_keys}
+        for k in self.spec.context_keys:
+            v = cands.context[k]
+            given[k] = v[:, None].expand(B, N, *v.shape[1:])
         values, lengths = [], []
-        for k in FEATURE_KEYS:
-            if k == "item_id":
-                values.append(cands.item_id.reshape(-1))
-            elif k == "category_id":
-                values.append(cands.category_id.reshape(-1))
-            lengths.append(torch.full((n,), int(k in CANDIDATE_KEYS), dtype=torch.long, device=dev))
+        for k in self.spec.sparse_keys:
+            if k not in given:
+                lengths.append(torch.zeros(n, dtype=torch.long, device=dev))
+                continue
+            v = given[k].reshape(n, -1).long()  # (n, 1) or (n, M) padded with negatives
+            if not self.spec.is_list(k):  # one id per row
+                values.append(v.reshape(-1))
+                lengths.append(torch.ones(n, dtype=torch.long, device=dev))
+                continue
+            keep = v >= 0
+            values.append(v[keep])
+            lengths.append(keep.sum(1))
         kjt = KeyedJaggedTensor(
-            keys=list(FEATURE_KEYS), values=torch.cat(values).long(), lengths=torch.cat(lengths)
+            keys=list(self.spec.sparse_keys), values=torch.cat(values), lengths=torch.cat(lengths)
         )
-        emb = self(kjt)
-        return emb["item_id"].values().view(B, N, -1), emb["category_id"].values().view(B, N, -1)
+        return self(kjt)

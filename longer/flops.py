@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from .baselines import DIN_HIDDEN
 from .config import ModelConfig
+from .spec import FeatureSpec
+
+DEFAULT_SPEC = FeatureSpec()
 
 
 def _block(d: int, f: int, n_q: int, n_kv: int, kv_tokens: int | None = None) -> int:
@@ -23,21 +26,29 @@ def _block(d: int, f: int, n_q: int, n_kv: int, kv_tokens: int | None = None) ->
     )
 
 
-def _common(cfg: ModelConfig, L: int) -> int:
+def _base(cfg: ModelConfig, spec: FeatureSpec) -> int:
+    """The Base (no sequence): target, context and user token projections and the head."""
     d, e = cfg.d_model, cfg.emb_dim
-    tokens = 2 * L * 4 * e * d + 2 * 2 * e * d + 2 * 2 * e * d + 2 * e * d  # sequence, target, context, user
+    target = 2 * (len(spec.candidate_keys) * e + len(spec.dense_keys)) * d
+    context = 2 * (2 + len(spec.context_keys)) * e * d
+    user = 2 * len(spec.user_keys) * e * d
     head = 2 * 3 * d * d + 2 * d
-    return tokens + head
+    return target + context + user + head
 
 
-def longer_flops(cfg: ModelConfig) -> int:
+def _common(cfg: ModelConfig, L: int, spec: FeatureSpec) -> int:
+    """The Base plus L history tokens (each [item, *sequence, time] → d)."""
+    return 2 * L * (len(spec.history_keys) + 1) * cfg.emb_dim * cfg.d_model + _base(cfg, spec)
+
+
+def longer_flops(cfg: ModelConfig, spec: FeatureSpec = DEFAULT_SPEC) -> int:
     cfg = cfg.effective
     L, d, f, K = cfg.max_len, cfg.d_model, cfg.ffn_mult, cfg.merge_k
     G = L // K
     n_g = 2 + (cfg.query_k if cfg.query_select == "learnable" else 0)
     q = 0 if cfg.query_select == "learnable" else min(cfg.query_k, L)
     T = 2 * cfg.phd_copies
-    total = _common(cfg, L)
+    total = _common(cfg, L, spec)
     if K > 1:
         total += 2 * G * K * d * d  # merge projection
         if cfg.merge == "inner_trans":
@@ -50,24 +61,30 @@ def longer_flops(cfg: ModelConfig) -> int:
     return total
 
 
-def sumpool_flops(cfg: ModelConfig) -> int:
-    return _common(cfg, cfg.max_len)
+def base_flops(cfg: ModelConfig, spec: FeatureSpec = DEFAULT_SPEC) -> int:
+    return _base(cfg, spec)
 
 
-def din_flops(cfg: ModelConfig) -> int:
+def sumpool_flops(cfg: ModelConfig, spec: FeatureSpec = DEFAULT_SPEC) -> int:
+    return _common(cfg, cfg.max_len, spec)
+
+
+def din_flops(cfg: ModelConfig, spec: FeatureSpec = DEFAULT_SPEC) -> int:
     L, d, h = cfg.history_window, cfg.d_model, DIN_HIDDEN
-    return _common(cfg, L) + 2 * L * d * h + 2 * d * h + 2 * L * d * h + 2 * L * h + 2 * L * d
+    return _common(cfg, L, spec) + 2 * L * d * h + 2 * d * h + 2 * L * d * h + 2 * L * h + 2 * L * d
 
 
-def hstu_flops(cfg: ModelConfig) -> int:
+def hstu_flops(cfg: ModelConfig, spec: FeatureSpec = DEFAULT_SPEC) -> int:
     L, d, T = cfg.max_len, cfg.d_model, 2
     per_layer = lambda n_q, n_kv: 2 * n_q * d * 4 * d + 4 * n_q * n_kv * d + 2 * n_q * d * d  # noqa: E731
-    return _common(cfg, L) + cfg.n_layers * (per_layer(L, L) + per_layer(T, L + T))
+    return _common(cfg, L, spec) + cfg.n_layers * (per_layer(L, L) + per_layer(T, L + T))
 
 
-def forward_flops(cfg: ModelConfig) -> int:
-    """FLOPs of one forward pass for one (user, candidate) sample with a full history."""
+def forward_flops(cfg: ModelConfig, spec: FeatureSpec = DEFAULT_SPEC) -> int:
+    """FLOPs of one forward pass for one (user, candidate) sample with a full history, over the
+    spec's features (list columns count one value each: pooling is free)."""
     by_arch = {
+        "base": base_flops,
         "longer": longer_flops,
         "transformer": longer_flops,
         "sumpool": sumpool_flops,
@@ -75,7 +92,7 @@ def forward_flops(cfg: ModelConfig) -> int:
         "din": din_flops,
         "din_recent50": din_flops,
     }
-    return by_arch[cfg.arch](cfg)
+    return by_arch[cfg.arch](cfg, spec)
 
 
 def paper_merge_ratio(cfg: ModelConfig) -> float:

@@ -11,6 +11,8 @@ Contract of a `DenseNet` subclass:
                                              users on dim 0, so serving can cache it;
     score(state, cand (B, N, 2, d)) -> (B, N) candidate-dependent work only: the logits of N
                                              candidates per user against the cached state.
+Which columns feed which token is the model's `FeatureSpec` (longer/spec.py): user columns the
+user side (cached), candidate, context and dense columns the candidate side.
 `forward(batch, emb)` is the two composed for the one candidate each training sample carries.
 
 An append-stable net (LONGER with `encoding = "append_stable"`, longer/stable.py) also has
@@ -72,11 +74,36 @@ class UserState:
 
 @dataclass
 class Candidates:
-    """N candidates for each of B users, and each user's request time."""
+    """N candidates for each of B users, each user's request time and request context.
+
+    Ids are raw; a list column is (B, N, M) (context: (B, M)) padded with negative ids."""
 
     item_id: torch.Tensor  # (B, N) raw ids
-    category_id: torch.Tensor  # (B, N) raw ids
+    category_id: torch.Tensor | None  # (B, N) raw ids (None when the spec has no category_id)
     ts: torch.Tensor  # (B,) request time, unix seconds
+    columns: dict[str, torch.Tensor] = field(default_factory=dict)  # other candidate columns, (B, N[, M])
+    dense: dict[str, torch.Tensor] = field(default_factory=dict)  # (B, N) float, normalised as in training
+    context: dict[str, torch.Tensor] = field(default_factory=dict)  # (B[, M]) per-request columns
+
+    def to(self, device) -> Candidates:
+        move = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
+        cat = None if self.category_id is None else self.category_id.to(device)
+        return Candidates(
+            self.item_id.to(device),
+            cat,
+            self.ts.to(device),
+            move(self.columns),
+            move(self.dense),
+            move(self.context),
+        )
+
+    def column(self, key: str) -> torch.Tensor:
+        """A candidate key's ids, (B, N[, M])."""
+        if key == "item_id":
+            return self.item_id
+        if key == "category_id" and self.category_id is not None:
+            return self.category_id
+        return self.columns[key]
 
 
 class DenseNet(nn.Module, ABC):
@@ -95,12 +122,15 @@ class DenseNet(nn.Module, ABC):
         """cand (B, N, 2, d) candidate tokens [target, context] → logits (B, N)."""
 
     def score_embedded(
-        self, state: UserState, item: torch.Tensor, category: torch.Tensor, request_ts: torch.Tensor
+        self,
+        state: UserState,
+        emb: dict[str, JaggedTensor],
+        dense: dict[str, torch.Tensor],
+        request_ts: torch.Tensor,
     ) -> torch.Tensor:
-        """Logits (B, N) from the candidates' (B, N, e) item and category embeddings."""
-        return self.score(
-            state, self.features.candidate_tokens(item, category, request_ts, state["latest_ts"])
-        )
+        """Logits (B, N) from the candidates' embeddings (B·N rows per key, candidate and context
+        keys) and dense columns (B, N)."""
+        return self.score(state, self.features.candidate_tokens(emb, dense, request_ts, state["latest_ts"]))
 
     def forward(self, batch, emb: dict[str, JaggedTensor]) -> torch.Tensor:
         """One candidate per sample (training/eval): logits (B,). A batch with `request` set is
@@ -109,5 +139,4 @@ class DenseNet(nn.Module, ABC):
             state = self.encode(batch, emb)
         else:
             state = expand_state(self.encode(*request_view(batch, emb)), batch.request)
-        item, cat = emb["item_id"].values()[:, None], emb["category_id"].values()[:, None]
-        return self.score_embedded(state, item, cat, batch.ts)[:, 0]
+        return self.score_embedded(state, emb, self.features.sample_dense(batch), batch.ts)[:, 0]

@@ -33,6 +33,7 @@ from torch.utils.checkpoint import checkpoint
 from .config import ModelConfig
 from .interface import DenseNet, History, UserState
 from .modules import FFN, Head, RMSNorm
+from .spec import FeatureSpec
 from .tokens import Tokenizer
 
 
@@ -184,11 +185,11 @@ class Longer(DenseNet):
     """LONGER's dense part: Tokenizer → global tokens, TokenMerge, CrossCausalAttention, then
     SelfCausalAttention layers, the head on CLS and the last PHD copy of the candidate tokens."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, spec: FeatureSpec | None = None):
         super().__init__()
         self.cfg = cfg = cfg.effective
         d = cfg.d_model
-        self.features = Tokenizer(cfg)
+        self.features = Tokenizer(cfg, spec)
         self.cls = nn.Parameter(torch.randn(d) * 0.02)  # global tokens: the learned CLS
         self.merge = TokenMerge(cfg)
         self.learned_queries = (
@@ -222,7 +223,7 @@ class Longer(DenseNet):
 
     def _user_tokens(self, batch, emb) -> dict:
         """The user side's layer-1 inputs: queries (B, G + k, d), keys/values (B, G + L/K, d)."""
-        hist: History = self.features.history(emb, batch.hist_ts, pad_multiple=self.cfg.merge_k)
+        hist: History = self.features.history(emb, batch, pad_multiple=self.cfg.merge_k)
         B, L, _ = hist.tokens.shape  # L: longest history in the batch, padded to a multiple of K
         dev = hist.tokens.device
         glob = self.global_tokens(emb, B)  # (B, G, d)
@@ -320,10 +321,10 @@ class Longer(DenseNet):
     def reference(self, batch, emb) -> torch.Tensor:
         """All tokens through every layer jointly, one mask per layer (no cache, no split)."""
         u = self._user_tokens(batch, emb)
-        item, cat = emb["item_id"].values()[:, None], emb["category_id"].values()[:, None]
-        c = self._copies(self.features.candidate_tokens(item, cat, batch.ts, u["hist"].latest_ts))[
-            :, 0
-        ]  # (B, T, d)
+        cand = self.features.candidate_tokens(
+            emb, self.features.sample_dense(batch), batch.ts, u["hist"].latest_ts
+        )
+        c = self._copies(cand)[:, 0]  # (B, T, d)
         B, T = c.shape[:2]
         own = self._copy_mask(1, c.device)
         x, kv_tokens, k_attr = torch.cat([u["queries"], c], 1), torch.cat([u["kv1"], c], 1), u["kv1_attr"]

@@ -12,16 +12,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .baselines import DIN, HSTU, SumPool
+from .baselines import DIN, HSTU, Base, SumPool
 from .config import ModelConfig
 from .embedding import SparseEmbedding
 from .interface import Candidates, DenseNet, UserState
 from .model import Longer
+from .spec import FeatureSpec
 from .stable import StableLonger
 
 # arch → DenseNet class. `transformer` is Longer without merge and with every token a query
 # (ModelConfig.effective); din_recent50 is DIN over the `din_recent` most recent events.
 ARCH_CLASSES: dict[str, type[DenseNet]] = {
+    "base": Base,
     "longer": Longer,
     "transformer": Longer,
     "sumpool": SumPool,
@@ -37,7 +39,8 @@ class RecModel(nn.Module):
     def __init__(self, net: DenseNet):
         super().__init__()
         self.cfg = net.cfg
-        self.embedding = SparseEmbedding(net.cfg)
+        self.spec = net.features.spec
+        self.embedding = SparseEmbedding(net.cfg, self.spec)
         self.net = net
 
     def forward(self, batch) -> torch.Tensor:
@@ -48,7 +51,8 @@ class RecModel(nn.Module):
 
     def score(self, state: UserState, cands: Candidates) -> torch.Tensor:
         """Logits (B, N) for N candidates per user, from the cached user state."""
-        return self.net.score_embedded(state, *self.embedding.candidates(cands), cands.ts)
+        dense = {k: cands.dense[k] for k in self.spec.dense_keys}
+        return self.net.score_embedded(state, self.embedding.candidates(cands), dense, cands.ts)
 
     def update_user(self, state: UserState, new_events) -> UserState:
         """`state` of users with T events + a batch holding only their n new events (oldest
@@ -68,8 +72,9 @@ class RecModel(nn.Module):
         return self.net.reference(batch, self.embedding(batch.sparse))
 
 
-def build_model(cfg: ModelConfig) -> RecModel:
-    """The model a config names (`cfg.arch`; LONGER's user side by `cfg.encoding`)."""
+def build_model(cfg: ModelConfig, spec: FeatureSpec | None = None) -> RecModel:
+    """The model a config names (`cfg.arch`; LONGER's user side by `cfg.encoding`) over a
+    resolved feature spec (default: the default spec, whose tables ModelConfig sizes)."""
     if cfg.arch in ("longer", "transformer") and cfg.encoding == "append_stable":
-        return RecModel(StableLonger(cfg))
-    return RecModel(ARCH_CLASSES[cfg.arch](cfg))
+        return RecModel(StableLonger(cfg, spec))
+    return RecModel(ARCH_CLASSES[cfg.arch](cfg, spec))

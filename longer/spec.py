@@ -149,6 +149,8 @@ class FeatureSpec:
 
         `model_buckets` maps the MODEL_SIZED columns to their ModelConfig sizes (e.g.
         {"item_id": cfg.item_buckets, ...}); without it those keep ModelConfig's defaults.
+        Resolving a resolved spec (a bundle's) changes nothing it holds: its buckets and dense
+        statistics (the training split's) stay, whatever dataset it is evaluated on.
         """
         cards = meta.get("cardinalities", {})
         kinds = meta.get("features", {}).get("kinds", {})
@@ -166,6 +168,9 @@ class FeatureSpec:
             buckets[col] = default_buckets(int(cards[col]["max_id"]), int(cards[col].get("distinct", 0)))
         dense_stats = {}
         for col in self.dense:
+            if col in self.dense_stats:  # already resolved (a bundle's spec): the training statistics stay
+                dense_stats[col] = self.dense_stats[col]
+                continue
             if col not in stats:
                 raise SpecError(
                     f"column '{col}': declared dense in [features] but the dataset has no float column by that name"

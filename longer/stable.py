@@ -55,6 +55,7 @@ from .embedding import HISTORY_KEYS
 from .interface import UserState
 from .model import Longer
 from .modules import log2_bucket
+from .spec import FeatureSpec, SpecError
 from .window import event_grid, gap_in_group, group_ts, n_groups, update_span, window_start
 
 
@@ -98,8 +99,13 @@ def state_bytes(cfg: ModelConfig, dtype_bytes: int = 4) -> int:
 
 
 class StableLonger(Longer):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg)
+    def __init__(self, cfg: ModelConfig, spec: FeatureSpec | None = None):
+        if spec is not None and spec.history_keys != HISTORY_KEYS:
+            raise SpecError(
+                "[features] sequence: the append-stable encoding reads the default sequence columns "
+                f"only (category_id, action), got {list(spec.sequence)}"
+            )
+        super().__init__(cfg, spec)
         cfg, d = self.cfg, self.cfg.d_model
         self.features.pos_emb = None  # no position counted from the latest event: see the bias
         self.slot_emb = nn.Embedding(cfg.merge_k, d)
@@ -264,8 +270,8 @@ class StableLonger(Longer):
         return state
 
     # --- candidate side -----------------------------------------------------------------------
-    def score_embedded(self, state, item, category, request_ts) -> torch.Tensor:
-        cand = self.features.candidate_tokens(item, category, request_ts, state["latest_ts"])
+    def score_embedded(self, state, emb, dense, request_ts) -> torch.Tensor:
+        cand = self.features.candidate_tokens(emb, dense, request_ts, state["latest_ts"])
         return self.score(state, cand, request_ts)
 
     def _cand_mask(self, state: UserState, i: int, rows, own, request_ts) -> torch.Tensor:
@@ -286,8 +292,10 @@ class StableLonger(Longer):
         state, merged = self._grid_state(batch, emb)
         self._latest(state)
         gk, gv = self.blocks[0].kv(merged)
-        item, cat = emb["item_id"].values()[:, None], emb["category_id"].values()[:, None]
-        c = self._copies(self.features.candidate_tokens(item, cat, batch.ts, state["latest_ts"]))[:, 0]
+        cand = self.features.candidate_tokens(
+            emb, self.features.sample_dense(batch), batch.ts, state["latest_ts"]
+        )
+        c = self._copies(cand)[:, 0]
         x = self._layers(
             state,
             self.global_tokens(emb, emb["user_id"].values().shape[0]),

@@ -414,7 +414,9 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--jobs", type=int, help="training runs in parallel (default: one per CPU, 1 on a GPU)")
     b.add_argument("--lengths", type=_int_list, help="max_len values of the scaling table, e.g. 64,256,1024")
     b.add_argument(
-        "--tables", type=lambda t: t.split(","), help="a subset of baselines,merge,queries,norms,phd,scaling"
+        "--tables",
+        type=lambda t: t.split(","),
+        help="a subset of baselines,merge,queries,norms,phd,scaling,features (features: base, LONGER without and with the config's [features]; needs that table)",
     )
     b.add_argument("--device", help="device for the throughput columns (default cuda if present, else cpu)")
     b.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -6,7 +6,7 @@ cache policy — hit, miss, bypass — in `UserStateCache` (serving/state_cache.
 serving/metrics.py. This module assembles them: middleware, error handlers, lifespan.
 
 No client input gives a 5xx: bodies are bounded in size and read time (serving/limits.py),
-request models are strict (serving/schemas.py), a 422 always encodes (serving/errors.py), an
+request models are strict and built from the bundle's FeatureSpec (serving/schemas.py), a 422 always encodes (serving/errors.py), an
 unloadable bundle is a 409. A 503 means the store: unreachable, or a user's key unusable
 (named in the answer, counted in `longer_bad_keys_total`).
 """
@@ -61,6 +61,28 @@ def install_error_handling(app: FastAPI, svc: Service, settings: Settings) -> No
     app.add_exception_handler(Exception, server_error)
 
 
+def spec_openapi(app: FastAPI) -> None:
+    """/openapi.json shows the loaded bundle's request bodies (serving/schemas.py
+    `request_models`): regenerated whenever the model_version changes, so a hot reload to a
+    bundle with another FeatureSpec changes the documented fields with the validated ones."""
+    generate = app.openapi
+    cached: dict = {}
+
+    def openapi() -> dict:
+        rt = app.state.service.runtime
+        if cached.get("version") != rt.model_version:
+            app.openapi_schema = None
+            schema = generate()
+            body = rt.models.score.model_json_schema(ref_template="#/components/schemas/{model}")
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            components.update(body.pop("$defs", {}))
+            components["ScoreRequest"] = body
+            cached.update(version=rt.model_version, schema=schema)
+        return cached["schema"]
+
+    app.openapi = openapi
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI):
     svc: Service = app.state.service
@@ -88,4 +110,5 @@ def create_app(
     app.state.service = Service(settings, runtime, store)
     install_error_handling(app, app.state.service, settings)
     app.include_router(router)
+    spec_openapi(app)
     return app

@@ -44,6 +44,12 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
+        self.fill_ins = Counter(
+            "longer_feature_fill_ins_total",
+            "declared feature values a /v1/score request left out, filled in, by column and source",
+            ["column", "source"],
+            registry=self.registry,
+        )
         self.model = Gauge("longer_model_info", "the loaded model", ["model_version"], registry=self.registry)
 
 

@@ -8,11 +8,14 @@
 from __future__ import annotations
 
 import hmac
+import json
 import time
 
 from fastapi import APIRouter, BackgroundTasks, Depends, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
 
 from feature_store.online import Event as StoreEvent
 from feature_store.online import store_errors
@@ -25,7 +28,6 @@ from .schemas import (
     ModelInfo,
     Readiness,
     ReloadResult,
-    ScoreRequest,
     ScoreResponse,
 )
 from .service import Service
@@ -63,20 +65,69 @@ def at_most(what: str, items: list, limit: int, variable: str, unit: str) -> Non
         raise invalid(what, f"at most {limit} {what} {unit} ({variable}), got {len(items)}", "too_long")
 
 
+async def spec_body(request: Request, model):
+    """The JSON body validated against a model built at run time (the bundle's), answered as
+    FastAPI answers a declared body: JSON errors and pydantic errors are 422 under loc "body",
+    an unparseable body (invalid UTF-8, nested too deep) is 400."""
+    try:
+        data = json.loads(await request.body())
+    except json.JSONDecodeError as e:
+        error = {"type": "json_invalid", "loc": ("body", e.pos), "msg": "JSON decode error", "input": {}}
+        raise RequestValidationError([{**error, "ctx": {"error": e.msg}}], body=e.doc) from None
+    except Exception as e:
+        raise HTTPException(400, "There was an error parsing the body") from e
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        errors = [{**err, "loc": ("body", *err["loc"])} for err in e.errors(include_url=False)]
+        raise RequestValidationError(errors, body=data) from None
+
+
+def columnar(req, rt) -> list:
+    """The columnar form (`item_ids`, `category_ids`) as candidate objects; every other declared
+    column left out."""
+    items, cats = req.columns()
+    with_cat = "category_id" in rt.spec.candidate
+    build = rt.models.candidate.model_construct
+    return [build(item_id=i, **({"category_id": c} if with_cat else {})) for i, c in zip(items, cats)]
+
+
 @router.post(
     "/v1/score",
     response_model=ScoreResponse,
     summary="score candidates for a user",
     responses=responses(400, 408, 413, 503),
+    # the body is the loaded bundle's ScoreRequest (serving/schemas.py `request_models`); the
+    # OpenAPI schema shows it (serving/app.py `spec_openapi`)
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ScoreRequest"}}},
+        },
+        "responses": {  # FastAPI adds this only for a body it validates itself (/v1/events does)
+            "422": {
+                "description": "Validation Error",
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/HTTPValidationError"}}
+                },
+            }
+        },
+    },
 )
-async def score(req: ScoreRequest, background: BackgroundTasks, svc: Service = Depends(service)):
-    items, cats = req.columns()
-    at_most(req.candidate_field, items, svc.settings.max_candidates, "LONGER_MAX_CANDIDATES", "per request")
+async def score(request: Request, background: BackgroundTasks, svc: Service = Depends(service)):
+    rt = svc.runtime  # one model for the whole request, even across a reload
+    req = await spec_body(request, rt.models.score)
+    given = req.candidates if req.candidates is not None else columnar(req, rt)
+    at_most(req.candidate_field, given, svc.settings.max_candidates, "LONGER_MAX_CANDIDATES", "per request")
     ts = req.ts if req.ts is not None else int(time.time())
-    rt = svc.runtime
+    context = req.context.model_dump() if req.context is not None else {}
+    cands, fills = rt.candidates(given, context, ts)
+    for (column, source), n in fills.items():
+        svc.metrics.fill_ins.labels(column, source).inc(n)
+    items = [c.item_id for c in given]
 
     def score_state(state):
-        return rt.score(state, items, cats, ts)
+        return rt.score(state, cands)
 
     scores, outcome = await svc.cache.score(
         rt, req.user_id, ts, req.history or [], score_state, background.add_task

@@ -1,21 +1,30 @@
 """The model at serving time: one bundle and the two halves of the split — `encode` (a user's
 history → UserState, once per sequence version) and `score` (candidates against a UserState).
-How a UserState is cached between requests is serving/state_cache.py's."""
+How a UserState is cached between requests is serving/state_cache.py's.
+
+Features follow the bundle's FeatureSpec. A declared column a request leaves out is filled in
+with the unknown bucket (id 0; an empty list for a list column; a dense column's train mean),
+and `score` returns how many of each it filled. History events carry the stored columns
+(item_id, category_id, action); another declared sequence column, and a user column, enter
+as the unknown bucket (the online store holds neither yet).
+"""
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from feature_store.batch import DEFAULT_KEYS
+from feature_store.columns import normalised
 from longer.interface import Candidates, UserState
+from longer.spec import FeatureSpec, hist_key
 from trainer.export import Bundle, load_bundle
 from trainer.threads import configure_threads
+
+from .schemas import request_models
 
 
 @dataclass
@@ -24,29 +33,41 @@ class HistoryBatch:
 
     sparse: KeyedJaggedTensor
     hist_ts: torch.Tensor
+    event_lengths: dict[str, torch.Tensor]  # list sequence columns: values per event (none known: 0)
 
 
-def history_batch(user_id: int, events: np.ndarray, max_len: int) -> HistoryBatch:
+def history_batch(
+    user_id: int, events: np.ndarray, max_len: int, spec: FeatureSpec | None = None
+) -> HistoryBatch:
     """One user's last `max_len` events (a structured array sorted by time) as a model input."""
+    spec = spec or FeatureSpec()
     ev = events[-max_len:] if max_len else events[:0]
     n = len(ev)
-    values, lengths = [], []
-    for key in DEFAULT_KEYS:
-        if key.startswith("hist_"):
-            values.append(np.array(ev[key.removeprefix("hist_")], dtype=np.int64))  # a packed copy
+    values, lengths, event_lengths = [], [], {}
+    stored = set(ev.dtype.names or ())
+    for col in spec.history_fields:
+        if spec.is_list(col):  # not stored online: every event's list is empty
+            event_lengths[hist_key(col)] = torch.zeros(n, dtype=torch.long)
+            values.append(np.zeros(0, np.int64))
+            lengths.append(0)
+        else:  # a packed copy; a column the store does not hold: the unknown bucket
+            values.append(np.array(ev[col], dtype=np.int64) if col in stored else np.zeros(n, np.int64))
             lengths.append(n)
-        elif key == "user_id":
-            values.append(np.array([user_id], np.int64))
-            lengths.append(1)
-        else:  # the candidate's keys: filled with a placeholder id, never read by encode_user
-            values.append(np.zeros(1, np.int64))
-            lengths.append(1)
+    values.append(np.array([user_id], np.int64))
+    lengths.append(1)
+    for col in spec.user:  # not stored online yet: the unknown bucket
+        values.append(np.zeros(0 if spec.is_list(col) else 1, np.int64))
+        lengths.append(0 if spec.is_list(col) else 1)
+    # the candidate and context keys: a placeholder id each, never read by encode_user
+    for _ in (*spec.candidate_keys, *spec.context_keys):
+        values.append(np.zeros(1, np.int64))
+        lengths.append(1)
     kjt = KeyedJaggedTensor(
-        keys=list(DEFAULT_KEYS),
+        keys=list(spec.history_keys + spec.user_keys + spec.candidate_keys + spec.context_keys),
         values=torch.from_numpy(np.concatenate(values)),
         lengths=torch.tensor(lengths, dtype=torch.long),
     )
-    return HistoryBatch(kjt, torch.from_numpy(np.array(ev["ts"], dtype=np.int64)))
+    return HistoryBatch(kjt, torch.from_numpy(np.array(ev["ts"], dtype=np.int64)), event_lengths)
 
 
 class ModelRuntime:
@@ -60,23 +81,54 @@ class ModelRuntime:
         extended = max_len and self.max_len != self.bundle.trained_max_len
         self.model_version = f"{self.bundle.version}-L{self.max_len}" if extended else self.bundle.version
         self.threads = configure_threads(threads or None, "LONGER_THREADS")  # 0: the CPU budget
+        self.spec = self.bundle.spec
+        self.models = request_models(self.spec)  # the request bodies this bundle declares
         self._lock = threading.Lock()  # torch modules are not re-entrant across threads in eval either
 
     def encode(self, user_id: int, events: np.ndarray) -> UserState:
         with self._lock, torch.no_grad():
             torch.set_num_threads(self.threads)
-            return self.bundle.model.encode_user(history_batch(user_id, events, self.max_len))
+            return self.bundle.model.encode_user(history_batch(user_id, events, self.max_len, self.spec))
 
-    def score(
-        self, state: UserState, item_ids: Sequence[int], category_ids: Sequence[int], ts: int
-    ) -> list[float]:
-        """Click probabilities of the candidates (parallel id sequences) against `state`.
-        inference_mode: no autograd bookkeeping at all on the hot path (no_grad keeps some)."""
-        cands = Candidates(
-            item_id=torch.as_tensor(item_ids, dtype=torch.long)[None],
-            category_id=torch.as_tensor(category_ids, dtype=torch.long)[None],
+    def candidates(self, cands: list, context: dict, ts: int) -> tuple[Candidates, dict]:
+        """Request candidates (objects with item_id and the candidate and dense columns as
+        attributes, None = left out) and context → model Candidates, and the fill-ins
+        {(column, "unknown"): count}."""
+        spec, fills = self.spec, {}
+
+        def filled(col, v, unknown):
+            if v is None:
+                fills[(col, "unknown")] = fills.get((col, "unknown"), 0) + 1
+                return unknown
+            return v
+
+        def ids(col, vs):
+            if not spec.is_list(col):
+                return torch.tensor([[filled(col, v, 0) for v in vs]], dtype=torch.long)
+            rows = [filled(col, v, []) for v in vs]
+            M = max(1, *(len(r) for r in rows))
+            return torch.tensor([[r + [-1] * (M - len(r)) for r in rows]], dtype=torch.long)
+
+        columns = {c: ids(c, [getattr(x, c) for x in cands]) for c in spec.candidate}
+        dense = {}
+        for c in spec.dense:  # normalised with the train split's statistics, as the loader does
+            mean, std = spec.dense_stats.get(c, (0.0, 1.0))
+            raw = [filled(c, getattr(x, c), mean) for x in cands]
+            dense[c] = torch.from_numpy(normalised(np.array([raw], dtype=np.float64), mean, std))
+        ctx = {c: ids(c, [context.get(c)])[0] for c in spec.context}
+        out = Candidates(
+            item_id=torch.tensor([[x.item_id for x in cands]], dtype=torch.long),
+            category_id=columns.pop("category_id", None),
             ts=torch.tensor([ts], dtype=torch.long),
+            columns=columns,
+            dense=dense,
+            context=ctx,
         )
+        return out, fills
+
+    def score(self, state: UserState, cands: Candidates) -> list[float]:
+        """Click probabilities of the candidates against `state`. inference_mode: no autograd
+        bookkeeping at all on the hot path (no_grad keeps some)."""
         with self._lock, torch.inference_mode():
             torch.set_num_threads(self.threads)
             logits = self.bundle.model.score(state, cands)[0]

@@ -5,13 +5,17 @@ Every request model is strict: unknown fields are refused, integers must be JSON
 `feature_store.schema.MAX_TS_SECONDS`, the offline log's bound, so a millisecond `ts` is
 refused here as it is by `longer build`. Strings must be valid unicode (no lone surrogate).
 So nothing a client sends can overflow in numpy, torch or Redis.
+
+`/v1/score`'s body is built from the loaded bundle's FeatureSpec (`request_models`), so its
+fields, and the OpenAPI schema, are the bundle's; `ScoreRequest` below is the default spec's.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, create_model, model_validator
 
 from feature_store.schema import MAX_TS_SECONDS
 
@@ -139,3 +143,48 @@ class Readiness(BaseModel):
 
 class ErrorBody(BaseModel):
     detail: str
+
+
+# --- request models built from the bundle's FeatureSpec (issue 15) ------------------------------
+
+Dense = Annotated[float, Field(allow_inf_nan=False)]
+
+
+@dataclass(frozen=True)
+class RequestModels:
+    """The request bodies one bundle's spec declares: `/v1/score`'s candidates carry the
+    candidate columns (a list column: a list of ids) and the dense columns, its `context` the
+    context columns. Every declared field is optional: one left out is filled in (the unknown
+    bucket: id 0, an empty list, a dense column's train mean) and counted in /metrics; an
+    undeclared one is a 422 naming it."""
+
+    candidate: type[BaseModel]
+    context: type[BaseModel]
+    score: type[BaseModel]
+
+
+def _id_field(spec, column: str):
+    if spec.is_list(column):
+        return (list[Id] | None, Field(default=None, description="list column; left out: the unknown bucket"))
+    return (Id | None, Field(default=None, description="left out: the unknown bucket"))
+
+
+def request_models(spec) -> RequestModels:
+    """pydantic models (create_model) for a resolved `longer.spec.FeatureSpec`."""
+    cand_fields = {c: _id_field(spec, c) for c in spec.candidate}
+    cand_fields |= {
+        c: (Dense | None, Field(default=None, description="dense column, raw; left out: its train mean"))
+        for c in spec.dense
+    }
+    candidate = create_model("Candidate", __base__=Strict, item_id=(Id, ...), **cand_fields)
+    context = create_model("Context", __base__=Strict, **{c: _id_field(spec, c) for c in spec.context})
+    score = create_model(  # the columnar form (item_ids, category_ids) and its checks: ScoreRequest's
+        "ScoreRequest",
+        __base__=ScoreRequest,
+        candidates=(
+            list[candidate] | None,
+            Field(default=None, min_length=1, description="the candidates as objects (or give `item_ids`)"),
+        ),
+        context=(context | None, Field(default=None, description="the request's context columns")),
+    )
+    return RequestModels(candidate, context, score)

@@ -212,3 +212,16 @@ def test_bench_quality_needs_a_longer_base(tmp_path, synth_dataset):
         check=False,
     )
     assert r.returncode == 2 and "needs a LONGER base config" in r.stderr, r.stderr
+
+
+def test_features_table_is_base_and_longer_without_and_with_the_configs_features():
+    base = ModelConfig(max_len=512, merge_k=8, query_k=100)
+    table = {"user": ["age"], "dense": ["price"]}
+    vs = variants(base, [512], tables=("features",), features=table)
+    assert [(v.label, v.model.arch, v.features) for v in vs] == [
+        ("base (no sequence), with features", "base", table),
+        ("LONGER without features", "longer", None),
+        ("LONGER with features", "longer", table),
+    ]
+    assert len({v.key for v in vs}) == 3  # the two LONGER rows are different runs
+    assert not [v for v in variants(base, [512]) if v.table == "features"]  # no [features]: no table

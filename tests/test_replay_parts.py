@@ -242,3 +242,43 @@ def test_bootstrap_keeps_what_a_full_replay_of_the_history_would(tmp_path):
             assert full.read(u)[0].tolist() == trimmed.read(u)[0].tolist()
     finally:
         stop_embedded(client, save=False)
+
+
+def test_replay_sends_the_columns_each_arm_declares(tmp_path):
+    """Item 6 of issue 15: a logged request's candidate, dense and context columns go to an arm
+    whose bundle declares them, and nothing undeclared (which the arm would answer 422)."""
+    from serving.replay.driver import score_body
+
+    log = {
+        "user_id": [1, 1, 2],
+        "item_id": [3, 4, 5],
+        "ts": [100, 100, 100],
+        "label": [1, 0, 0],
+        "category_id": [7, 8, 9],
+        "brand": [11, 12, 13],
+        "device": [2, 2, 3],
+        "price": [1.5, 2.5, 3.5],
+        "tags": [[1, 2], [], [3]],
+    }
+    write_log(tmp_path / "log.parquet", log)
+    req = requests_from_log(tmp_path / "log.parquet")[0]
+    spec = {
+        "candidate": ["category_id", "brand", "tags"],
+        "dense": ["price"],
+        "context": ["device"],
+        "user": [],
+    }
+    assert score_body(req, spec) == {
+        "user_id": 1,
+        "ts": 100,
+        "candidates": [
+            {"item_id": 3, "category_id": 7, "brand": 11, "tags": [1, 2], "price": 1.5},
+            {"item_id": 4, "category_id": 8, "brand": 12, "tags": [], "price": 2.5},
+        ],
+        "context": {"device": 2},
+    }
+    assert score_body(req, None) == {  # a default-spec arm: today's body
+        "user_id": 1,
+        "ts": 100,
+        "candidates": [{"item_id": 3, "category_id": 7}, {"item_id": 4, "category_id": 8}],
+    }

@@ -135,3 +135,22 @@ def test_json_round_trip():
     import json
 
     assert FeatureSpec.from_json(json.dumps(s.to_json())) == s
+
+
+DEFAULT_CARDS = {c: {"max_id": 5, "distinct": 5} for c in ("category_id", "action")}
+
+
+def test_resolving_a_bundles_spec_keeps_its_training_statistics():
+    meta = {
+        "cardinalities": {"brand": {"max_id": 9, "distinct": 9}, **DEFAULT_CARDS},
+        "features": {"kinds": {"brand": "int"}, "dense_stats": {"price": {"mean": 5.0, "std": 2.0}}},
+    }
+    spec = FeatureSpec.from_config({"candidate": ["brand"], "dense": ["price"]}).resolve(meta)
+    other = {
+        "cardinalities": {"brand": {"max_id": 99, "distinct": 99}, **DEFAULT_CARDS},
+        "features": {"kinds": {"brand": "int"}, "dense_stats": {"price": {"mean": 7.0, "std": 1.0}}},
+    }
+    again = spec.resolve(other)
+    assert (
+        again.dense_stats == {"price": (5.0, 2.0)} and again.buckets["brand"] == spec.buckets["brand"] == 11
+    )

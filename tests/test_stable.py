@@ -69,8 +69,8 @@ def check_updates(m, steps, start=0, n_total=None, seed=0):
 
 
 def cand_emb(m, batch):
-    emb = m.embedding(batch.sparse)
-    return emb["item_id"].values()[:, None], emb["category_id"].values()[:, None], batch.ts
+    """score_embedded's candidate inputs for the one candidate of each sample."""
+    return m.embedding(batch.sparse), m.net.features.sample_dense(batch), batch.ts
 
 
 @pytest.mark.parametrize("norm", ["pre", "post", "hybrid", "hybrid_star"])

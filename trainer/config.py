@@ -13,6 +13,7 @@ from typing import ClassVar
 import tomllib
 
 from longer.config import ConfigError, ConfigSection, ModelConfig
+from longer.spec import MODEL_SIZED, FeatureSpec, SpecError
 
 EMB_OPTIMIZERS = ("rowwise_adagrad", "adam")
 DECAYS = ("cosine", "linear", "none")
@@ -94,19 +95,40 @@ class TrainConfig(ConfigSection):
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    features: FeatureSpec = field(default_factory=FeatureSpec)  # as declared (`resolved_spec` completes it)
 
     def to_dict(self) -> dict:
-        return {"model": dataclasses.asdict(self.model), "train": dataclasses.asdict(self.train)}
+        """The run config; `features` only when it is not the default spec, so a default run's
+        config (and model_version) is what it was before the spec existed."""
+        out = {"model": dataclasses.asdict(self.model), "train": dataclasses.asdict(self.train)}
+        if self.features != FeatureSpec():
+            out["features"] = {
+                k: v for k, v in self.features.to_json().items() if k not in ("lists", "dense_stats")
+            }
+        return out
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "config") -> RunConfig:
-        unknown = sorted(set(d) - {"model", "train"})
+        unknown = sorted(set(d) - {"model", "train", "features"})
         if unknown:
-            raise ConfigError(f"{where}: unknown table [{unknown[0]}] (expected [model] and [train])")
+            raise ConfigError(
+                f"{where}: unknown table [{unknown[0]}] (expected [model], [train], [features])"
+            )
+        try:
+            features = FeatureSpec.from_config(d.get("features"))
+        except SpecError as e:
+            raise ConfigError(f"{where}: {e}") from e
         return cls(
             model=ModelConfig.from_dict(d.get("model", {}), f"{where} [model]"),
             train=TrainConfig.from_dict(d.get("train", {}), f"{where} [train]"),
+            features=features,
         )
+
+    def resolved_spec(self, meta: dict) -> FeatureSpec:
+        """The declared spec completed from a build's meta.json (buckets, list columns, dense
+        statistics); the ModelConfig sizes the tables of item_id, category_id, action, user_id."""
+        sizes = {c: getattr(self.model, f) for c, f in MODEL_SIZED.items()}
+        return self.features.resolve(meta, model_buckets=sizes)
 
     @classmethod
     def load(cls, path: str | Path, overrides: list[str] = ()) -> RunConfig:

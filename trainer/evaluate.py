@@ -94,7 +94,12 @@ def eval_bundle(
 
     bundle = load_bundle(bundle_path, max_len=max_len)
     loader = BatchLoader(
-        data, split, batch_size=batch_size, max_len=bundle.config.model.max_len, shuffle=False
+        data,
+        split,
+        batch_size=batch_size,
+        max_len=bundle.config.model.max_len,
+        shuffle=False,
+        spec=bundle.spec,
     )
     pred = predict_split(bundle.model, loader, torch.device("cpu"), progress=progress)
     if predictions:

@@ -2,8 +2,11 @@
 process group and no TorchRec sharding.
 
     config.json           the run config ({"model": ..., "train": ...}) and "model_version"
-    feature_schema.json   the KJT keys and features the model reads, table sizes, and the
-                          dataset's schema (columns, cardinalities, split)
+    feature_schema.json   format 2: "spec", the model's resolved FeatureSpec (longer/spec.py:
+                          declared columns by kind, buckets, list columns, dense mean/std),
+                          and derived from it the KJT keys, features and table sizes; plus the
+                          dataset's schema (columns, cardinalities, split). A format-1 file
+                          (no "spec", bundles from before issue 15) loads as the default spec.
     model.safetensors     every weight, unsharded, under the RecModel's own parameter names
 
 model_version = the first 16 hex digits of sha256(config + every tensor's name, dtype, shape
@@ -14,21 +17,23 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from feature_store.io import atomic_dir
-from longer.embedding import FEATURE_KEYS, table_sizes
+from longer.embedding import table_sizes
 from longer.errors import LongerError
 from longer.recmodel import RecModel, build_model
+from longer.spec import FeatureSpec
 
 from .config import RunConfig
 from .extrapolate import extend_max_len
 
 FILES = ("config.json", "feature_schema.json", "model.safetensors")
+SCHEMA_FORMAT = 2  # 1: no "spec" (the default spec)
 
 
 def content_version(tensors: dict[str, torch.Tensor], config: dict) -> str:
@@ -40,28 +45,41 @@ def content_version(tensors: dict[str, torch.Tensor], config: dict) -> str:
     return h.hexdigest()[:16]
 
 
-def feature_schema(cfg: RunConfig, data_meta: dict) -> dict:
+def feature_schema(cfg: RunConfig, data_meta: dict, spec: FeatureSpec) -> dict:
     return {
-        "keys": list(FEATURE_KEYS),
-        "history_features": ["item_id", "category_id", "action"],
-        "candidate_features": ["item_id", "category_id"],
+        "format": SCHEMA_FORMAT,
+        "spec": spec.to_json(),
+        "keys": list(spec.sparse_keys),
+        "history_features": list(spec.history_fields),
+        "candidate_features": list(spec.candidate_keys),
         "max_len": cfg.model.max_len,
-        "tables": table_sizes(cfg.model),
+        "tables": table_sizes(cfg.model, spec),
         "dataset": {
             k: data_meta.get(k) for k in ("schema_version", "columns", "cardinalities", "split", "max_len")
         },
     }
 
 
-def write_bundle(out: str | Path, tensors: dict[str, torch.Tensor], cfg: RunConfig, data_meta: dict) -> str:
-    """Write a bundle atomically (replacing an older one); returns its model version."""
+def write_bundle(
+    out: str | Path,
+    tensors: dict[str, torch.Tensor],
+    cfg: RunConfig,
+    data_meta: dict,
+    spec: FeatureSpec | None = None,
+) -> str:
+    """Write a bundle atomically (replacing an older one); returns its model version. `spec`:
+    the resolved spec the weights were trained with (None: the config's, which must then need
+    no resolving, e.g. the default spec)."""
+    spec = spec or cfg.features
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     config = cfg.to_dict()
     version = content_version(tensors, config)
     with atomic_dir(out, overwrite=True) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"model_version": version})
         (tmp / "config.json").write_text(json.dumps({**config, "model_version": version}, indent=2) + "\n")
-        (tmp / "feature_schema.json").write_text(json.dumps(feature_schema(cfg, data_meta), indent=2) + "\n")
+        (tmp / "feature_schema.json").write_text(
+            json.dumps(feature_schema(cfg, data_meta, spec), indent=2) + "\n"
+        )
     return version
 
 
@@ -73,6 +91,8 @@ class Bundle:
     version: str
     path: Path
     trained_max_len: int = 0  # the max_len it was trained at (config.model.max_len may be longer)
+    # resolved: what the model reads and the server's request fields
+    spec: FeatureSpec = field(default_factory=FeatureSpec)
 
 
 class BundleError(LongerError, ValueError):
@@ -129,7 +149,8 @@ def load_bundle(path: str | Path, verify: bool = True, max_len: int | None = Non
     if max_len is not None:
         cfg, tensors = extend_max_len(cfg, tensors, max_len, str(path))
     try:
-        model = build_model(cfg.model)
+        spec = FeatureSpec.from_json(schema["spec"]) if "spec" in schema else FeatureSpec()
+        model = build_model(cfg.model, spec)
         missing, unexpected = model.load_state_dict(tensors, strict=False)
     except Exception as e:  # e.g. a tensor of the wrong shape
         raise BundleError(f"{path}: weights do not fit the config ({type(e).__name__}: {e})") from e
@@ -137,7 +158,7 @@ def load_bundle(path: str | Path, verify: bool = True, max_len: int | None = Non
         raise BundleError(
             f"{path}: weights do not fit the config (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
-    return Bundle(model.eval(), cfg, schema, version, path, trained_max_len)
+    return Bundle(model.eval(), cfg, schema, version, path, trained_max_len, spec)
 
 
 def gather_unsharded(dmp) -> dict[str, torch.Tensor] | None:

@@ -24,7 +24,6 @@ from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backwa
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from longer.embedding import EMBEDDING_TABLES
 from longer.recmodel import RecModel
 
 from .config import TrainConfig
@@ -64,11 +63,11 @@ class DenseOptimizer(KeyedOptimizerWrapper):
             g["lr"] = lr
 
 
-def _constraints(cfg: TrainConfig) -> dict[str, ParameterConstraints] | None:
+def _constraints(cfg: TrainConfig, model: RecModel) -> dict[str, ParameterConstraints] | None:
     if cfg.sharding == "auto":
         return None
     kind = {"row_wise": ShardingType.ROW_WISE, "table_wise": ShardingType.TABLE_WISE}[cfg.sharding].value
-    return {t: ParameterConstraints(sharding_types=[kind]) for t in EMBEDDING_TABLES}
+    return {t: ParameterConstraints(sharding_types=[kind]) for t in model.spec.tables()}
 
 
 def shard(
@@ -87,7 +86,7 @@ def shard(
     )
     planner = EmbeddingShardingPlanner(
         topology=topology,
-        constraints=_constraints(cfg),
+        constraints=_constraints(cfg, model),
         storage_reservation=FixedPercentageStorageReservation(0.15),
     )
     plan = planner.collective_plan(module, sharders, dist.GroupMember.WORLD)

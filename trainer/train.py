@@ -253,7 +253,9 @@ class Trainer:
         self.val_ts = val_start(self.data, self.meta, tc)  # None: no validation split
         self.stopper = EarlyStop(tc.early_stop)
         _seed(tc.seed, tc.deterministic)
-        self.dmp, self.optimizer, self.dense_opt, self.plan = shard(build_model(self.cfg.model), tc, ctx)
+        self.spec = self.cfg.resolved_spec(self.meta)  # SpecError names a column the data lacks
+        model = build_model(self.cfg.model, self.spec)
+        self.dmp, self.optimizer, self.dense_opt, self.plan = shard(model, tc, ctx)
         self.loader, self.eval_loader, self.val_loader = self._loaders()
         return latest
 
@@ -280,7 +282,7 @@ class Trainer:
         """Train, eval and (with a validation split) validation loaders; the validation split is
         the train split's samples from val_ts on, and training takes only those before it."""
         tc, ctx, max_len, val_ts = self.tc, self.ctx, self.cfg.model.max_len, self.val_ts
-        common = {"max_len": max_len, "rank": ctx.rank, "world_size": ctx.world_size}
+        common = {"max_len": max_len, "rank": ctx.rank, "world_size": ctx.world_size, "spec": self.spec}
         train = BatchLoader(
             self.data,
             "train",
@@ -465,7 +467,9 @@ class Trainer:
 
         tensors = gather_unsharded(self.dmp)
         version = (
-            write_bundle(self.run / "export", tensors, self.cfg, self.meta) if self.ctx.is_main else None
+            write_bundle(self.run / "export", tensors, self.cfg, self.meta, self.spec)
+            if self.ctx.is_main
+            else None
         )
         if self.writer:
             self.writer.close()

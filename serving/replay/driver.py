@@ -20,6 +20,7 @@ class Arm:
     name: str
     client: httpx.AsyncClient  # base_url = the arm's server, or an in-process ASGI transport
     on_close: list = field(default_factory=list)  # callables run when the replay is over
+    spec: dict | None = None  # the arm's bundle's feature spec (GET /v1/model), read by `replay`
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -65,6 +66,32 @@ async def _call(
     return None, error, retries
 
 
+async def arm_spec(arm: Arm) -> dict | None:
+    """The arm's declared features (its bundle's feature_schema.json "spec"); None: the default."""
+    try:
+        r = await arm.client.get("/v1/model")
+        return r.json().get("feature_schema", {}).get("spec") if r.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return None  # the replay's calls will count the arm's errors
+
+
+def score_body(req: Request, spec: dict | None) -> dict:
+    """The /v1/score body of a logged request for an arm: item_id, and of the logged columns
+    those the arm's spec declares (candidate and dense per candidate, context per request)."""
+    spec = spec or {"candidate": ["category_id"], "dense": [], "context": []}
+    cols = {"category_id": req.category_id, **req.columns}
+    per_cand = [c for c in (*spec.get("candidate", ()), *spec.get("dense", ())) if c in cols]
+    body = {
+        "user_id": req.user_id,
+        "ts": req.ts,
+        "candidates": [
+            {"item_id": it, **{c: cols[c][k] for c in per_cand}} for k, it in enumerate(req.item_id)
+        ],
+    }
+    context = {c: cols[c][0] for c in spec.get("context", ()) if c in cols}
+    return {**body, "context": context} if context else body
+
+
 async def replay(
     requests: list[Request],
     arms: list[Arm],
@@ -87,11 +114,7 @@ async def replay(
         if previous is not None:
             await previous  # one user's requests reach an arm in order, each after the last one's events
         out = Outcome(arm.name, i, req.user_id, req.ts, req.label)
-        body = {
-            "user_id": req.user_id,
-            "ts": req.ts,
-            "candidates": [{"item_id": it, "category_id": c} for it, c in zip(req.item_id, req.category_id)],
-        }
+        body = score_body(req, arm.spec)
         async with sem:
             t0 = time.perf_counter()
             r, out.error, out.retries = await _call(
@@ -122,6 +145,8 @@ async def replay(
         outcomes.append(out)
         bar.update(1)
 
+    for arm in arms:
+        arm.spec = await arm_spec(arm)
     t_start = time.perf_counter()
     tasks = []
     for i, req in enumerate(requests):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +23,23 @@ class Request:
     action: tuple[int, ...]
     label: tuple[int, ...]
     event_ts: tuple[int, ...]
+    # every other logged column, per event (a list column: lists); an arm sends those its
+    # bundle declares: candidate and dense columns per candidate, context columns from the first
+    columns: dict[str, tuple] = field(default_factory=dict)
+
+
+FIXED = ("user_id", "ts", "label", "item_id", "category_id", "action")
+
+
+def as_json(v):
+    """A logged value as a JSON value (numpy ints, floats, lists)."""
+    return v.tolist() if hasattr(v, "tolist") else list(v) if isinstance(v, (list, tuple)) else v
 
 
 def log_columns(log: str | Path) -> dict[str, np.ndarray]:
     """A log's columns as arrays, with `category_id` and `action` = 0 where the log has none."""
     t = read_log(log)
-    cols = {c: t.column(c).to_numpy() for c in t.column_names}
+    cols = {c: t.column(c).to_numpy(zero_copy_only=False) for c in t.column_names}
     for c in ("category_id", "action"):
         cols.setdefault(c, np.zeros(len(cols["user_id"]), np.int64))
     return cols
@@ -64,6 +75,7 @@ def requests_from_log(
         while j < len(order) and cols["user_id"][order[j]] == u and cols["ts"][order[j]] < t0 + window_s:
             j += 1
         rows = order[i:j]
+        extra = {c: tuple(as_json(v) for v in cols[c][rows]) for c in cols if c not in FIXED}
         out.append(
             Request(
                 int(u),
@@ -72,6 +84,7 @@ def requests_from_log(
                     tuple(int(v) for v in a[rows])
                     for a in (cols["item_id"], cat, act, cols["label"], cols["ts"])
                 ),
+                columns=extra,
             )
         )
         i = j
