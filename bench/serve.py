@@ -27,6 +27,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -159,7 +160,9 @@ def _hits_and_scores(ctx: dict, forms: dict, items: list, cats: list, reps: int)
         tag = state_tag(USER, version, int((events["ts"] < ctx["ts"]).sum()))
         state = app.state.service.cache.loads(rt, blob, tag)
         assert state is not None, "the server's cached state does not decode here"
-        score = _timed(lambda s=state: rt.score(s, items, cats, ctx["ts"]), per_round + 1)[1:]
+        given = [SimpleNamespace(item_id=i, category_id=c) for i, c in zip(items, cats)]
+        cands, _ = rt.candidates(given, {}, ctx["ts"])  # the request's candidates, as the route builds them
+        score = _timed(lambda s=state, c=cands: rt.score(s, c), per_round + 1)[1:]
         out["in_process_score"] += score
     return out
 
