@@ -8,6 +8,20 @@ import platform
 import time
 from pathlib import Path
 
+# The model shape of the train and serve benchmarks (README's tables): d 64, 2 layers, K 8 +
+# InnerTrans, 100 recent queries, 100,003-row item and user tables.
+BENCH_SHAPE = dict(
+    d_model=64,
+    n_heads=4,
+    n_layers=2,
+    emb_dim=32,
+    merge_k=8,
+    merge="inner_trans",
+    query_k=100,
+    item_buckets=100_003,
+    user_buckets=100_003,
+)
+
 
 def machine() -> dict:
     from trainer.threads import cpu_budget

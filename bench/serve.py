@@ -32,21 +32,10 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from bench import finish, machine
+from bench import BENCH_SHAPE, finish, machine
 from trainer.threads import env_threads, resolve_threads
 
-SHAPE = dict(
-    d_model=64,
-    n_heads=4,
-    n_layers=2,
-    emb_dim=32,
-    merge_k=8,
-    merge="inner_trans",
-    query_k=100,
-    item_buckets=100_003,
-    category_buckets=512,
-    user_buckets=100_003,
-)
+SHAPE = BENCH_SHAPE | {"category_buckets": 512}
 FULL = {"cells": {1000: (100, 500), 2000: (100, 500)}, "reps": 30, "naive_reps": 1, "per_level": 64}
 QUICK = {"cells": {256: (20, 100)}, "reps": 6, "naive_reps": 1, "per_level": 16}
 ROUNDS = 3  # alternations of HTTP hits and in-process scores

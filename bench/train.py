@@ -18,25 +18,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench import finish, machine, median_seconds
+from bench import BENCH_SHAPE, finish, machine, median_seconds
 from bench.rlb import rlb_speedup
 from trainer.threads import configure_threads, cpu_budget, env_threads
 
 LENGTHS = (512, 2000, 8000)
 TOKENS_PER_BATCH = 16_000  # batch size = max(1, TOKENS_PER_BATCH // L), the same for both models
-BASE = dict(
-    d_model=64,
-    n_heads=4,
-    n_layers=2,
-    emb_dim=32,
-    merge_k=8,
-    merge="inner_trans",
-    query_k=100,
-    query_select="recent",
-    norm="hybrid",
-    item_buckets=100_003,
-    user_buckets=100_003,
-)
+BASE = BENCH_SHAPE | {"query_select": "recent", "norm": "hybrid"}
 
 
 def config(arch: str, L: int):
