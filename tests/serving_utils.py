@@ -54,6 +54,20 @@ def delete_prefix(client, prefix: str) -> None:
 
 
 @contextlib.contextmanager
+def served_bundle(bundle: Path, data: Path):
+    """(app, store): the app serving `bundle` (max 50 candidates, a bearer token) over a prefixed
+    store of the shared Redis holding `data`'s sequences; its keys are deleted afterwards."""
+    from serving.app import create_app
+    from serving.runtime import ModelRuntime
+    from serving.settings import Settings
+
+    with prefixed_store(shared_redis()) as store:
+        store.load_sequences(data, progress=False)
+        settings = Settings(model=str(bundle), max_candidates=50, token="s3cret")
+        yield create_app(settings, runtime=ModelRuntime(str(bundle)), store=store), store
+
+
+@contextlib.contextmanager
 def prefixed_store(client, max_len: int = 1000, **kw):
     """An OnlineStore under a fresh prefix whose keys are deleted afterwards."""
     from feature_store.online import OnlineStore

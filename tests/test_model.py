@@ -19,6 +19,17 @@ def model(seed=0, **kw):
     return build_model(TINY.replace(**kw)).eval()
 
 
+def block_outputs(m, batch) -> list[torch.Tensor]:
+    """Each attention layer's output while `m` encodes `batch`'s users (no grad)."""
+    captured = []
+    hooks = [blk.register_forward_hook(lambda mod, a, out: captured.append(out)) for blk in m.net.blocks]
+    with torch.no_grad():
+        m.encode_user(batch)
+    for h in hooks:
+        h.remove()
+    return captured
+
+
 ENCODINGS = pytest.mark.parametrize("encoding", ["recency", "append_stable"])
 
 
@@ -120,15 +131,7 @@ def test_queries_never_see_later_events(kw):
         for j in range(L - r, L):  # oldest-first lists: the last r events are the r most recent
             later[0][key][j] = (later[0][key][j] + 5) % 20 + 1
     b2 = random_batch([L], hist=later, cand=cand, ts=ts)
-    outs = []
-    for batch in (b, b2):
-        captured = []
-        hooks = [blk.register_forward_hook(lambda mod, a, out: captured.append(out)) for blk in m.net.blocks]
-        with torch.no_grad():
-            m.encode_user(batch)
-        for h in hooks:
-            h.remove()
-        outs.append(captured)
+    outs = [block_outputs(m, batch) for batch in (b, b2)]
     r_q = m.net._query_offsets(L, "cpu")
     n_glob = 2
     older = n_glob + torch.nonzero(r_q >= r).flatten()

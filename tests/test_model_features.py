@@ -12,7 +12,7 @@ from bench.batches import spec_batch, spec_candidates, spec_samples
 from longer.config import ARCHS
 from longer.recmodel import build_model
 from longer.spec import FeatureSpec
-from tests.test_model import LENGTHS, TINY
+from tests.test_model import LENGTHS, TINY, block_outputs
 
 SPEC = FeatureSpec(
     sequence=("category_id", "action", "tags"),
@@ -107,15 +107,7 @@ def test_queries_never_see_later_events_of_any_sequence_column(key):
     hist = later[0]["hist"][key]
     for j in range(L - r, L):  # oldest first: the last r events are the r most recent
         hist[j] = [x + 1 for x in hist[j]] + [2] if isinstance(hist[j], list) else hist[j] + 1
-    outs = []
-    for batch in (spec_batch(SPEC, samples), spec_batch(SPEC, later)):
-        captured = []
-        hooks = [blk.register_forward_hook(lambda mod, a, out: captured.append(out)) for blk in m.net.blocks]
-        with torch.no_grad():
-            m.encode_user(batch)
-        for h in hooks:
-            h.remove()
-        outs.append(captured)
+    outs = [block_outputs(m, batch) for batch in (spec_batch(SPEC, samples), spec_batch(SPEC, later))]
     r_q = m.net._query_offsets(L, "cpu")
     older, newer = 2 + torch.nonzero(r_q >= r).flatten(), 2 + torch.nonzero(r_q < r).flatten()
     for layer_a, layer_b in zip(*outs):

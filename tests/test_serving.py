@@ -24,8 +24,8 @@ from serving.runtime import ModelRuntime
 from serving.settings import Settings
 from serving.state_cache import state_tag
 from tests.conftest import REPO
-from tests.serving_utils import prefixed_store, shared_redis
-from tests.test_trainer import run, small  # noqa: F401  (the module fixture)
+from tests.serving_utils import prefixed_store, served_bundle, shared_redis
+from tests.test_trainer import run, small, train  # noqa: F401  (the module fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -33,20 +33,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def trained(small, tmp_path_factory):  # noqa: F811
     out = tmp_path_factory.mktemp("serve") / "run"
-    run(
-        [
-            "train",
-            "--config",
-            small / "run.toml",
-            "--data",
-            small / "data",
-            "--out",
-            out,
-            "--quiet",
-            "train.steps=8",
-            "train.eval_every=0",
-        ]
-    )
+    train(small, out, "train.steps=8", "train.eval_every=0")
     preds = out / "preds.parquet"
     run(["eval", "--model", out / "export", "--data", small / "data", "--quiet", "--predictions", preds])
     return out / "export", small / "data", preds
@@ -55,10 +42,8 @@ def trained(small, tmp_path_factory):  # noqa: F811
 @pytest.fixture
 def app_and_store(trained):
     bundle, data, _ = trained
-    with prefixed_store(shared_redis()) as store:  # its keys are deleted when the test ends
-        store.load_sequences(data, progress=False)
-        settings = Settings(model=str(bundle), max_candidates=50, token="s3cret")
-        yield create_app(settings, runtime=ModelRuntime(str(bundle)), store=store), store
+    with served_bundle(bundle, data) as app_store:  # its keys are deleted when the test ends
+        yield app_store
 
 
 def test_online_scores_equal_offline_predictions(trained, app_and_store):

@@ -14,7 +14,7 @@ from feature_store.synth import SynthConfig, synthesize
 from serving.app import create_app
 from serving.runtime import ModelRuntime
 from serving.settings import Settings
-from tests.serving_utils import prefixed_store, shared_redis, tiny_bundle
+from tests.serving_utils import prefixed_store, served_bundle, shared_redis, tiny_bundle
 from tests.test_trainer import run, run_toml
 
 pytestmark = pytest.mark.slow
@@ -76,10 +76,8 @@ def trained(tmp_path_factory):
 @pytest.fixture
 def app_and_store(trained):
     bundle, data, _ = trained
-    with prefixed_store(shared_redis()) as store:  # its keys are deleted when the test ends
-        store.load_sequences(data, progress=False)
-        settings = Settings(model=str(bundle), max_candidates=50, token="s3cret")
-        yield create_app(settings, runtime=ModelRuntime(str(bundle)), store=store), store
+    with served_bundle(bundle, data) as app_store:  # its keys are deleted when the test ends
+        yield app_store
 
 
 def test_online_scores_equal_offline_with_candidate_list_context_and_dense_columns(trained, app_and_store):
