@@ -124,7 +124,6 @@ async def score(request: Request, background: BackgroundTasks, svc: Service = De
     cands, fills = rt.candidates(given, context, ts)
     for (column, source), n in fills.items():
         svc.metrics.fill_ins.labels(column, source).inc(n)
-    items = [c.item_id for c in given]
 
     def score_state(state):
         return rt.score(state, cands)
@@ -133,7 +132,7 @@ async def score(request: Request, background: BackgroundTasks, svc: Service = De
         rt, req.user_id, ts, req.history or [], score_state, background.add_task
     )
     svc.metrics.user_state.labels(outcome).inc()
-    svc.metrics.candidates.inc(len(items))
+    svc.metrics.candidates.inc(len(given))
     return ScoreResponse(model_version=rt.model_version, scores=scores, user_state=outcome)
 
 

@@ -282,7 +282,13 @@ class Trainer:
         """Train, eval and (with a validation split) validation loaders; the validation split is
         the train split's samples from val_ts on, and training takes only those before it."""
         tc, ctx, max_len, val_ts = self.tc, self.ctx, self.cfg.model.max_len, self.val_ts
-        common = {"max_len": max_len, "rank": ctx.rank, "world_size": ctx.world_size, "spec": self.spec}
+        common = {
+            "max_len": max_len,
+            "rank": ctx.rank,
+            "world_size": ctx.world_size,
+            "spec": self.spec,
+            "requests": tc.rlb,
+        }
         train = BatchLoader(
             self.data,
             "train",
@@ -292,7 +298,6 @@ class Trainer:
             drop_last=True,
             prefetch=tc.prefetch,
             ts_range=None if val_ts is None else (None, val_ts),
-            requests=tc.rlb,
             **common,
         )
         evals = BatchLoader(
@@ -300,7 +305,6 @@ class Trainer:
             "eval",
             batch_size=tc.eval_batch_size,
             sequences=train.sequences,
-            requests=tc.rlb,
             **common,
         )
         val = None
@@ -312,7 +316,6 @@ class Trainer:
                 shuffle=False,
                 sequences=train.sequences,
                 ts_range=(val_ts, None),
-                requests=tc.rlb,
                 **common,
             )
         return train, evals, val
