@@ -15,6 +15,7 @@ from pydantic import AliasChoices, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from longer.errors import UsageError
+from trainer.threads import AUTO
 
 
 class SettingsError(UsageError):
@@ -47,7 +48,9 @@ class Settings(BaseSettings):
     @field_validator("threads", mode="before")
     @classmethod
     def _auto(cls, v):
-        return 0 if isinstance(v, str) and v.strip().lower() in ("", "auto") else v
+        return (
+            0 if isinstance(v, str) and v.strip().lower() in ("", AUTO) else v
+        )  # trainer/threads.py's words
 
     @field_validator("log_level", mode="before")
     @classmethod
