@@ -206,6 +206,12 @@ def _bench_quality(a):
     )
 
 
+def _bench_fragility(a):
+    from bench.fragility import main
+
+    return main(a.data, a.config, a.out, a.variants, a.seeds, a.probe_every, a.overrides, a.plot, not a.quiet)
+
+
 def _int_list(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
@@ -426,6 +432,25 @@ def parser() -> argparse.ArgumentParser:
         metavar="section.key=value",
         help="change the base config for every variant, e.g. train.steps=600 model.d_model=64",
     )
+    help_ = "why a seed gets stuck: per-step gradient norms, global-token attention, per-user offsets"
+    b = bench.add_parser("fragility", help=help_, description=help_)
+    b.set_defaults(fn=_bench_fragility)
+    b.add_argument("--data", required=True, help="a dataset made by `longer build`")
+    b.add_argument(
+        "--config", required=True, help="TOML with [model] and [train] (run at the old fixed budget)"
+    )
+    b.add_argument("--out", required=True, help="directory for fragility.json/.md/.png and the run journal")
+    b.add_argument(
+        "--variants",
+        type=lambda t: t.split(","),
+        default=["base"],
+        help="comma-separated, of bench/fragility.py's VARIANTS (default: base)",
+    )
+    b.add_argument("--seeds", type=_int_list, default=[0, 1, 2], help="e.g. 0,1,2 (default)")
+    b.add_argument("--probe-every", type=int, default=10, help="steps between probes (default 10)")
+    b.add_argument("--plot", type=lambda t: t.split(","), help="variants to draw (default: all run)")
+    b.add_argument("--quiet", action="store_true")
+    b.add_argument("overrides", nargs="*", metavar="section.key=value", help="on top of every variant")
     return p
 
 

@@ -16,6 +16,7 @@ import sys
 import time
 import uuid
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -215,6 +216,7 @@ class Trainer:
         progress: bool = True,
         auto_resume: bool = False,
         overwrite: bool = False,
+        on_step: Callable[[Trainer], None] | None = None,
     ):
         if overwrite and (resume or auto_resume):
             raise ConfigError(
@@ -234,6 +236,7 @@ class Trainer:
         self.t_start = time.time()
         self.curve = [0.0, 0]  # train loss sum and steps since the last eval: each eval line's train_loss
         self.saved_at: int | None = None  # the step of the latest checkpoint this process wrote
+        self.on_step = on_step  # called after every step's evals and checkpoints (bench/fragility.py)
 
     # --- setup ------------------------------------------------------------------------------------
     def setup(self) -> Path | None:
@@ -412,6 +415,8 @@ class Trainer:
                 (tc.checkpoint_every and self.at % tc.checkpoint_every == 0) or improved
             ):
                 self.checkpoint()
+            if self.on_step is not None:
+                self.on_step(self)
         bar.close()
         return world * (self.batches.samples[self.at] - seen0) / max(self.train_seconds, 1e-9)
 
@@ -427,12 +432,13 @@ class Trainer:
         figure, so all stop and save together); True when this step is the new best."""
         return self.stopper.update(self.at, broadcast(self.evaluate(final=False, split="val").get(METRIC)))
 
-    def evaluate(self, final: bool, split: str = "eval") -> dict:
-        """Metrics on the eval (or validation) split (rank 0; {} elsewhere), appended to metrics.jsonl.
+    def predict(self, split: str = "eval", restart: bool = True) -> dict | None:
+        """Per-sample predictions of the current weights on the eval (or validation) split
+        (rank 0; None elsewhere; `evaluation.predict_split`'s columns).
 
         The pipeline has batches in flight (their ids already sent to the shards): set it
-        aside, evaluate through the plain sharded model, and restart it afterwards from the
-        loader state after the last trained batch, so no batch is skipped or repeated."""
+        aside, predict through the plain sharded model, and (`restart`) restart it afterwards
+        from the loader state after the last trained batch, so no batch is skipped or repeated."""
         resume_at = self.batches.state_after(self.at)
         self.pipe.detach()
         self.it.close()
@@ -442,9 +448,15 @@ class Trainer:
             lambda b: self.dmp(b)[1][1], loader, self.ctx.device, progress=self.show_progress
         )
         self.dmp.train()
-        if not final:
+        if restart:
             self.loader.load_state_dict(resume_at)
             self._start_pipeline()
+        return pred
+
+    def evaluate(self, final: bool, split: str = "eval") -> dict:
+        """Metrics on the eval (or validation) split (rank 0; {} elsewhere), appended to metrics.jsonl
+        (`predict`; the final eval leaves the pipeline stopped)."""
+        pred = self.predict(split, restart=not final)
         train_loss = self.curve[0] / self.curve[1] if self.curve[1] else None
         self.curve = [0.0, 0]
         if not self.ctx.is_main:
@@ -482,7 +494,15 @@ class Trainer:
 
     def fit(self) -> dict | None:
         """setup → resume → steps → final checkpoint and eval → export; the summary on rank 0."""
+        self.start()
+        return self.finish()
+
+    def start(self) -> None:
+        """setup → resume: the model is built and sharded, nothing trained yet (`finish` trains)."""
         self.resume(self.setup())
+
+    def finish(self) -> dict | None:
+        """After `start`: steps → final checkpoint and eval → export; the summary on rank 0."""
         samples_per_s = self.train_steps()
         if self.saved_at != self.at:
             self.checkpoint()
