@@ -63,8 +63,6 @@ def test_user_offsets_tell_right_offsets_from_random_ones():
     assert right["auc_offset_only"] > 0.65 and abs(wrong["auc_offset_only"] - 0.5) < 0.05
     # within-user ranking is the same signal in both: the centred AUCs agree
     assert right["auc_centred"] == pytest.approx(wrong["auc_centred"], abs=1e-9)
-    # replacing the offsets by the users' click rates repairs the wrong model
-    assert wrong["auc_oracle_offset"] > wrong["auc"] + 0.05
     assert right["offset_std"] == pytest.approx(float(np.std(rate)), rel=0.1)
     # the train split's click rates (other samples of the same users) do the same without eval labels
     t_users, t_labels, _, _ = _users(np.random.default_rng(1))
