@@ -69,6 +69,10 @@ VARIANTS: dict[str, tuple[tuple[str, ...], str]] = {
     "steps500": (("train.steps=500",), "500 steps, no early stopping"),
     "converged": (CONVERGED, "configs/quality.toml as is: early stopping on a 10% validation split"),
 }
+VARIANTS["converged_big_tables"] = (
+    CONVERGED + VARIANTS["big_tables"][0],
+    "converged, with tables large enough that hashing barely collides",
+)
 
 INIT_KEYS = ("user_std", "item_std", "cls_std", "user_proj", "inner")
 ATTN_BATCHES = 4  # eval batches whose layer-1 global-token attention a probe measures
