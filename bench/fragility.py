@@ -73,6 +73,10 @@ VARIANTS["converged_big_tables"] = (
     CONVERGED + VARIANTS["big_tables"][0],
     "converged, with tables large enough that hashing barely collides",
 )
+VARIANTS["converged_big_categories"] = (
+    CONVERGED + ("model.category_buckets=16381",),
+    "converged, only the category table large enough that hashing barely collides",
+)
 
 INIT_KEYS = ("user_std", "item_std", "cls_std", "user_proj", "inner")
 ATTN_BATCHES = 4  # eval batches whose layer-1 global-token attention a probe measures
