@@ -534,7 +534,7 @@ class OnlineStore:
         cols = [c for c in spec.user if c in self.meta.user]
         if not cols:
             return {}
-        key = self._key(user, "prof")
+        key = self.profile_key(user)
         try:
             raw = self.r.hmget(key, cols)
         except Exception as e:
@@ -552,7 +552,7 @@ class OnlineStore:
         argv: list = [len(values)]
         for c, v in values.items():
             argv += [c, encode_value(v)]
-        keys = [self._key(user, "prof"), self._key(user, "ver"), self._key(user, f"st:{model_version}")]
+        keys = [self.profile_key(user), self._key(user, "ver"), self._key(user, f"st:{model_version}")]
         try:
             return int(self._put_profile(keys=keys, args=argv))
         except ResponseError as e:
@@ -600,40 +600,47 @@ class OnlineStore:
         if found is not None and tuple(found.event_fields) != tuple(self.layout.names):
             self.check_layout()  # raises, naming both layouts
         out = self.load_sequences(data_dir, batch_users, progress)
-        out["profiles"] = self.load_table(data_dir, "users", "user_id", spec.user, spec, batch_users)
-        out["items"] = self.load_table(data_dir, "items", "item_id", spec.candidate, spec, batch_users)
-        self.r.set(self.meta_key, StoreMeta(self.layout.names, spec.user, spec.candidate).to_json())
-        self.check_layout()
+        out["profiles"] = self.load_table(data_dir, "users", "user_id", spec.user, batch_users)
+        out["items"] = self.load_table(data_dir, "items", "item_id", spec.candidate, batch_users)
+        self.write_meta(spec.user, spec.candidate)
         return out
 
+    def write_meta(self, user: Sequence[str] = (), candidate: Sequence[str] = ()) -> StoreMeta:
+        """Record this store's event layout and the profile and item columns it holds."""
+        self.r.set(self.meta_key, StoreMeta(self.layout.names, tuple(user), tuple(candidate)).to_json())
+        return self.check_layout()
+
+    def profile_key(self, user: int) -> str:
+        return self._key(user, "prof")
+
+    def write_rows(self, keys: Sequence[str], rows: Sequence[Mapping]) -> None:
+        """Replace each key's hash (a profile or an item row) with its row: column → id or list
+        of ids (None: left out). One pipelined round trip, one key per command."""
+        p = self.r.pipeline(transaction=False)
+        for key, row in zip(keys, rows):
+            values = {c: encode_value(v) for c, v in row.items() if v is not None}
+            p.delete(key)
+            if values:
+                p.hset(key, mapping=values)
+        p.execute()
+
     def load_table(
-        self,
-        data_dir: str | Path,
-        part: str,
-        id_column: str,
-        columns: Sequence[str],
-        spec: FeatureSpec,
-        batch: int,
+        self, data_dir: str | Path, part: str, id_column: str, columns: Sequence[str], batch: int
     ) -> int:
-        """users/ → `prof` hashes, or items/ → `i:<item_id>` hashes (replacing each row's hash):
-        the rows written (0, and nothing read, when `columns` is empty). Pipelined, one round
-        trip per `batch` rows."""
+        """users/ → `prof` hashes, or items/ → `i:<item_id>` hashes: the rows written (0, and
+        nothing read, when `columns` is empty). One round trip per `batch` rows."""
         if not columns:
             return 0
-        files = sorted((Path(data_dir) / part).glob("part-*.parquet"))
+        key = self.profile_key if part == "users" else self.item_key
         rows = 0
-        for f in files:
+        for f in sorted((Path(data_dir) / part).glob("part-*.parquet")):
             for b in pq.ParquetFile(f).iter_batches(batch_size=batch, columns=[id_column, *columns]):
                 cols = b.to_pydict()
-                p = self.r.pipeline(transaction=False)
-                for i, key_id in enumerate(cols[id_column]):
-                    key = self._key(key_id, "prof") if part == "users" else self.item_key(key_id)
-                    values = {c: encode_value(cols[c][i]) for c in columns if cols[c][i] is not None}
-                    p.delete(key)
-                    if values:
-                        p.hset(key, mapping=values)
-                p.execute()
-                rows += len(cols[id_column])
+                ids = cols.pop(id_column)
+                self.write_rows(
+                    [key(i) for i in ids], [dict(zip(cols, vals)) for vals in zip(*cols.values())]
+                )
+                rows += len(ids)
         return rows
 
     def load_sequences(self, data_dir: str | Path, batch_users: int = 500, progress: bool = True) -> dict:
