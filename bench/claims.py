@@ -19,6 +19,7 @@ PAPER = {
     "longer": {"auc": 0.85290, "gflops": 1.91},
     "base": {"auc": 0.83968},  # Table 1's Base: the production model without the long sequence
     "queries": "k = 100 recent ≈ k = 250 (and near all); recent > uniform > learnable",
+    "scaling": "AUC grows with sequence length as a power law (Fig. 3)",
 }
 
 
@@ -116,6 +117,20 @@ def comparison(rows: list[dict], base, arms: dict, n_boot: int = N_BOOT) -> list
                 f"AUC {b['auc']:.4f} vs {a['auc']:.4f}, {_ci(d)} at {b['gflops']:.4g} vs {a['gflops']:.4g} GFLOPs",
                 [d],
                 flops_ok=b["gflops"] < a["gflops"],
+            )
+        )
+    scaling = sorted(
+        (r for r in rows if r["table"] == "scaling" and r["arch"] == "longer"), key=lambda r: r["max_len"]
+    )
+    if len(scaling) >= 2:
+        short, long_ = scaling[0], scaling[-1]
+        d = _delta(arms, short, long_, 0.0, n_boot)
+        checks.append(
+            _claim(
+                f"LONGER's AUC grows with sequence length (L = {long_['max_len']} vs {short['max_len']})",
+                PAPER["scaling"],
+                f"AUC {long_['auc']:.4f} vs {short['auc']:.4f}, {_ci(d)}",
+                [d],
             )
         )
     return checks

@@ -58,6 +58,11 @@ TABLE_TITLES = {
     "features": "Table 1's Base → LONGER with the dataset's own features (the config's [features])",
 }
 BASELINES = ("base", "sumpool", "din_recent50", "din", "hstu", "transformer", "longer")
+# Archs the scaling table may compare against LONGER (`--scaling-archs`; default LONGER alone).
+# The full transformer's self-attention is O(L²): on a CPU it runs only up to TRANSFORMER_MAX_LEN.
+# DIN (recent 50) reads the latest 50 events at any max_len: one row, at the longest length.
+SCALING_ARCHS = ("longer", "transformer", "din", "din_recent50")
+TRANSFORMER_MAX_LEN = 1024
 SERVE_CANDIDATES = 500
 
 
@@ -89,10 +94,16 @@ def default_lengths(base_len: int, data_len: int, quick: bool) -> list[int]:
 
 
 def variants(
-    base, lengths: list[int], quick: bool = False, tables=PAPER_TABLES, features: dict | None = None
+    base,
+    lengths: list[int],
+    quick: bool = False,
+    tables=PAPER_TABLES,
+    features: dict | None = None,
+    scaling_archs=("longer",),
 ) -> list[Variant]:
     """The rows of every table, each a full ModelConfig derived from `base` (a LONGER config);
-    `features`, the config's [features] table, feeds the features table's rows."""
+    `features`, the config's [features] table, feeds the features table's rows; `scaling_archs`,
+    the archs of the scaling table (see SCALING_ARCHS)."""
     L, k0, K0 = base.max_len, base.query_k, base.merge_k
     out: list[Variant] = []
 
@@ -117,15 +128,39 @@ def variants(
         add("norms", norm, norm=norm)
     for R in (1, 2) if quick else (1, 2, 3):
         add("phd", f"R={R}", phd_copies=R)
-    for n in lengths:
-        if n % K0 == 0:
-            add("scaling", f"L={n}", max_len=n, query_k=min(k0, n))
+    for arch in scaling_archs:
+        for n in scaling_lengths(arch, lengths):
+            if arch != "longer":
+                add("scaling", f"{arch} L={n}", arch=arch, max_len=n)
+            elif n % K0 == 0:
+                add("scaling", f"L={n}", max_len=n, query_k=min(k0, n))
     if "features" in tables and features:
         out += [
             Variant("features", "base (no sequence), with features", base.replace(arch="base"), features),
             Variant("features", "LONGER without features", base),
             Variant("features", "LONGER with features", base, features),
         ]
+    return out
+
+
+def scaling_lengths(arch: str, lengths: list[int]) -> list[int]:
+    """The scaling table's lengths for one arch (see SCALING_ARCHS)."""
+    if arch == "din_recent50":
+        return lengths[-1:]
+    if arch == "transformer":
+        return [n for n in lengths if n <= TRANSFORMER_MAX_LEN]
+    return lengths
+
+
+def scaling_fits(rows: list[dict]) -> dict[str, dict]:
+    """Power-law fits of the scaling table per arch: {arch: {"max_len": fit, "gflops": fit}}
+    (a fit is None with fewer than 3 lengths)."""
+    out = {}
+    for arch in dict.fromkeys(r["arch"] for r in rows if r["table"] == "scaling"):
+        sc = [r for r in rows if r["table"] == "scaling" and r["arch"] == arch]
+        out[arch] = {
+            axis: power_law([r[axis] for r in sc], [r["auc"] for r in sc]) for axis in ("max_len", "gflops")
+        }
     return out
 
 
@@ -447,13 +482,15 @@ def markdown(result: dict) -> str:
                 f"LONGER {longer_auc:.5f} (+{longer_auc - base_auc:.5f} AUC).",
             ]
         if table == "scaling":
-            for axis, f in fits.items():
-                if f:
-                    lines += [
-                        "",
-                        f"Power-law fit against {axis}: AUC = {f['alpha']:.4f} · x^{f['beta']:.5f} "
-                        f"(R² = {f['r2']:.3f}).",
-                    ]
+            by_arch = result.get("scaling_fits_by_arch") or {"longer": fits}
+            for arch, arch_fits in by_arch.items():
+                for axis, f in arch_fits.items():
+                    if f:
+                        lines += [
+                            "",
+                            f"Power-law fit of {arch} against {axis}: AUC = {f['alpha']:.4f} · "
+                            f"x^{f['beta']:.5f} (R² = {f['r2']:.3f}).",
+                        ]
         lines.append("")
     if result["comparison"]:
         lines += [
@@ -522,26 +559,30 @@ def plots(result: dict, out: Path) -> list[str]:
                 )
     _log_axes(ax, "forward GFLOPs per sample (log)", f"{name}: AUC against cost")
     made.append(_save(fig, out / "tradeoff.png"))
-    # 2. scaling with fits
+    # 2. scaling with fits, a series per arch
     sc = sorted((r for r in rows if r["table"] == "scaling"), key=lambda r: r["max_len"])
     if sc:
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-        for ax, (axis, xs) in zip(
-            axes, (("max_len", [r["max_len"] for r in sc]), ("gflops", [r["gflops"] for r in sc]))
-        ):
-            ys = [r["auc"] for r in sc]
-            ax.errorbar(xs, ys, yerr=[r["auc_std"] or 0 for r in sc], fmt="o", capsize=3, label="LONGER")
-            f = result["scaling_fits"].get(axis)
-            if f:
-                import numpy as np
+        import numpy as np
 
-                grid = np.geomspace(min(xs), max(xs), 50)
-                ax.plot(
-                    grid,
-                    f["alpha"] * grid ** f["beta"],
-                    "--",
-                    label=f"AUC = {f['alpha']:.3f}·x^{f['beta']:.4f} (R² {f['r2']:.2f})",
+        by_arch = result.get("scaling_fits_by_arch") or {"longer": result["scaling_fits"]}
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+        for ax, axis in zip(axes, ("max_len", "gflops")):
+            for arch in dict.fromkeys(r["arch"] for r in sc):
+                ar = [r for r in sc if r["arch"] == arch]
+                xs, ys = [r[axis] for r in ar], [r["auc"] for r in ar]
+                line = ax.errorbar(
+                    xs, ys, yerr=[r["auc_std"] or 0 for r in ar], fmt="o", capsize=3, label=arch
                 )
+                f = by_arch.get(arch, {}).get(axis)
+                if f:
+                    grid = np.geomspace(min(xs), max(xs), 50)
+                    ax.plot(
+                        grid,
+                        f["alpha"] * grid ** f["beta"],
+                        "--",
+                        color=line[0].get_color(),
+                        label=f"{arch}: AUC = {f['alpha']:.3f}·x^{f['beta']:.4f} (R² {f['r2']:.2f})",
+                    )
             _log_axes(
                 ax,
                 "max_len (log)" if axis == "max_len" else "forward GFLOPs per sample (log)",
@@ -586,6 +627,7 @@ def main(
     tables: list[str] | None = None,
     device: str | None = None,
     progress: bool = True,
+    scaling_archs: list[str] | None = None,
     command: str = "",
     overrides: list[str] = (),
 ) -> dict:
@@ -647,7 +689,11 @@ def main(
 
     if "features" in tables and not features:
         raise ConfigError(f"{config}: --tables features needs a [features] table in the config")
-    vs = variants(base, lengths, quick, tables, features)
+    scaling_archs = list(scaling_archs or ["longer"])
+    bad = sorted(set(scaling_archs) - set(SCALING_ARCHS))
+    if bad:
+        raise ConfigError(f"--scaling-archs: unknown arch {bad[0]!r} (known: {', '.join(SCALING_ARCHS)})")
+    vs = variants(base, lengths, quick, tables, features, scaling_archs)
     plan, seen = [], set()
     for v in vs:
         for s in seed_list:
@@ -674,11 +720,8 @@ def main(
     arms = {v.key: load_arm(out, [key_of(v, s) for s in seed_list]) for v in {v.key: v for v in vs}.values()}
     n_boot = QUICK_BOOT if quick else N_BOOT
     deltas_vs(rows, config_key(base.to_dict()), arms, lambda r: config_key(r["config"]), n_boot)
-    sc = [r for r in rows if r["table"] == "scaling"]
-    fits = {
-        "max_len": power_law([r["max_len"] for r in sc], [r["auc"] for r in sc]),
-        "gflops": power_law([r["gflops"] for r in sc], [r["auc"] for r in sc]),
-    }
+    fits_by_arch = scaling_fits(rows)
+    fits = fits_by_arch.get("longer", {"max_len": None, "gflops": None})
     hl = meta.get("hist_len", {})
     result = {
         "benchmark": "quality",
@@ -705,6 +748,7 @@ def main(
         "machine": machine(),
         "rows": rows,
         "scaling_fits": fits,
+        "scaling_fits_by_arch": fits_by_arch,
         "comparison": comparison(rows, base, arms, n_boot=n_boot),
         "verdict_rule": RULE,
         "paper": PAPER,

@@ -203,6 +203,7 @@ def _bench_quality(a):
         tables=a.tables,
         device=a.device,
         progress=not a.quiet,
+        scaling_archs=a.scaling_archs,
         command=" ".join(["longer", *sys.argv[1:]]),
         overrides=a.overrides,
     )
@@ -422,6 +423,12 @@ def parser() -> argparse.ArgumentParser:
         help="a subset of baselines,merge,queries,norms,phd,scaling,features (features: base, LONGER without and with the config's [features]; needs that table)",
     )
     b.add_argument("--device", help="device for the throughput columns (default cuda if present, else cpu)")
+    b.add_argument(
+        "--scaling-archs",
+        type=lambda t: t.split(","),
+        help="archs of the scaling table, a subset of longer,transformer,din,din_recent50 (default longer; "
+        "the transformer up to L 1,024, DIN (recent 50) once at the longest L)",
+    )
     b.add_argument("--quiet", action="store_true", help="no progress bars")
     b.add_argument(
         "overrides",

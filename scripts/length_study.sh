@@ -10,7 +10,8 @@
 # (the paper's scale: 20,000 users × ~10,000 events, L 256…8192, d 64, at most 20,000 steps;
 # training runs on the GPU when one is visible; pass --device cuda for the throughput columns):
 #   SCALE=gpu scripts/length_study.sh bench-out/length-gpu --device cuda
-# Override any size with USERS, EVENTS, LENGTHS, STEPS, SEEDS, EXTRAPOLATE_FROM.
+# Override any size with USERS, EVENTS, LENGTHS, STEPS, SEEDS, EXTRAPOLATE_FROM, and the compared
+# archs with ARCHS (default longer,transformer,din,din_recent50: the transformer up to L 1,024).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-bench-out/length}"
@@ -34,10 +35,11 @@ if [ ! -f "$OUT/data/meta.json" ]; then
   $LONGER build --log "$OUT/log" --out "$OUT/data" --max-len "$LONGEST" --test-days 4 --overwrite --quiet >/dev/null
 fi
 
-echo "== scaling: L = $LENGTHS, $SEEDS seeds ($MODEL)"
+ARCHS="${ARCHS:-longer,transformer,din,din_recent50}"
+echo "== scaling: $ARCHS at L = $LENGTHS, $SEEDS seeds ($MODEL)"
 # shellcheck disable=SC2086  # MODEL is a list of overrides
 $LONGER bench quality --data "$OUT/data" --config "$CFG" --out "$OUT/scaling" --tables scaling \
-  --lengths "$LENGTHS" --seeds "$SEEDS" "$@" model.max_len="$FROM" $MODEL >/dev/null
+  --scaling-archs "$ARCHS" --lengths "$LENGTHS" --seeds "$SEEDS" "$@" model.max_len="$FROM" $MODEL >/dev/null
 echo "   → $OUT/scaling/results.md"
 
 echo "== extrapolation: trained at L = $FROM, evaluated at $FROM … $LONGEST"

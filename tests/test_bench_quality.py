@@ -6,7 +6,14 @@ import math
 
 import pytest
 
-from bench.quality import default_lengths, power_law, variants
+from bench.quality import (
+    SCALING_ARCHS,
+    TRANSFORMER_MAX_LEN,
+    default_lengths,
+    power_law,
+    scaling_fits,
+    variants,
+)
 from bench.verdict import STATES
 from longer.config import ModelConfig
 from longer.flops import forward_flops
@@ -98,6 +105,36 @@ def test_variants_cover_the_paper_tables_and_share_the_base():
         assert diff <= allowed, (v.table, v.label, diff)
 
 
+def test_scaling_archs_compare_baselines_across_lengths():
+    base = ModelConfig(max_len=256, merge_k=8, query_k=16)
+    lengths = [64, 256, 1024, 2048]
+    vs = [v for v in variants(base, lengths, tables=("scaling",), scaling_archs=SCALING_ARCHS)]
+    by_arch = {}
+    for v in vs:
+        by_arch.setdefault(v.model.arch, []).append(v.model.max_len)
+    assert by_arch == {
+        "longer": lengths,
+        "transformer": [n for n in lengths if n <= TRANSFORMER_MAX_LEN],  # O(L²): only where it fits
+        "din": lengths,
+        "din_recent50": [2048],  # reads the latest 50 at any length: one row
+    }
+    assert {v.label for v in vs if v.model.arch == "din"} == {f"din L={n}" for n in lengths}
+    rows = [
+        {
+            "table": "scaling",
+            "arch": v.model.arch,
+            "max_len": v.model.max_len,
+            "gflops": 1.0 + v.model.max_len,
+            "auc": 0.6 + 0.01 * len(str(v.model.max_len)),
+        }
+        for v in vs
+    ]
+    fits = scaling_fits(rows)
+    assert set(fits) == {"longer", "transformer", "din", "din_recent50"}
+    assert fits["longer"]["max_len"]["beta"] > 0 and fits["din_recent50"]["max_len"] is None
+    assert variants(base, lengths, tables=("scaling",)) == [v for v in vs if v.model.arch == "longer"]
+
+
 def test_default_lengths_double_up_to_the_data_and_keep_the_base():
     assert default_lengths(256, 2048, quick=False) == [32, 64, 128, 256, 512, 1024, 2048]
     assert default_lengths(256, 4096, quick=True) == [32, 256, 2048]
@@ -169,7 +206,7 @@ def test_bench_quality_quick_covers_every_table(tmp_path, synth_dataset):
     assert "curves.png" in res["plots"] and (out / "curves.png").stat().st_size > 10_000
     assert {r["table"] for r in res["rows"]} == {"baselines", "merge", "queries", "norms", "phd", "scaling"}
     assert all(r["auc_std"] is None for r in res["rows"])
-    assert len(res["comparison"]) == 5 and all(c["verdict"] in STATES for c in res["comparison"])
+    assert len(res["comparison"]) == 6 and all(c["verdict"] in STATES for c in res["comparison"])
     for c in res["comparison"]:
         assert all(
             d["ci_low"] <= d["diff"] <= d["ci_high"] or d["verdict"] == "inconclusive" for d in c["deltas"]
@@ -187,6 +224,7 @@ def test_bench_quality_quick_covers_every_table(tmp_path, synth_dataset):
         (["--lengths", "16,4096"], "4096 exceeds the dataset's --max-len"),
         (["--tables", "baselines,tabel3"], "unknown table 'tabel3'"),
         (["--seeds", "0"], "--seeds must be >= 1"),
+        (["--scaling-archs", "longer,gpt"], "unknown arch 'gpt'"),
         (["--jobs", "0"], "--jobs must be >= 1"),
         (["train.stepz=3"], "unknown key 'stepz'"),
     ],
