@@ -46,6 +46,8 @@ class FeatureTables:
         holds them, and the fill-ins {(column, "item"): count}. No store call when no candidate
         leaves out a column the table holds."""
         cols = self.item_columns(rt)
+        if not cols:  # the store holds no table for the bundle's candidate columns: nothing to read
+            return given, {}
         missing = [(k, [c for c in cols if getattr(x, c) is None]) for k, x in enumerate(given)]
         missing = [(k, m) for k, m in missing if m]
         if not missing:
