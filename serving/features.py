@@ -41,32 +41,29 @@ class FeatureTables:
         """The bundle's candidate columns that the store's item table holds."""
         return tuple(c for c in rt.spec.candidate if c in self.store.meta.candidate)
 
-    async def fill_from_items(self, rt: ModelRuntime, given: list) -> tuple[list, dict]:
-        """The candidates with the columns they leave out taken from the item table where it
-        holds them, and the fill-ins {(column, "item"): count}. No store call when no candidate
-        leaves out a column the table holds."""
-        cols = self.item_columns(rt)
-        if not cols:  # the store holds no table for the bundle's candidate columns: nothing to read
-            return given, {}
-        missing = [(k, [c for c in cols if getattr(x, c) is None]) for k, x in enumerate(given)]
-        missing = [(k, m) for k, m in missing if m]
-        if not missing:
-            return given, {}
+    async def fill_from_items(self, rt: ModelRuntime, given: list) -> tuple[dict[str, list], dict]:
+        """({column: value per candidate} for the candidate columns the item table holds, a
+        value left out taken from the table where it has one, else None), and the fill-ins
+        {(column, "item"): count}. Each column is read off the candidates once (the runtime
+        reuses the lists); no store call when no candidate leaves out a column the table holds."""
+        values = {c: [getattr(x, c) for x in given] for c in self.item_columns(rt)}
+        wanted = [c for c, vs in values.items() if None in vs]
+        if not wanted:
+            return values, {}
+        need = sorted({k for c in wanted for k, v in enumerate(values[c]) if v is None})
         try:
-            rows = await self.redis(
-                self.store.read_items, [given[k].item_id for k, _ in missing], cols, rt.spec
-            )
+            rows = await self.redis(self.store.read_items, [given[k].item_id for k in need], wanted, rt.spec)
         except STORE_ERRORS:  # counted and logged by `redis`: the unknown bucket
-            return given, {}
-        out, fills = list(given), {}
-        for k, wanted in missing:
-            row = rows.get(int(given[k].item_id), {})
-            found = {c: row[c] for c in wanted if c in row}
-            if found:
-                out[k] = given[k].model_copy(update=found)
-                for c in found:
+            return values, {}
+        fills = {}
+        for c in wanted:
+            vs = values[c]
+            for k in need:
+                found = rows.get(int(given[k].item_id), {}).get(c) if vs[k] is None else None
+                if found is not None:
+                    vs[k] = found
                     fills[(c, "item")] = fills.get((c, "item"), 0) + 1
-        return out, fills
+        return values, fills
 
     async def put_profile(self, rt: ModelRuntime, user_id: int, profile) -> tuple[int, list[str]]:
         """Upsert the profile columns given (a `request_models(...).profile` body; a null is

@@ -140,8 +140,8 @@ async def score(request: Request, background: BackgroundTasks, svc: Service = De
     at_most(req.candidate_field, given, svc.settings.max_candidates, "LONGER_MAX_CANDIDATES", "per request")
     ts = req.ts if req.ts is not None else int(time.time())
     context = req.context.model_dump() if req.context is not None else {}
-    given, from_items = await svc.features.fill_from_items(rt, given)
-    cands, fills = rt.candidates(given, context, ts)
+    known, from_items = await svc.features.fill_from_items(rt, given)
+    cands, fills = rt.candidates(given, context, ts, known)
     for (column, source), n in (from_items | fills).items():
         svc.metrics.fill_ins.labels(column, source).inc(n)
 

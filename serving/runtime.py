@@ -105,10 +105,13 @@ class ModelRuntime:
                 history_batch(user_id, events, self.max_len, self.spec, profile)
             )
 
-    def candidates(self, cands: list, context: dict, ts: int) -> tuple[Candidates, dict]:
+    def candidates(
+        self, cands: list, context: dict, ts: int, known: dict[str, list] | None = None
+    ) -> tuple[Candidates, dict]:
         """Request candidates (objects with item_id and the candidate and dense columns as
         attributes, None = left out) and context → model Candidates, and the fill-ins
-        {(column, "unknown"): count}."""
+        {(column, "unknown"): count}. `known`: candidate columns already read off the
+        candidates (and filled from the item table, serving/features.py), a list per column."""
         spec, fills = self.spec, {}
 
         def filled(col, v, unknown):
@@ -124,7 +127,10 @@ class ModelRuntime:
             M = max(1, *(len(r) for r in rows))
             return torch.tensor([[r + [-1] * (M - len(r)) for r in rows]], dtype=torch.long)
 
-        columns = {c: ids(c, [getattr(x, c) for x in cands]) for c in spec.candidate}
+        known = known or {}
+        columns = {
+            c: ids(c, known[c] if c in known else [getattr(x, c) for x in cands]) for c in spec.candidate
+        }
         dense = {}
         for c in spec.dense:  # normalised with the train split's statistics, as the loader does
             mean, std = spec.dense_stats.get(c, (0.0, 1.0))
