@@ -8,6 +8,7 @@ PUT /v1/users/{user_id} changes the profile and no cached state of the old one i
 /v1/events stores the new sequence column; a store of another layout is refused."""
 
 import json
+import shutil
 
 import numpy as np
 import pyarrow as pa
@@ -171,8 +172,18 @@ def test_events_store_the_new_sequence_column(world):
 
 
 def test_a_bundle_of_another_layout_is_refused(world, tmp_path):
+    """At start (LayoutError), and on a hot reload (409, the old model keeps serving)."""
+    plain = tiny_bundle(tmp_path / "plain")
     with pytest.raises(LayoutError, match="slot"):
-        app_for(world, tiny_bundle(tmp_path / "plain"))
+        app_for(world, plain)
+    live = tmp_path / "live"
+    shutil.copytree(world["bundle"], live)
+    with TestClient(app_for(world, live)) as client:
+        shutil.rmtree(live)
+        shutil.copytree(plain, live)
+        r = client.post("/v1/admin/reload", headers={"Authorization": "Bearer t"})
+        assert r.status_code == 409 and "slot" in r.text, r.text
+        assert client.get("/readyz").json()["status"] == "ready"
 
 
 def test_replay_runs_on_the_new_columns(world):
