@@ -7,6 +7,8 @@ of the request (filled from the store's item table) and the profile read from th
 PUT /v1/users/{user_id} changes the profile and no cached state of the old one is served;
 /v1/events stores the new sequence column; a store of another layout is refused."""
 
+import contextlib
+import io
 import json
 import shutil
 
@@ -37,6 +39,16 @@ dense = ["price"]
 """
 
 
+def cli(args) -> dict:
+    """`longer ARGS` in this process (no torch import to pay again); its JSON answer."""
+    from longer_cli.main import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main([str(a) for a in args]) == 0
+    return json.loads(out.getvalue())
+
+
 def add_columns(log) -> None:
     """The new columns, written into the log's parquet files: slot per event, segment per user,
     shop per item."""
@@ -63,12 +75,12 @@ def world(tmp_path_factory):
     cfg = root / "run.toml"
     cfg.write_text(run_toml(max_len=32, train_extra="warmup_steps = 2\nprefetch = 0") + FEATURES)
     data, bundle, preds = root / "data", root / "run" / "export", root / "preds.parquet"
-    run(["build", "--log", root / "log", "--out", data, "--max-len", 32, "--test-days", 5, "--config", cfg])
+    cli(["build", "--log", root / "log", "--out", data, "--max-len", 32, "--test-days", 5, "--config", cfg])
     run(["train", "--config", cfg, "--data", data, "--out", root / "run", "--quiet", "train.steps=6"])
     run(["eval", "--bundle", bundle, "--data", data, "--quiet", "--predictions", preds])
     prefix = fresh_prefix()
     try:
-        loaded = run(
+        loaded = cli(
             [
                 "store",
                 "load",
@@ -103,7 +115,7 @@ def app_for(world, bundle=None):
 
 
 def test_store_load_writes_the_new_columns(world):
-    out = json.loads(world["loaded"].stdout)
+    out = world["loaded"]
     assert out["profiles"] == 60 and out["items"] > 0
     store = OnlineStore(connect(REDIS), max_len=1000, prefix=world["prefix"], layout=event_dtype())
     with pytest.raises(LayoutError, match="slot"):
