@@ -408,7 +408,18 @@ class OnlineStore:
     # --- the store's meta record ------------------------------------------------------------------
 
     def read_meta(self) -> StoreMeta | None:
-        raw = self.r.get(self.meta_key)
+        """The store's meta record (None: none); LayoutError naming the key if it is unreadable."""
+        from redis.exceptions import ResponseError
+
+        try:
+            raw = self.r.get(self.meta_key)
+        except ResponseError as e:
+            if "WRONGTYPE" not in str(e):
+                raise
+            raise LayoutError(
+                f"online store key {self.meta_key} holds a {self._type(self.meta_key)}, "
+                "not a store meta record; run `longer store load`"
+            ) from None
         return None if raw is None else StoreMeta.from_json(self.meta_key, raw)
 
     def check_layout(self) -> StoreMeta:

@@ -77,3 +77,13 @@ def test_the_item_table(store):
     store.r.rpush(store.item_key(9), b"x")
     rows = store.read_items([7, 8, 9, 10, 7], ["shop", "genres"], SPEC)
     assert rows == {7: {"shop": 3, "genres": [1, 2]}, 8: {"shop": 4}, 10: {}}
+
+
+def test_an_unreadable_meta_record_is_named(store):
+    store.r.rpush(store.meta_key, b"x")
+    with pytest.raises(LayoutError, match=f"{store.meta_key} holds a list"):
+        store.check_layout()
+    store.r.delete(store.meta_key)
+    store.r.set(store.meta_key, "{not json")
+    with pytest.raises(LayoutError, match=f"{store.meta_key}: not a store meta record"):
+        store.check_layout()
