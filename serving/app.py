@@ -63,7 +63,7 @@ def install_error_handling(app: FastAPI, svc: Service, settings: Settings) -> No
 
 def spec_openapi(app: FastAPI) -> None:
     """/openapi.json shows the loaded bundle's request bodies (serving/schemas.py
-    `request_models`): regenerated whenever the model_version changes, so a hot reload to a
+    `request_models`: /v1/score's, /v1/events' and PUT /v1/users/{user_id}'s): regenerated whenever the model_version changes, so a hot reload to a
     bundle with another FeatureSpec changes the documented fields with the validated ones."""
     generate = app.openapi
     cached: dict = {}
@@ -73,10 +73,11 @@ def spec_openapi(app: FastAPI) -> None:
         if cached.get("version") != rt.model_version:
             app.openapi_schema = None
             schema = generate()
-            body = rt.models.score.model_json_schema(ref_template="#/components/schemas/{model}")
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            components.update(body.pop("$defs", {}))
-            components["ScoreRequest"] = body
+            for name, model in rt.models.components.items():
+                body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(body.pop("$defs", {}))
+                components[name] = body
             cached.update(version=rt.model_version, schema=schema)
         return cached["schema"]
 

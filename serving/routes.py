@@ -2,7 +2,10 @@
 (serving/service.py), which reaches them through the `service` dependency.
 
 /v1/score leaves the user-state policy (hit, miss, bypass) to `UserStateCache`
-(serving/state_cache.py); /v1/events and /v1/admin/reload need the bearer token when one is set.
+(serving/state_cache.py) and the item-table fill-ins to `FeatureTables` (serving/features.py),
+which also upserts profiles (PUT /v1/users/{user_id}). The bodies of /v1/score, /v1/events and
+PUT /v1/users/{user_id} are the loaded bundle's (serving/schemas.py `request_models`).
+/v1/events, PUT /v1/users/{user_id} and /v1/admin/reload need the bearer token when one is set.
 """
 
 from __future__ import annotations
@@ -10,22 +13,23 @@ from __future__ import annotations
 import hmac
 import json
 import time
+from typing import Annotated
 
-from fastapi import APIRouter, BackgroundTasks, Depends, HTTPException, Request
+from fastapi import APIRouter, BackgroundTasks, Depends, HTTPException, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
-from feature_store.online import Event as StoreEvent
-from feature_store.online import store_errors
+from feature_store.online import LayoutError, store_errors
 from trainer.export import BundleError
 
 from .errors import invalid, responses
 from .schemas import (
-    EventsRequest,
+    INT64_MAX,
     EventsResponse,
     ModelInfo,
+    ProfileResult,
     Readiness,
     ReloadResult,
     ScoreResponse,
@@ -85,11 +89,39 @@ async def spec_body(request: Request, model):
 
 def columnar(req, rt) -> list:
     """The columnar form (`item_ids`, `category_ids`) as candidate objects; every other declared
-    column left out."""
-    items, cats = req.columns()
+    column (and category_id without `category_ids`) left out."""
+    items = req.item_ids
+    cats = req.category_ids or [None] * len(items)
     with_cat = "category_id" in rt.spec.candidate
     build = rt.models.candidate.model_construct
     return [build(item_id=i, **({"category_id": c} if with_cat else {})) for i, c in zip(items, cats)]
+
+
+async def store_call(call):
+    """Await a store call; the store unreachable is a 503 saying so."""
+    try:
+        return await call
+    except STORE_ERRORS as e:
+        raise HTTPException(503, f"online store unavailable: {e}") from e
+
+
+def spec_body_doc(component: str) -> dict:
+    """openapi_extra of a route whose body is one of the loaded bundle's request models
+    (serving/schemas.py `request_models`; serving/app.py `spec_openapi` fills the component)."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{component}"}}},
+        },
+        "responses": {  # FastAPI adds this only for a body it validates itself
+            "422": {
+                "description": "Validation Error",
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/HTTPValidationError"}}
+                },
+            }
+        },
+    }
 
 
 @router.post(
@@ -99,20 +131,7 @@ def columnar(req, rt) -> list:
     responses=responses(400, 408, 413, 503),
     # the body is the loaded bundle's ScoreRequest (serving/schemas.py `request_models`); the
     # OpenAPI schema shows it (serving/app.py `spec_openapi`)
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ScoreRequest"}}},
-        },
-        "responses": {  # FastAPI adds this only for a body it validates itself (/v1/events does)
-            "422": {
-                "description": "Validation Error",
-                "content": {
-                    "application/json": {"schema": {"$ref": "#/components/schemas/HTTPValidationError"}}
-                },
-            }
-        },
-    },
+    openapi_extra=spec_body_doc("ScoreRequest"),
 )
 async def score(request: Request, background: BackgroundTasks, svc: Service = Depends(service)):
     rt = svc.runtime  # one model for the whole request, even across a reload
@@ -121,8 +140,9 @@ async def score(request: Request, background: BackgroundTasks, svc: Service = De
     at_most(req.candidate_field, given, svc.settings.max_candidates, "LONGER_MAX_CANDIDATES", "per request")
     ts = req.ts if req.ts is not None else int(time.time())
     context = req.context.model_dump() if req.context is not None else {}
-    cands, fills = rt.candidates(given, context, ts)
-    for (column, source), n in fills.items():
+    known, from_items = await svc.features.fill_from_items(rt, given)
+    cands, fills = rt.candidates(given, context, ts, known)
+    for (column, source), n in (from_items | fills).items():
         svc.metrics.fill_ins.labels(column, source).inc(n)
 
     def score_state(state):
@@ -140,18 +160,34 @@ async def score(request: Request, background: BackgroundTasks, svc: Service = De
     "/v1/events",
     response_model=EventsResponse,
     dependencies=[Depends(require_token)],
-    summary="append user events (idempotent per event_id)",
+    summary="append user events (idempotent per event_id), with the bundle's sequence columns",
     responses=responses(400, 401, 408, 413, 503),
+    openapi_extra=spec_body_doc("EventsRequest"),
 )
-async def events(req: EventsRequest, svc: Service = Depends(service)):
+async def events(request: Request, svc: Service = Depends(service)):
+    rt = svc.runtime
+    req = await spec_body(request, rt.models.events)
     at_most("events", req.events, svc.settings.max_events, "LONGER_MAX_EVENTS", "per call")
-    evs = [StoreEvent(**e.model_dump()) for e in req.events]
-    try:
-        done = await svc.redis(svc.store.append, evs)
-    except STORE_ERRORS as e:
-        raise HTTPException(503, f"online store unavailable: {e}") from e
+    done = await store_call(svc.redis(svc.store.append, svc.features.store_events(rt, req.events)))
     svc.metrics.events.inc(done.total)
     return EventsResponse(appended=done.total, versions={str(u): v for u, v in done.seq_versions.items()})
+
+
+@router.put(
+    "/v1/users/{user_id}",
+    response_model=ProfileResult,
+    dependencies=[Depends(require_token)],
+    summary="upsert the user's profile (the bundle's user columns); invalidates the user's cached states",
+    responses=responses(400, 401, 408, 413, 503),
+    openapi_extra=spec_body_doc("UserProfile"),
+)
+async def put_user(
+    user_id: Annotated[int, Path(ge=0, le=INT64_MAX)], request: Request, svc: Service = Depends(service)
+):
+    rt = svc.runtime
+    profile = await spec_body(request, rt.models.profile)
+    version, written = await store_call(svc.features.put_profile(rt, user_id, profile))
+    return ProfileResult(user_id=user_id, seq_version=version, updated=written)
 
 
 @router.post(
@@ -182,9 +218,11 @@ async def healthz():
 async def readyz(svc: Service = Depends(service)):
     try:
         await svc.redis(svc.store.ping)
-    except STORE_ERRORS as e:
+        await svc.redis(svc.store.check_layout)  # and re-read which profile and item columns it holds
+    except (*STORE_ERRORS, LayoutError) as e:
+        what = f"unreachable: {e}" if not isinstance(e, LayoutError) else str(e)
         return JSONResponse(
-            {"status": "degraded", "model_version": svc.runtime.model_version, "redis": f"unreachable: {e}"},
+            {"status": "degraded", "model_version": svc.runtime.model_version, "redis": what},
             status_code=503,
         )
     return {"status": "ready", "model_version": svc.runtime.model_version, "redis": "ok"}

@@ -2,11 +2,15 @@
 history → UserState, once per sequence version) and `score` (candidates against a UserState).
 How a UserState is cached between requests is serving/state_cache.py's.
 
-Features follow the bundle's FeatureSpec. A declared column a request leaves out is filled in
-with the unknown bucket (id 0; an empty list for a list column; a dense column's train mean),
-and `score` returns how many of each it filled. History events carry the stored columns
-(item_id, category_id, action); another declared sequence column, and a user column, enter
-as the unknown bucket (the online store holds neither yet).
+Features follow the bundle's FeatureSpec. A declared column a request leaves out (and the
+item table does not hold, serving/features.py) is filled in with the unknown bucket (id 0; an
+empty list for a list column; a dense column's train mean), and `candidates` returns how many
+of each it filled. History events carry the columns of the store's event layout
+(`layout` = feature_store.online.event_dtype(spec): item_id and the scalar sequence columns); a
+list<int64> sequence column is not stored online and enters as empty lists. User columns come
+from the user's stored profile (`encode(..., profile)`), user side: they are part of the
+UserState, so a profile change must invalidate cached states (it bumps `seq_version`,
+feature_store/online.py); a column the profile lacks is the unknown bucket.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from feature_store.columns import normalised
+from feature_store.online import event_dtype
 from longer.interface import Candidates, UserState
 from longer.spec import FeatureSpec, hist_key
 from trainer.export import Bundle, load_bundle
@@ -37,10 +42,15 @@ class HistoryBatch:
 
 
 def history_batch(
-    user_id: int, events: np.ndarray, max_len: int, spec: FeatureSpec | None = None
+    user_id: int,
+    events: np.ndarray,
+    max_len: int,
+    spec: FeatureSpec | None = None,
+    profile: dict | None = None,
 ) -> HistoryBatch:
-    """One user's last `max_len` events (a structured array sorted by time) as a model input."""
-    spec = spec or FeatureSpec()
+    """One user's last `max_len` events (a structured array sorted by time) and profile
+    ({user column: id or list of ids}; a column left out: the unknown bucket) as a model input."""
+    spec, profile = spec or FeatureSpec(), profile or {}
     ev = events[-max_len:] if max_len else events[:0]
     n = len(ev)
     values, lengths, event_lengths = [], [], {}
@@ -55,9 +65,11 @@ def history_batch(
             lengths.append(n)
     values.append(np.array([user_id], np.int64))
     lengths.append(1)
-    for col in spec.user:  # not stored online yet: the unknown bucket
-        values.append(np.zeros(0 if spec.is_list(col) else 1, np.int64))
-        lengths.append(0 if spec.is_list(col) else 1)
+    for col in spec.user:  # the stored profile; a column it lacks: the unknown bucket
+        v = profile.get(col, [] if spec.is_list(col) else 0)
+        v = np.array(v if spec.is_list(col) else [v], np.int64)
+        values.append(v)
+        lengths.append(len(v))
     # the candidate and context keys: a placeholder id each, never read by encode_user
     for _ in (*spec.candidate_keys, *spec.context_keys):
         values.append(np.zeros(1, np.int64))
@@ -83,17 +95,23 @@ class ModelRuntime:
         self.threads = configure_threads(threads or None, "LONGER_THREADS")  # 0: the CPU budget
         self.spec = self.bundle.spec
         self.models = request_models(self.spec)  # the request bodies this bundle declares
+        self.layout = event_dtype(self.spec)  # the packed events of the store it reads
         self._lock = threading.Lock()  # torch modules are not re-entrant across threads in eval either
 
-    def encode(self, user_id: int, events: np.ndarray) -> UserState:
+    def encode(self, user_id: int, events: np.ndarray, profile: dict | None = None) -> UserState:
         with self._lock, torch.no_grad():
             torch.set_num_threads(self.threads)
-            return self.bundle.model.encode_user(history_batch(user_id, events, self.max_len, self.spec))
+            return self.bundle.model.encode_user(
+                history_batch(user_id, events, self.max_len, self.spec, profile)
+            )
 
-    def candidates(self, cands: list, context: dict, ts: int) -> tuple[Candidates, dict]:
+    def candidates(
+        self, cands: list, context: dict, ts: int, known: dict[str, list] | None = None
+    ) -> tuple[Candidates, dict]:
         """Request candidates (objects with item_id and the candidate and dense columns as
         attributes, None = left out) and context → model Candidates, and the fill-ins
-        {(column, "unknown"): count}."""
+        {(column, "unknown"): count}. `known`: candidate columns already read off the
+        candidates (and filled from the item table, serving/features.py), a list per column."""
         spec, fills = self.spec, {}
 
         def filled(col, v, unknown):
@@ -109,7 +127,10 @@ class ModelRuntime:
             M = max(1, *(len(r) for r in rows))
             return torch.tensor([[r + [-1] * (M - len(r)) for r in rows]], dtype=torch.long)
 
-        columns = {c: ids(c, [getattr(x, c) for x in cands]) for c in spec.candidate}
+        known = known or {}
+        columns = {
+            c: ids(c, known[c] if c in known else [getattr(x, c) for x in cands]) for c in spec.candidate
+        }
         dense = {}
         for c in spec.dense:  # normalised with the train split's statistics, as the loader does
             mean, std = spec.dense_stats.get(c, (0.0, 1.0))

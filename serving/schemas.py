@@ -65,7 +65,9 @@ class ScoreRequest(Strict):
         default=None, min_length=1, description="the candidates' item ids, columnar (or give `candidates`)"
     )
     category_ids: list[Id] | None = Field(
-        default=None, description="with `item_ids`: one category per item, in the same order (default: all 0)"
+        default=None,
+        description="with `item_ids`: one category per item, in the same order (left out: the item "
+        "table's, else 0)",
     )
     ts: Ts | None = Field(default=None, description="request time, unix seconds (default: now)")
     history: list[HistoryEvent] | None = Field(
@@ -123,6 +125,14 @@ class EventsResponse(BaseModel):
     versions: dict[str, int] = Field(description="user_id → sequence version after the append")
 
 
+class ProfileResult(BaseModel):
+    user_id: int
+    seq_version: int = Field(
+        description="the user's sequence version after the write (bumped: cached states are stale)"
+    )
+    updated: list[str] = Field(description="the profile columns written")
+
+
 class ModelInfo(BaseModel):
     model_version: str
     config: dict
@@ -154,13 +164,26 @@ Dense = Annotated[float, Field(allow_inf_nan=False)]
 class RequestModels:
     """The request bodies one bundle's spec declares: `/v1/score`'s candidates carry the
     candidate columns (a list column: a list of ids) and the dense columns, its `context` the
-    context columns. Every declared field is optional: one left out is filled in (the unknown
-    bucket: id 0, an empty list, a dense column's train mean) and counted in /metrics; an
-    undeclared one is a 422 naming it."""
+    context columns. Every declared field is optional: one left out is filled in (a candidate
+    column from the online store's item table, else the unknown bucket: id 0, an empty list, a
+    dense column's train mean) and counted in /metrics; an undeclared one is a 422 naming it.
+
+    `/v1/events`' events (and `/v1/score`'s fallback `history`) carry the spec's scalar sequence
+    columns (left out: 0, the unknown bucket; a list<int64> sequence column is not stored
+    online, so not accepted). `PUT /v1/users/{user_id}`'s body (`profile`) carries the spec's
+    user columns, each optional: those given are upserted, the others kept."""
 
     candidate: type[BaseModel]
     context: type[BaseModel]
     score: type[BaseModel]
+    history_event: type[BaseModel]
+    events: type[BaseModel]
+    profile: type[BaseModel]
+
+    @property
+    def components(self) -> dict[str, type[BaseModel]]:
+        """The OpenAPI components these models replace (serving/app.py `spec_openapi`)."""
+        return {"ScoreRequest": self.score, "EventsRequest": self.events, "UserProfile": self.profile}
 
 
 def _id_field(spec, column: str):
@@ -178,6 +201,12 @@ def request_models(spec) -> RequestModels:
     }
     candidate = create_model("Candidate", __base__=Strict, item_id=(Id, ...), **cand_fields)
     context = create_model("Context", __base__=Strict, **{c: _id_field(spec, c) for c in spec.context})
+    seq = {
+        c: (Id, Field(default=0, description="sequence column; left out: 0, the unknown bucket"))
+        for c in spec.sequence
+        if not spec.is_list(c) and c not in HistoryEvent.model_fields
+    }
+    history_event = create_model("HistoryEvent", __base__=HistoryEvent, **seq)
     score = create_model(  # the columnar form (item_ids, category_ids) and its checks: ScoreRequest's
         "ScoreRequest",
         __base__=ScoreRequest,
@@ -186,5 +215,25 @@ def request_models(spec) -> RequestModels:
             Field(default=None, min_length=1, description="the candidates as objects (or give `item_ids`)"),
         ),
         context=(context | None, Field(default=None, description="the request's context columns")),
+        history=(
+            list[history_event] | None,
+            Field(
+                default=None, description="the user's events, used only when the online store is unreachable"
+            ),
+        ),
     )
-    return RequestModels(candidate, context, score)
+    event = create_model("Event", __base__=Event, **seq)
+    events = create_model("EventsRequest", __base__=EventsRequest, events=(list[event], Field(min_length=1)))
+    profile = create_model(
+        "UserProfile",
+        __base__=Strict,
+        __doc__="The user's profile columns to upsert (the others are kept).",
+        **{c: _profile_field(spec, c) for c in spec.user},
+    )
+    return RequestModels(candidate, context, score, history_event, events, profile)
+
+
+def _profile_field(spec, column: str):
+    if spec.is_list(column):
+        return (list[Id] | None, Field(default=None, description="list column; left out: kept as stored"))
+    return (Id | None, Field(default=None, description="left out: kept as stored"))

@@ -15,9 +15,10 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from feature_store.online import OnlineStore, connect, store_errors
+from feature_store.online import LayoutError, OnlineStore, connect, layout_text, store_errors
 from trainer.export import BundleError, declared_version
 
+from .features import FeatureTables
 from .metrics import Metrics
 from .runtime import ModelRuntime
 from .settings import Settings
@@ -63,7 +64,9 @@ class ErrorBurstLog:
 
 
 class Service:
-    """Shared state of one app: model runtime, store, executor, metrics, user-state cache."""
+    """Shared state of one app: model runtime, store, executor, metrics, user-state cache,
+    feature tables. The store's event layout is the bundle's (`LayoutError` at start, or a
+    refused reload, otherwise: feature_store/online.py)."""
 
     def __init__(
         self, settings: Settings, runtime: ModelRuntime | None = None, store: OnlineStore | None = None
@@ -76,12 +79,29 @@ class Service:
             max_len=settings.store_max_len or self.runtime.max_len,
             prefix=settings.key_prefix,
             state_ttl_s=settings.state_ttl_s,
+            layout=self.runtime.layout,
         )
+        self.same_layout(self.runtime)
+        try:  # the store's layout and tables; unreachable now: /readyz reads them when it answers
+            self.store.check_layout()
+        except STORE_ERRORS as e:
+            log.warning("online store unreachable at start (%s); its layout is checked on /readyz", e)
         self.pool = ThreadPoolExecutor(max_workers=self.runtime.threads, thread_name_prefix="longer-model")
         self.metrics = Metrics()
         self.metrics.model.labels(self.runtime.model_version).set(1)
         self.redis_log = ErrorBurstLog(logging.getLogger("longer.serving.redis"), "Redis", REDIS_LOG_EVERY_S)
         self.cache = UserStateCache(self.store, self.run, self.redis, settings.state_precision)
+        self.features = FeatureTables(self.store, self.redis)
+
+    def same_layout(self, runtime: ModelRuntime) -> None:
+        """LayoutError unless `runtime`'s bundle packs events as the store does (a hot reload
+        to a bundle whose sequence columns differ needs a store loaded for it: a restart)."""
+        if runtime.layout != self.store.layout:
+            raise LayoutError(
+                f"the bundle's spec packs events as {layout_text(runtime.layout)}, the online store "
+                f"(prefix {self.store.prefix}) holds {layout_text(self.store.layout)}; serve it on a store "
+                "loaded for it (`longer store load`, another --key-prefix) in a new process"
+            )
 
     async def run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
@@ -114,6 +134,13 @@ class Service:
                 raise
             except Exception as e:  # whatever a hostile or half-copied directory makes the loader raise
                 raise BundleError(f"{self.settings.model}: {type(e).__name__}: {e}") from e
+            try:
+                self.same_layout(new)
+                await self.redis(self.store.check_layout)  # and re-read the store's tables
+            except LayoutError as e:
+                raise BundleError(f"{self.settings.model}: {e}") from e
+            except STORE_ERRORS:  # logged by `redis`; /readyz re-reads the tables when it answers
+                pass
             self.runtime = new
             self.metrics.model.clear()
             self.metrics.model.labels(new.model_version).set(1)

@@ -10,7 +10,8 @@ one pipelined Redis round trip (`OnlineStore.read_head`), and the events themsel
   events used (`state_tag`). The candidates are scored against it. A value that decodes but
   then fails to score is logged and recomputed, as a miss.
 * **miss** — no usable value: the state is encoded from the events strictly before the
-  request time, once for concurrent requests of the same (model, user, sequence, events)
+  request time and the user's stored profile (read after the sequence version, and only when
+  the bundle has user columns the store holds: serving/features.py), once for concurrent requests of the same (model, user, sequence, events)
   ("single flight"), and, if it used the whole current sequence, written back after the
   response is sent (a request with an earlier `ts` uses a prefix, which is not cached).
 * **bypass** — Redis is unreachable: the state is encoded from the history in the request
@@ -49,10 +50,11 @@ def state_tag(user_id: int, seq_version: int, n_events: int) -> dict:
     return {"user_id": int(user_id), "seq_version": int(seq_version), "n_events": int(n_events)}
 
 
-def history_events(history: Sequence, before_ts: int) -> np.ndarray:
-    """A request's own history (schemas.Event objects) as sorted store events before `before_ts`."""
-    rows = [(e.ts, e.item_id, e.category_id, e.action, e.label) for e in history]
-    events = sort_events(np.array(rows, EVENT_DTYPE))
+def history_events(history: Sequence, before_ts: int, layout: np.dtype = EVENT_DTYPE) -> np.ndarray:
+    """A request's own history (schemas.HistoryEvent objects) as sorted store events (in the
+    store's `layout`) before `before_ts`."""
+    rows = [tuple(getattr(e, c) for c in layout.names) for e in history]
+    events = sort_events(np.array(rows, layout))
     return events[events["ts"] < before_ts]
 
 
@@ -114,8 +116,9 @@ class UserStateCache:
             if scores is not None:
                 return scores, "hit"
             events, seq_version, _ = await self.redis(self.store.read, user_id, None)
+            profile = await self.profile(rt, user_id)  # after the version: never newer-tagged than read
         except STORE_ERRORS:
-            state = await self.run(rt.encode, user_id, history_events(history, ts))
+            state = await self.run(rt.encode, user_id, history_events(history, ts, rt.layout))
             return await self.run(score, state), "bypass"
         used = events[events["ts"] < ts]  # point in time: strictly earlier events only
         tag = state_tag(user_id, seq_version, len(used))
@@ -125,7 +128,7 @@ class UserStateCache:
                 return await self.run(score, state), "hit"
             except Exception as e:  # noqa: BLE001 -- a well-formed but unusable cached value: recompute it
                 log.warning("user %s: cached state unusable (%s), recomputing", user_id, e)
-        state = await self.encode_once(rt, (rt.model_version, user_id, seq_version, len(used)), used)
+        state = await self.encode_once(rt, (rt.model_version, user_id, seq_version, len(used)), used, profile)
         if len(used) == len(events):  # the state of the whole current sequence: cache it
             defer(self.write_back, rt, user_id, state, tag)
         return await self.run(score, state), "miss"
@@ -153,15 +156,23 @@ class UserStateCache:
             log.warning("user %s: cached state unusable (%s), recomputing", user_id, e)
             return None, None
 
-    async def encode_once(self, rt: ModelRuntime, key: tuple, events: np.ndarray) -> UserState:
-        """Concurrent misses for the same key (model, user, sequence, events) compute the state once."""
+    async def profile(self, rt: ModelRuntime, user_id: int) -> dict:
+        """The user's stored profile for the bundle's user columns: one store call, none (no
+        round trip) when the spec has no user column the store holds."""
+        if not any(c in self.store.meta.user for c in rt.spec.user):
+            return {}
+        return await self.redis(self.store.read_profile, user_id, rt.spec)
+
+    async def encode_once(self, rt: ModelRuntime, key: tuple, events: np.ndarray, profile: dict) -> UserState:
+        """Concurrent misses for the same key (model, user, sequence, events) compute the state
+        once (the profile is the sequence version's: a profile write bumps it)."""
         fut = self.inflight.get(key)
         if fut is not None:
             return await asyncio.shield(fut)
         fut = asyncio.get_running_loop().create_future()
         self.inflight[key] = fut
         try:
-            state = await self.run(rt.encode, key[1], events)
+            state = await self.run(rt.encode, key[1], events, profile)
             fut.set_result(state)
             return state
         except BaseException as e:

@@ -77,7 +77,8 @@ async def arm_spec(arm: Arm) -> dict | None:
 
 def score_body(req: Request, spec: dict | None) -> dict:
     """The /v1/score body of a logged request for an arm: item_id, and of the logged columns
-    those the arm's spec declares (candidate and dense per candidate, context per request)."""
+    those the arm's spec declares (candidate and dense per candidate, context per request; the
+    user columns come from the arm's store)."""
     spec = spec or {"candidate": ["category_id"], "dense": [], "context": []}
     cols = {"category_id": req.category_id, **req.columns}
     per_cand = [c for c in (*spec.get("candidate", ()), *spec.get("dense", ())) if c in cols]
@@ -90,6 +91,30 @@ def score_body(req: Request, spec: dict | None) -> dict:
     }
     context = {c: cols[c][0] for c in spec.get("context", ()) if c in cols}
     return {**body, "context": context} if context else body
+
+
+def events_body(req: Request, spec: dict | None) -> dict:
+    """The /v1/events body of a logged request's events for an arm: the stored fields, and of
+    the logged columns the arm's spec declares as (scalar) sequence columns."""
+    spec = spec or {}
+    seq = [c for c in spec.get("sequence", ()) if c in req.columns and c not in spec.get("lists", ())]
+    return {
+        "events": [
+            {
+                "user_id": req.user_id,
+                "item_id": it,
+                "category_id": c,
+                "action": a,
+                "label": y,
+                "ts": t,
+                "event_id": f"replay-{req.user_id}-{t}-{it}-{k}",
+                **{s: req.columns[s][k] for s in seq},
+            }
+            for k, (it, c, a, y, t) in enumerate(
+                zip(req.item_id, req.category_id, req.action, req.label, req.event_ts)
+            )
+        ]
+    }
 
 
 async def replay(
@@ -124,22 +149,7 @@ async def replay(
             if r is not None:
                 data = r.json()
                 out.scores, out.user_state = data["scores"], data["user_state"]
-            events = {
-                "events": [
-                    {
-                        "user_id": req.user_id,
-                        "item_id": it,
-                        "category_id": c,
-                        "action": a,
-                        "label": y,
-                        "ts": t,
-                        "event_id": f"replay-{req.user_id}-{t}-{it}-{k}",
-                    }
-                    for k, (it, c, a, y, t) in enumerate(
-                        zip(req.item_id, req.category_id, req.action, req.label, req.event_ts)
-                    )
-                ]
-            }
+            events = events_body(req, arm.spec)
             r2, _err, _ = await _call(arm.client, "/v1/events", events, retries, backoff_s, timeout_s)
             out.event_errors = int(r2 is None)
         outcomes.append(out)

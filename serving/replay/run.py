@@ -13,34 +13,46 @@ import numpy as np
 from feature_store.io import atomic_dir, check_output
 from feature_store.online import Event, OnlineStore, stop_embedded
 from longer.errors import InputError, UsageError
+from longer.spec import FeatureSpec
 
 from .driver import Arm, replay
 from .report import summarize, write_report
-from .traffic import assign_arm, by_user_then_time, log_columns, requests_from_log
+from .traffic import as_json, assign_arm, by_user_then_time, log_columns, requests_from_log
+
+EVENT_FIELDS = ("user_id", "item_id", "ts", "category_id", "action", "label")  # an Event's logged fields
 
 
-def bootstrap_store(store: OnlineStore, log: str | Path, before_ts: int, chunk: int = 2000) -> int:
+def bootstrap_store(
+    store: OnlineStore, log: str | Path, before_ts: int, spec: FeatureSpec | None = None, chunk: int = 2000
+) -> int:
     """Load the logged events earlier than `before_ts` into the store (the state of the world
     when the replay window opens): each user's last `store.max_len` of them, all the store keeps
-    of a longer history. Returns the number of events appended."""
+    of a longer history, with the store layout's sequence columns; and each such user's profile
+    (`spec`'s user columns) as logged on the user's last row before `before_ts`. Records the
+    store's meta. Returns the number of events appended."""
+    spec = spec or FeatureSpec()
     cols = log_columns(log)
     keep = by_user_then_time(cols, np.flatnonzero(cols["ts"] < before_ts))
     users = cols["user_id"][keep]
     last_of_user = np.r_[np.flatnonzero(users[1:] != users[:-1]), len(users) - 1] if len(users) else users
+    user_cols = [c for c in spec.user if c in cols]
+    if user_cols:
+        last = keep[last_of_user]
+        store.write_rows(
+            [store.profile_key(u) for u in cols["user_id"][last]],
+            [{c: as_json(cols[c][i]) for c in user_cols} for i in last],
+        )
+    store.write_meta(user=user_cols)
     from_end = np.repeat(last_of_user, np.diff(np.r_[-1, last_of_user])) - np.arange(len(users))
     keep = keep[from_end < store.max_len]
-    cat, act = cols["category_id"], cols["action"]
+    extra = [c for c in store.layout.names if c not in EVENT_FIELDS and c in cols]
     for lo in range(0, len(keep), chunk):
         rows = keep[lo : lo + chunk]
         store.append(
             [
                 Event(
-                    int(cols["user_id"][i]),
-                    int(cols["item_id"][i]),
-                    int(cols["ts"][i]),
-                    int(cat[i]),
-                    int(act[i]),
-                    int(cols["label"][i]),
+                    **{f: int(cols[f][i]) for f in EVENT_FIELDS},
+                    columns={c: int(cols[c][i]) for c in extra},
                 )
                 for i in rows
             ]
@@ -61,8 +73,8 @@ def offline_arm(name: str, bundle: str, log: str | Path, before_ts: int, workdir
         bundle, threads=Settings.from_env().threads
     )  # LONGER_THREADS, as a server reads it
     client = EmbeddedRedis(str(workdir / f"{name}-{uuid.uuid4().hex[:6]}.rdb"))
-    store = OnlineStore(client, max_len=runtime.max_len, prefix=f"replay-{name}")
-    bootstrap_store(store, log, before_ts)
+    store = OnlineStore(client, max_len=runtime.max_len, prefix=f"replay-{name}", layout=runtime.layout)
+    bootstrap_store(store, log, before_ts, runtime.spec)
     app = create_app(Settings(model=bundle), runtime=runtime, store=store)
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)  # a crash is a 500, counted
     return Arm(
