@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from feature_store.online import Event as StoreEvent
 from feature_store.online import OnlineStore, store_errors
 
-from .runtime import ModelRuntime
+from .runtime import ModelRuntime, as_columns
 
 STORE_ERRORS = store_errors()
 STORE_FIELDS = set(StoreEvent.__dataclass_fields__) - {"columns"}  # an event's fixed fields
@@ -41,25 +41,28 @@ class FeatureTables:
         """The bundle's candidate columns that the store's item table holds."""
         return tuple(c for c in rt.spec.candidate if c in self.store.meta.candidate)
 
-    async def fill_from_items(self, rt: ModelRuntime, given: list) -> tuple[dict[str, list], dict]:
+    async def fill_from_items(self, rt: ModelRuntime, given) -> tuple[dict[str, list], dict]:
         """({column: value per candidate} for the candidate columns the item table holds, a
         value left out taken from the table where it has one, else None), and the fill-ins
-        {(column, "item"): count}. Each column is read off the candidates once (the runtime
-        reuses the lists); no store call when no candidate leaves out a column the table holds."""
-        values = {c: [getattr(x, c) for x in given] for c in self.item_columns(rt)}
+        {(column, "item"): count}. `given`: `CandidateColumns` or candidate objects
+        (serving/runtime.py `as_columns`); the runtime reuses the lists. No store call when no
+        candidate leaves out a column the table holds."""
+        cols = as_columns(given, rt.spec)
+        values = {c: cols.values(c) for c in self.item_columns(rt)}
         wanted = [c for c, vs in values.items() if None in vs]
         if not wanted:
             return values, {}
         need = sorted({k for c in wanted for k, v in enumerate(values[c]) if v is None})
+        ids = cols.item_ids
         try:
-            rows = await self.redis(self.store.read_items, [given[k].item_id for k in need], wanted, rt.spec)
+            rows = await self.redis(self.store.read_items, [ids[k] for k in need], wanted, rt.spec)
         except STORE_ERRORS:  # counted and logged by `redis`: the unknown bucket
             return values, {}
         fills = {}
         for c in wanted:
-            vs = values[c]
+            vs = values[c] = list(values[c])  # never the request's own list
             for k in need:
-                found = rows.get(int(given[k].item_id), {}).get(c) if vs[k] is None else None
+                found = rows.get(int(ids[k]), {}).get(c) if vs[k] is None else None
                 if found is not None:
                     vs[k] = found
                     fills[(c, "item")] = fills.get((c, "item"), 0) + 1

@@ -25,6 +25,7 @@ from feature_store.online import LayoutError, store_errors
 from trainer.export import BundleError
 
 from .errors import invalid, responses
+from .runtime import CandidateColumns, as_columns
 from .schemas import (
     INT64_MAX,
     EventsResponse,
@@ -41,7 +42,8 @@ STORE_ERRORS = store_errors()
 router = APIRouter()
 
 
-def service(request: Request) -> Service:
+async def service(request: Request) -> Service:
+    """async: FastAPI runs a plain `def` dependency in its thread pool, a hop per request."""
     return request.app.state.service
 
 
@@ -54,7 +56,7 @@ def bearer_matches(header: str, token: str) -> bool:
     )
 
 
-def require_token(request: Request, svc: Service = Depends(service)) -> None:
+async def require_token(request: Request, svc: Service = Depends(service)) -> None:
     token = svc.settings.token
     if token and not bearer_matches(request.headers.get("authorization", ""), token):
         raise HTTPException(
@@ -87,14 +89,25 @@ async def spec_body(request: Request, model):
         raise RequestValidationError(errors, body=data) from None
 
 
-def columnar(req, rt) -> list:
-    """The columnar form (`item_ids`, `category_ids`) as candidate objects; every other declared
-    column (and category_id without `category_ids`) left out."""
-    items = req.item_ids
-    cats = req.category_ids or [None] * len(items)
-    with_cat = "category_id" in rt.spec.candidate
-    build = rt.models.candidate.model_construct
-    return [build(item_id=i, **({"category_id": c} if with_cat else {})) for i, c in zip(items, cats)]
+async def score_body(request: Request, model):
+    """`spec_body` in one pass when the body is valid: pydantic parses and validates the raw
+    bytes together (no intermediate dicts); any failure goes through `spec_body`, which answers
+    it exactly as before."""
+    body = await request.body()
+    try:
+        return model.model_validate_json(body)
+    except ValidationError:
+        return await spec_body(request, model)
+
+
+def candidate_columns(req, rt) -> CandidateColumns:
+    """The request's candidates as columns: the columnar form's arrays as they are
+    (`category_ids` when the spec declares category_id; every other column left out), the
+    object form's read off its objects once."""
+    if req.candidates is not None:
+        return as_columns(req.candidates, rt.spec)
+    with_cat = req.category_ids is not None and "category_id" in rt.spec.candidate
+    return CandidateColumns(req.item_ids, {"category_id": req.category_ids} if with_cat else {})
 
 
 async def store_call(call):
@@ -134,26 +147,33 @@ def spec_body_doc(component: str) -> dict:
     openapi_extra=spec_body_doc("ScoreRequest"),
 )
 async def score(request: Request, background: BackgroundTasks, svc: Service = Depends(service)):
+    """The candidates' tensors are built in the worker thread that scores them (the cache's
+    hop, serving/state_cache.py), once; the response is serialised once, here."""
     rt = svc.runtime  # one model for the whole request, even across a reload
-    req = await spec_body(request, rt.models.score)
-    given = req.candidates if req.candidates is not None else columnar(req, rt)
+    req = await score_body(request, rt.models.score)
+    given = candidate_columns(req, rt)
     at_most(req.candidate_field, given, svc.settings.max_candidates, "LONGER_MAX_CANDIDATES", "per request")
     ts = req.ts if req.ts is not None else int(time.time())
     context = req.context.model_dump() if req.context is not None else {}
     known, from_items = await svc.features.fill_from_items(rt, given)
-    cands, fills = rt.candidates(given, context, ts, known)
-    for (column, source), n in (from_items | fills).items():
-        svc.metrics.fill_ins.labels(column, source).inc(n)
+    built = []  # (Candidates, fill-ins), built on first use
 
     def score_state(state):
-        return rt.score(state, cands)
+        if not built:
+            built.append(rt.candidates(given, context, ts, known))
+        return rt.score(state, built[0][0])
 
     scores, outcome = await svc.cache.score(
         rt, req.user_id, ts, req.history or [], score_state, background.add_task
     )
+    for (column, source), n in (from_items | built[0][1]).items():
+        svc.metrics.fill_ins.labels(column, source).inc(n)
     svc.metrics.user_state.labels(outcome).inc()
     svc.metrics.candidates.inc(len(given))
-    return ScoreResponse(model_version=rt.model_version, scores=scores, user_state=outcome)
+    body = {"model_version": rt.model_version, "scores": scores, "user_state": outcome}
+    return Response(
+        json.dumps(body, allow_nan=False, separators=(",", ":")).encode(), media_type="application/json"
+    )
 
 
 @router.post(

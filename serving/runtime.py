@@ -11,12 +11,22 @@ list<int64> sequence column is not stored online and enters as empty lists. User
 from the user's stored profile (`encode(..., profile)`), user side: they are part of the
 UserState, so a profile change must invalidate cached states (it bumps `seq_version`,
 feature_store/online.py); a column the profile lacks is the unknown bucket.
+
+Candidates come as columns (`CandidateColumns`: item ids and, per declared column, one value
+per candidate): the columnar request form's arrays as they are, the object form's read off its
+objects once (`as_columns`). `candidates` turns them into tensors in one pass per column.
+
+Model calls run in `ComputeSlots`, not under one global lock: up to `slots` calls at once
+(encode or score, on the executor's threads), each with torch threads = the CPU budget ÷ the
+calls running when it starts (at least 1), so one request's compute overlaps another's Redis
+read and JSON, and a lone request still gets every thread. All under `torch.inference_mode`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -82,6 +92,60 @@ def history_batch(
     return HistoryBatch(kjt, torch.from_numpy(np.array(ev["ts"], dtype=np.int64)), event_lengths)
 
 
+class ComputeSlots:
+    """At most `slots` model calls at once; a call entering with n calls running (itself
+    included) runs with max(1, budget // n) torch threads (torch's thread count is per calling
+    thread). `slots` defaults to the budget: on 2 CPUs, two calls of 1 thread or one of 2."""
+
+    def __init__(self, budget: int, slots: int = 0):
+        self.budget = max(1, budget)
+        self.slots = slots or self.budget
+        self._free = threading.BoundedSemaphore(self.slots)
+        self._count = threading.Lock()
+        self.running = 0
+
+    @contextlib.contextmanager
+    def __call__(self):
+        """Hold one slot: yields the torch threads this call runs with."""
+        with self._free:
+            with self._count:
+                self.running += 1
+                threads = max(1, self.budget // self.running)
+            try:
+                torch.set_num_threads(threads)
+                with torch.inference_mode():
+                    yield threads
+            finally:
+                with self._count:
+                    self.running -= 1
+
+
+@dataclass
+class CandidateColumns:
+    """A request's candidates as columns: `item_ids` and, per declared candidate or dense column
+    given, a value per candidate (None: this one leaves it out); a column absent from `columns`
+    is left out by every candidate."""
+
+    item_ids: list[int]
+    columns: dict[str, list] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.item_ids)
+
+    def values(self, column: str) -> list:
+        """The column's values, one per candidate (None where left out)."""
+        return self.columns.get(column) or [None] * len(self.item_ids)
+
+
+def as_columns(given, spec: FeatureSpec) -> CandidateColumns:
+    """Candidate objects (item_id and the declared columns as attributes, None = left out) as
+    columns; `CandidateColumns` as they are."""
+    if isinstance(given, CandidateColumns):
+        return given
+    cols = {c: [getattr(x, c, None) for x in given] for c in (*spec.candidate, *spec.dense)}
+    return CandidateColumns([x.item_id for x in given], cols)
+
+
 class ModelRuntime:
     """One loaded bundle; `model_version` is its version (a hash of its files), tagged with the
     max_len when it reads longer histories than it was trained at (`max_len`, 0: the trained
@@ -96,49 +160,55 @@ class ModelRuntime:
         self.spec = self.bundle.spec
         self.models = request_models(self.spec)  # the request bodies this bundle declares
         self.layout = event_dtype(self.spec)  # the packed events of the store it reads
-        self._lock = threading.Lock()  # torch modules are not re-entrant across threads in eval either
+        self.slots = ComputeSlots(self.threads)  # concurrent model calls (the module docstring)
 
     def encode(self, user_id: int, events: np.ndarray, profile: dict | None = None) -> UserState:
-        with self._lock, torch.no_grad():
-            torch.set_num_threads(self.threads)
+        with self.slots():
             return self.bundle.model.encode_user(
                 history_batch(user_id, events, self.max_len, self.spec, profile)
             )
 
     def candidates(
-        self, cands: list, context: dict, ts: int, known: dict[str, list] | None = None
+        self, given, context: dict, ts: int, known: dict[str, list] | None = None
     ) -> tuple[Candidates, dict]:
-        """Request candidates (objects with item_id and the candidate and dense columns as
-        attributes, None = left out) and context → model Candidates, and the fill-ins
-        {(column, "unknown"): count}. `known`: candidate columns already read off the
-        candidates (and filled from the item table, serving/features.py), a list per column."""
-        spec, fills = self.spec, {}
+        """Request candidates (`CandidateColumns`, or objects with item_id and the candidate and
+        dense columns as attributes, None = left out) and context → model Candidates, and the
+        fill-ins {(column, "unknown"): count}. `known`: candidate columns already filled from
+        the item table (serving/features.py), a list per column."""
+        spec, fills, cols = self.spec, {}, as_columns(given, self.spec)
+        n = len(cols)
 
-        def filled(col, v, unknown):
-            if v is None:
-                fills[(col, "unknown")] = fills.get((col, "unknown"), 0) + 1
-                return unknown
-            return v
+        def filled(col, vs, unknown):
+            missing = sum(v is None for v in vs)
+            if not missing:
+                return vs
+            fills[(col, "unknown")] = fills.get((col, "unknown"), 0) + missing
+            return [unknown if v is None else v for v in vs]
 
         def ids(col, vs):
+            if vs is None:  # left out by every candidate: the unknown bucket
+                fills[(col, "unknown")] = fills.get((col, "unknown"), 0) + len(cols)
+                return (
+                    torch.zeros((1, n), dtype=torch.long)
+                    if not spec.is_list(col)
+                    else torch.full((1, n, 1), -1)
+                )
             if not spec.is_list(col):
-                return torch.tensor([[filled(col, v, 0) for v in vs]], dtype=torch.long)
-            rows = [filled(col, v, []) for v in vs]
+                return torch.tensor([filled(col, vs, 0)], dtype=torch.long)
+            rows = filled(col, vs, [])
             M = max(1, *(len(r) for r in rows))
             return torch.tensor([[r + [-1] * (M - len(r)) for r in rows]], dtype=torch.long)
 
         known = known or {}
-        columns = {
-            c: ids(c, known[c] if c in known else [getattr(x, c) for x in cands]) for c in spec.candidate
-        }
+        columns = {c: ids(c, known[c] if c in known else cols.columns.get(c)) for c in spec.candidate}
         dense = {}
         for c in spec.dense:  # normalised with the train split's statistics, as the loader does
             mean, std = spec.dense_stats.get(c, (0.0, 1.0))
-            raw = [filled(c, getattr(x, c), mean) for x in cands]
+            raw = filled(c, cols.values(c), mean)
             dense[c] = torch.from_numpy(normalised(np.array([raw], dtype=np.float64), mean, std))
         ctx = {c: ids(c, [context.get(c)])[0] for c in spec.context}
         out = Candidates(
-            item_id=torch.tensor([[x.item_id for x in cands]], dtype=torch.long),
+            item_id=torch.tensor([cols.item_ids], dtype=torch.long),
             category_id=columns.pop("category_id", None),
             ts=torch.tensor([ts], dtype=torch.long),
             columns=columns,
@@ -148,9 +218,8 @@ class ModelRuntime:
         return out, fills
 
     def score(self, state: UserState, cands: Candidates) -> list[float]:
-        """Click probabilities of the candidates against `state`. inference_mode: no autograd
-        bookkeeping at all on the hot path (no_grad keeps some)."""
-        with self._lock, torch.inference_mode():
-            torch.set_num_threads(self.threads)
+        """Click probabilities of the candidates against `state`, in a compute slot
+        (inference_mode: no autograd bookkeeping at all on the hot path)."""
+        with self.slots():
             logits = self.bundle.model.score(state, cands)[0]
         return torch.sigmoid(logits.double()).tolist()

@@ -86,7 +86,11 @@ class Service:
             self.store.check_layout()
         except STORE_ERRORS as e:
             log.warning("online store unreachable at start (%s); its layout is checked on /readyz", e)
-        self.pool = ThreadPoolExecutor(max_workers=self.runtime.threads, thread_name_prefix="longer-model")
+        # a thread per compute slot (serving/runtime.py ComputeSlots) and one more, so a store
+        # call (a request's Redis read) never waits behind the model calls
+        self.pool = ThreadPoolExecutor(
+            max_workers=self.runtime.threads + 1, thread_name_prefix="longer-model"
+        )
         self.metrics = Metrics()
         self.metrics.model.labels(self.runtime.model_version).set(1)
         self.redis_log = ErrorBurstLog(logging.getLogger("longer.serving.redis"), "Redis", REDIS_LOG_EVERY_S)
