@@ -21,6 +21,15 @@ So no user-side value depends on a candidate: `encode_user` computes it once int
 `UserState` (per layer user-side K/V + the CLS output) and `score` runs only the candidate
 tokens against it. `forward_reference` runs the same layers over all tokens jointly with one
 mask per layer: the tests check that the two agree.
+
+Candidate attention at inference (no autograd, CPU; `Longer.score`): each layer's candidate
+queries attend to the cached user K/V with unmasked-by-pattern SDPA (one additive (B, ·, 1, Tu)
+bias: -inf on invalid keys, plus the request-relative time/position bias of the append-stable
+encoding) and, separately, to their own candidate's keys (copies <= j; a (N, T, T) product);
+the two softmaxes are merged exactly by their log-sum-exps (`lse_merge`). The query, key and
+value projections of the candidate tokens are one fused matmul. No mask of N·T × (Tu + N·T) is
+ever built. Training (autograd on) keeps the masked path over chunks of `cand_chunk`
+candidates: the two agree within float rounding (tests/test_model.py).
 """
 
 from __future__ import annotations
@@ -59,11 +68,46 @@ class Attention(nn.Module):
         k, v = self.kv_proj(x).chunk(2, dim=-1)
         return self._heads(k, 1), self._heads(v, 2)
 
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v of the same tokens in one fused projection (inference: no autograd)."""
+        w = torch.cat([self.q_proj.weight, self.kv_proj.weight])
+        b = torch.cat([self.q_proj.bias, self.kv_proj.bias])
+        q, k, v = F.linear(x, w, b).chunk(3, dim=-1)
+        return self._heads(q, 0), self._heads(k, 1), self._heads(v, 2)
+
+    def candidate_attention(
+        self, q, kc, vc, k_user, v_user, user_bias: torch.Tensor, own: torch.Tensor
+    ) -> torch.Tensor:
+        """Candidate queries q (B, H, N·T, dh) against the user keys (B, H, Tu, dh) with the
+        additive `user_bias` (B, 1 or H, 1, Tu) and against their own candidate's keys kc/vc
+        (B, H, N·T, dh) under `own` (T, T) bool, as one softmax over both: the two partial
+        attentions merged by their log-sum-exps. → (B, N·T, d) after o_proj."""
+        B, H, NT, dh = q.shape
+        T = own.shape[0]
+        out_u, lse_u = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k_user.to(q.dtype), v_user.to(q.dtype), attn_mask=user_bias.to(q.dtype)
+        )
+        qs = q.reshape(B, H, NT // T, T, dh)
+        scores = qs @ kc.reshape(B, H, NT // T, T, dh).transpose(-1, -2) * dh**-0.5
+        scores = scores.masked_fill(~own, float("-inf"))
+        lse_c = scores.logsumexp(-1)  # (B, H, N, T)
+        out_c = torch.softmax(scores, -1) @ vc.reshape(B, H, NT // T, T, dh)
+        out = lse_merge(out_u, lse_u, out_c.reshape(B, H, NT, dh), lse_c.reshape(B, H, NT))
+        return self.o_proj(out.transpose(1, 2).flatten(2))
+
     def forward(self, q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
         if mask is not None and mask.dim() == 3:  # a float (B, H, Tq, Tk) mask also adds a bias
             mask = mask[:, None]  # (B, 1, Tq, Tk): one mask for every head
         out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
         return self.o_proj(out.transpose(1, 2).flatten(2))
+
+
+def lse_merge(out_a, lse_a, out_b, lse_b) -> torch.Tensor:
+    """One softmax attention over the keys of a and b from the two computed apart: outputs
+    (..., T, dh) weighted by exp(lse - max) of their log-sum-exps (..., T)."""
+    m = torch.maximum(lse_a, lse_b)
+    wa, wb = torch.exp(lse_a - m)[..., None], torch.exp(lse_b - m)[..., None]
+    return (out_a * wa + out_b * wb) / (wa + wb)
 
 
 class Block(nn.Module):
@@ -92,7 +136,16 @@ class Block(nn.Module):
 
     def forward(self, x, k, v, mask) -> torch.Tensor:
         """x (B, Tq, d) queries; k, v (B, H, Tk, dh) from `kv`; mask (B, Tq, Tk) bool or None."""
-        y = x + self.attn(self.attn.q(self._in(x)), k, v, mask)
+        return self._out(x + self.attn(self.attn.q(self._in(x)), k, v, mask))
+
+    def candidates(self, x, k_user, v_user, user_bias, own) -> torch.Tensor:
+        """The block on candidate tokens x (B, N·T, d) at inference: `Attention.candidate_attention`
+        over the cached user K/V and their own keys (`own` (T, T): copy visibility)."""
+        q, kc, vc = self.attn.qkv(self._in(x))
+        return self._out(x + self.attn.candidate_attention(q, kc, vc, k_user, v_user, user_bias, own))
+
+    def _out(self, y: torch.Tensor) -> torch.Tensor:
+        """The rest of the block after the attention's residual y = x + Attn(...)."""
         if self.mode == "post":
             y = self.norm1(y)
             return self.norm2(y + self.ffn(y))
@@ -292,7 +345,37 @@ class Longer(DenseNet):
     def score(
         self, state: UserState, cand: torch.Tensor, request_ts: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """cand (B, N, 2, d) candidate tokens → logits (B, N), against the cached user state."""
+        """cand (B, N, 2, d) candidate tokens → logits (B, N), against the cached user state.
+        Without autograd on CPU: `score_merged` (the module docstring); else the masked path."""
+        if not torch.is_grad_enabled() and cand.device.type == "cpu":
+            return self.score_merged(state, cand, request_ts)
+        return self.score_masked(state, cand, request_ts)
+
+    def score_merged(
+        self, state: UserState, cand: torch.Tensor, request_ts: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`score` with every candidate at once, each layer's attention split in user keys and
+        own keys and merged by log-sum-exp (`Block.candidates`)."""
+        B, N = cand.shape[:2]
+        x = self._copies(cand).reshape(B, -1, self.cfg.d_model)  # (B, N·T, d)
+        own = self._copy_mask(1, x.device)
+        for i, blk in enumerate(self.blocks):
+            bias = self._cand_user_bias(state, i, request_ts)
+            x = blk.candidates(x, state[f"k{i}"], state[f"v{i}"], bias, own)
+        return self._head(state["cls"], x.reshape(B, N, -1, self.cfg.d_model))
+
+    def _cand_user_bias(self, state: UserState, i: int, request_ts) -> torch.Tensor:
+        """(B, 1, 1, Tu) additive bias of a candidate query on layer i's user keys: 0 on a valid
+        key, -inf on padding."""
+        valid = state[f"valid{i}"]
+        zero = torch.zeros(valid.shape, dtype=torch.float32, device=valid.device)
+        return zero.masked_fill(~valid, float("-inf"))[:, None, None, :]
+
+    def score_masked(
+        self, state: UserState, cand: torch.Tensor, request_ts: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`score` over chunks of `cand_chunk` candidates, one masked SDPA per layer over the
+        user keys and the chunk's own keys (the training path: exact autograd)."""
         B, N = cand.shape[:2]
         chunk = min(N, self.cfg.cand_chunk)
         n_chunks = -(-N // chunk)

@@ -288,6 +288,18 @@ class StableLonger(Longer):
         bias = torch.cat([user.expand(-1, -1, Tq, -1), user.new_zeros(len(rows), user.shape[1], Tq, Tq)], 3)
         return bias.masked_fill(~mask[:, None], float("-inf"))
 
+    def _cand_user_bias(self, state: UserState, i: int, request_ts) -> torch.Tensor:
+        """(B, H, 1, Tu): the valid-key bias plus the request-relative time/position bias."""
+        valid = super()._cand_user_bias(state, i, request_ts)
+        if self.bias is None:
+            return valid
+        n_glob = state["k0"].shape[2] - self.n_groups
+        at = self._attrs(state, n_glob)
+        k_attr = at["k0"] if i == 0 else at["q"]
+        B, Tk = k_attr[0].shape
+        k_seq = (torch.arange(Tk, device=valid.device) >= n_glob)[None].expand(B, -1)
+        return self._cand_bias(i, state, request_ts, k_attr, k_seq) + valid
+
     def reference(self, batch, emb) -> torch.Tensor:
         state, merged = self._grid_state(batch, emb)
         self._latest(state)

@@ -92,6 +92,33 @@ def test_many_candidates_against_one_state_equal_per_sample_forward(name):
     torch.testing.assert_close(got[0], expected, atol=1e-5, rtol=0)
 
 
+@ENCODINGS
+@pytest.mark.parametrize("R", [1, 3])
+@pytest.mark.parametrize("precision", [torch.float32, torch.bfloat16])
+def test_candidate_attention_equals_masked_sdpa(R, encoding, precision):
+    """Inference's candidate attention (user keys unmasked + own keys, merged by log-sum-exp;
+    the append-stable time/position bias included) equals the masked SDPA path of training,
+    for users of every history length (padded keys) and a state stored at lower precision."""
+    m = model(phd_copies=R, encoding=encoding, cand_chunk=4)
+    n = 9
+    with torch.no_grad():
+        state = m.encode_user(random_batch(LENGTHS, seed=4))
+        state = type(state)(
+            {k: v.to(precision) if v.is_floating_point() else v for k, v in state.tensors.items()}
+        )
+        cands = Candidates(
+            item_id=torch.arange(len(LENGTHS) * n).reshape(-1, n) * 13 + 1,
+            category_id=torch.arange(len(LENGTHS) * n).reshape(-1, n) % 7,
+            ts=torch.full((len(LENGTHS),), 2_000_000_000),
+        )
+        emb = m.embedding.candidates(cands)
+        tokens = m.net.features.candidate_tokens(emb, {}, cands.ts, state["latest_ts"])
+        merged = m.net.score_merged(state, tokens, cands.ts)
+        masked = m.net.score_masked(state, tokens, cands.ts)
+    assert torch.isfinite(merged).all()
+    torch.testing.assert_close(merged, masked, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("name", ARCHS)
 def test_candidate_never_changes_the_user_state(name):
     m = model(arch=name, phd_copies=3 if name == "longer" else 1)
