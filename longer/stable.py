@@ -278,12 +278,7 @@ class StableLonger(Longer):
         mask = super()._cand_mask(state, i, rows, own, request_ts)
         if self.bias is None:
             return mask
-        n_glob = state["k0"].shape[2] - self.n_groups
-        at = self._attrs(state, n_glob)
-        k_attr = at["k0"] if i == 0 else at["q"]
-        B, Tk = k_attr[0].shape
-        k_seq = (torch.arange(Tk, device=own.device) >= n_glob)[None].expand(B, -1)
-        user = self._cand_bias(i, state, request_ts, k_attr, k_seq)[rows]  # (B·chunks, H, 1, Tk)
+        user = self._state_bias(state, i, request_ts)[rows]  # (B·chunks, H, 1, Tk)
         Tq = own.shape[0]
         bias = torch.cat([user.expand(-1, -1, Tq, -1), user.new_zeros(len(rows), user.shape[1], Tq, Tq)], 3)
         return bias.masked_fill(~mask[:, None], float("-inf"))
@@ -293,12 +288,16 @@ class StableLonger(Longer):
         valid = super()._cand_user_bias(state, i, request_ts)
         if self.bias is None:
             return valid
+        return self._state_bias(state, i, request_ts) + valid
+
+    def _state_bias(self, state: UserState, i: int, request_ts) -> torch.Tensor:
+        """(B, H, 1, Tu): `_cand_bias` on layer i's cached user keys."""
         n_glob = state["k0"].shape[2] - self.n_groups
         at = self._attrs(state, n_glob)
         k_attr = at["k0"] if i == 0 else at["q"]
         B, Tk = k_attr[0].shape
-        k_seq = (torch.arange(Tk, device=valid.device) >= n_glob)[None].expand(B, -1)
-        return self._cand_bias(i, state, request_ts, k_attr, k_seq) + valid
+        k_seq = (torch.arange(Tk, device=request_ts.device) >= n_glob)[None].expand(B, -1)
+        return self._cand_bias(i, state, request_ts, k_attr, k_seq)
 
     def reference(self, batch, emb) -> torch.Tensor:
         state, merged = self._grid_state(batch, emb)
