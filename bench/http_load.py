@@ -119,9 +119,21 @@ async def latencies(port: int, request: bytes, n: int, outcome: str, before=None
         conn.close()
 
 
-async def throughput(port: int, request: bytes, clients: int, per_client: int, outcome: str) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time so far of process `pid` (and its threads)."""
+    import psutil
+
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system
+
+
+async def throughput(
+    port: int, request: bytes, clients: int, per_client: int, outcome: str, server_pid: int | None = None
+) -> dict:
     """`clients` connections, each sending `per_client` requests back to back: requests/s over
-    the wall time of the whole run, and the latency percentiles under that load."""
+    the wall time of the whole run, and the latency percentiles under that load; with
+    `server_pid`, the server process's CPU time per request over the run
+    (`server_cpu_ms_per_request`: what a request costs the server, whatever the wall time)."""
     conns = [await Connection.open(port) for _ in range(clients)]
     times: list[float] = []
 
@@ -136,8 +148,10 @@ async def throughput(port: int, request: bytes, clients: int, per_client: int, o
         await asyncio.gather(*(run(c, 1) for c in conns))  # warm-up: one request each
         t0 = time.perf_counter()
         times.clear()
+        cpu0 = cpu_seconds(server_pid) if server_pid else 0.0
         await asyncio.gather(*(run(c, per_client) for c in conns))
         wall = time.perf_counter() - t0
+        cpu = cpu_seconds(server_pid) - cpu0 if server_pid else None
     finally:
         for c in conns:
             c.close()
@@ -148,4 +162,5 @@ async def throughput(port: int, request: bytes, clients: int, per_client: int, o
         "requests_per_s": round(len(times) / wall, 2),
         "p50_ms": round(times[len(times) // 2], 2),
         "p99_ms": round(times[min(len(times) - 1, round(0.99 * (len(times) - 1)))], 2),
+        **({"server_cpu_ms_per_request": round(cpu * 1e3 / len(times), 2)} if cpu is not None else {}),
     }

@@ -10,7 +10,9 @@
   executor thread pool and inline: what HTTP transport and thread hops add.
 * `breakdown`: ms per hit by stage from a pyinstrument profile (bench/hit_profile.py); the
   profile itself is saved beside the JSON (<out stem>.profile-L<L>-n<N>.txt / .html).
-* `throughput`: requests/s and latency with 1, 4 and 8 concurrent keep-alive clients.
+* `throughput`: requests/s and latency with 1, 4 and 8 concurrent keep-alive clients, and
+  `server_cpu_ms_per_request`: the server process's CPU time (all its threads) per request
+  during that load run.
 * `naive_unsplit_forward`: one unsplit forward per (user, candidate) pair, in-process.
 
 Rounds of HTTP hits and in-process scores alternate, so load on the machine hits both alike.
@@ -203,7 +205,9 @@ def bench_cell(ctx: dict, n: int, sizes: dict, profile_to: Path | None) -> dict:
     if profile_to is not None:
         row["breakdown"] = profile_hits(app, body, max(4, reps // 2), profile_to)
     row["throughput"] = [
-        asyncio.run(http_load.throughput(port, request, c, max(1, sizes["per_level"] // c), "hit"))
+        asyncio.run(
+            http_load.throughput(port, request, c, max(1, sizes["per_level"] // c), "hit", ctx["server_pid"])
+        )
         for c in CLIENTS
     ]
     one = row["throughput"][0]["requests_per_s"]
@@ -236,7 +240,7 @@ def bench_length(
     rows = []
     try:
         with Server(str(bundle), url, store.prefix, threads) as server:
-            ctx["port"] = server.port
+            ctx["port"], ctx["server_pid"] = server.port, server.proc.pid
             for n in sizes["cells"][L]:
                 to = (
                     profile_stem.with_name(f"{profile_stem.name}.profile-L{L}-n{n}") if profile_stem else None

@@ -43,6 +43,7 @@ def test_quick_bench_reports_every_figure(tmp_path, monkeypatch):
         assert [t["clients"] for t in row["throughput"]] == list(CLIENTS)
         for t in row["throughput"]:
             assert t["requests"] > 0 and t["requests_per_s"] > 0 and 0 < t["p50_ms"] <= t["p99_ms"]
+            assert t["server_cpu_ms_per_request"] > 0
     assert not list(client.scan_iter(match=f"{prefix}:*")), "the bench left keys behind"
 
 
