@@ -12,6 +12,7 @@ This module is what TorchRec's DistributedModelParallel shards; it holds no dens
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingConfig
 from torchrec.modules.embedding_modules import EmbeddingCollection
@@ -84,6 +85,7 @@ class SparseEmbedding(nn.Module):
         self.spec = spec
         sizes = table_sizes(cfg, spec)
         self.hash = IdHash(cfg, spec)
+        self.table_of = {f: t for t, feats in spec.tables().items() for f in feats}
         self.ec = EmbeddingCollection(
             tables=[
                 EmbeddingConfig(
@@ -100,12 +102,27 @@ class SparseEmbedding(nn.Module):
     def forward(self, kjt: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
         return self.ec(self.hash(kjt))
 
+    def lookup(self, key: str, ids: torch.Tensor) -> JaggedTensor:
+        """One key's (n, 1) or (n, M) raw ids (a list column padded with negatives) looked up in
+        its own table directly: what `forward` gives for that key, without building a KJT of
+        every key or the collection's per-key split (inference on an unsharded collection)."""
+        table = self.ec.embeddings[self.table_of[key]]
+        if not self.spec.is_list(key):
+            lengths = torch.ones(len(ids), dtype=torch.long, device=ids.device)
+            flat = ids.reshape(-1)
+        else:
+            keep = ids >= 0
+            flat, lengths = ids[keep], keep.sum(1)
+        values = F.embedding(torch.remainder(flat, self.hash.size_of[key]), table.weight)
+        return JaggedTensor(values=values, lengths=lengths)
+
     def candidates(self, cands: Candidates) -> dict[str, JaggedTensor]:
         """The candidates' candidate-key and context-key embeddings, through the same tables.
 
         One KJT row per (user, candidate): B·N rows; a context key's value is repeated for each
         of its user's candidates (the Tokenizer reads it from the first). List values: padded
-        with negative ids in `Candidates`, dropped here."""
+        with negative ids in `Candidates`, dropped here. Without autograd on an unsharded
+        collection, only the candidate and context keys, each in its own table (`lookup`)."""
         B, N = cands.item_id.shape
         n = B * N
         dev = cands.item_id.device
@@ -113,6 +130,8 @@ class SparseEmbedding(nn.Module):
         for k in self.spec.context_keys:
             v = cands.context[k]
             given[k] = v[:, None].expand(B, N, *v.shape[1:])
+        if not torch.is_grad_enabled() and type(self.ec) is EmbeddingCollection:  # unsharded inference
+            return {k: self.lookup(k, v.reshape(n, -1).long()) for k, v in given.items()}
         values, lengths = [], []
         for k in self.spec.sparse_keys:
             if k not in given:
