@@ -32,17 +32,19 @@ def test_a_lone_call_gets_the_budget_and_concurrent_calls_share_it():
         with slots():
             third_in.set()
 
-    workers = [threading.Thread(target=hold) for _ in range(2)]
+    workers = [threading.Thread(target=hold, daemon=True) for _ in range(2)]
     for w in workers:
         w.start()
-    inside.wait()  # both slots held
-    late = threading.Thread(target=third)
-    late.start()
-    assert not third_in.wait(0.2), "a third call ran while both slots were held"
-    assert slots.running == 2 and sorted(seen) == [2, 4]  # the second entered with 2 running
-    release.set()
-    for w in [*workers, late]:
-        w.join()
+    late = threading.Thread(target=third, daemon=True)
+    try:
+        inside.wait()  # both slots held
+        late.start()
+        assert not third_in.wait(0.2), "a third call ran while both slots were held"
+        assert slots.running == 2 and sorted(seen) == [2, 4]  # the second entered with 2 running
+    finally:
+        release.set()
+        for w in [*workers, late]:
+            w.join(timeout=30)
     assert third_in.is_set() and slots.running == 0
 
 
