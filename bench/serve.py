@@ -145,8 +145,8 @@ def _hits_and_scores(ctx: dict, forms: dict, items: list, cats: list, reps: int)
     for _ in range(ROUNDS):
         for form, request in forms.items():
             out[form] += asyncio.run(http_load.latencies(ctx["port"], request, per_round, "hit"))
-        events, version, blob = store.read(USER, rt.model_version)  # the state the server cached
-        tag = state_tag(USER, version, int((events["ts"] < ctx["ts"]).sum()))
+        held, version, blob, total = store.read_head(USER, rt.model_version)  # the state the server cached
+        tag = state_tag(USER, version, held, total)
         state = app.state.service.cache.loads(rt, blob, tag)
         assert state is not None, "the server's cached state does not decode here"
         given = [SimpleNamespace(item_id=i, category_id=c) for i, c in zip(items, cats)]

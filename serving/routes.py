@@ -1,7 +1,7 @@
 """The HTTP routes of the scoring service, on one `APIRouter`; thin handlers over `Service`
 (serving/service.py), which reaches them through the `service` dependency.
 
-/v1/score leaves the user-state policy (hit, miss, bypass) to `UserStateCache`
+/v1/score leaves the user-state policy (hit, incremental, full, bypass) to `UserStateCache`
 (serving/state_cache.py) and the item-table fill-ins to `FeatureTables` (serving/features.py),
 which also upserts profiles (PUT /v1/users/{user_id}). The bodies of /v1/score, /v1/events and
 PUT /v1/users/{user_id} are the loaded bundle's (serving/schemas.py `request_models`).

@@ -27,7 +27,7 @@ def test_quick_bench_reports_every_figure(tmp_path, monkeypatch):
     assert json.loads(out.read_text()) == result
     assert result["results"], "no cell was measured"
     for row in result["results"]:
-        for path in ("hit", "hit_columnar", "miss", "in_process_score", "naive_unsplit_forward"):
+        for path in ("hit", "hit_columnar", "full", "in_process_score", "naive_unsplit_forward"):
             _sane_latency(row[path])
         _sane_latency(row["in_process_asgi"]["pool"])
         _sane_latency(row["in_process_asgi"]["inline"])

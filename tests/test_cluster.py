@@ -147,7 +147,7 @@ def test_store_and_service_on_a_three_master_cluster(cluster, synth_dataset, tmp
     with TestClient(app) as client:
         body = {"user_id": users[0], "candidates": [{"item_id": 3}, {"item_id": 4}]}
         first, second = (client.post("/v1/score", json=body).json() for _ in range(2))
-        assert (first["user_state"], second["user_state"]) == ("miss", "hit")
+        assert (first["user_state"], second["user_state"]) == ("full", "hit")
         assert np.allclose(first["scores"], second["scores"], atol=1e-6)
         assert client.get("/readyz").status_code == 200
         # the left-out category_id came from the item table, its keys spread over the masters
@@ -157,7 +157,7 @@ def test_store_and_service_on_a_three_master_cluster(cluster, synth_dataset, tmp
         )
         assert len({node_of(store.r, store.item_key(i)) for i in range(12)}) > 1
         r = client.put(f"/v1/users/{users[0]}", json={}, headers={"Authorization": "Bearer tok"})
-        assert r.status_code == 200 and client.post("/v1/score", json=body).json()["user_state"] == "miss"
+        assert r.status_code == 200 and client.post("/v1/score", json=body).json()["user_state"] == "full"
 
         stop_process(procs[ports.index(victim)])  # one master down
         t0 = time.perf_counter()

@@ -55,7 +55,7 @@ def fake_arm(name, record, fail_users=(), slow_users=()):
         return {
             "model_version": name,
             "scores": [0.5 + 0.001 * c["item_id"] for c in body["candidates"]],
-            "user_state": "miss",
+            "user_state": "full",
         }
 
     @app.post("/v1/events")

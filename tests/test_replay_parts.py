@@ -74,7 +74,7 @@ def test_bootstrap_ci_covers_a_known_difference_and_zero_for_identical_arms():
 def outcome(arm, index, user, labels, scores, latency=5.0):
     from serving.replay.driver import Outcome
 
-    return Outcome(arm, index, user, 1_700_000_000 + index, tuple(labels), list(scores), "miss", latency)
+    return Outcome(arm, index, user, 1_700_000_000 + index, tuple(labels), list(scores), "full", latency)
 
 
 def test_ndcg_counts_only_ranking_requests_and_is_not_judged_on_few():
