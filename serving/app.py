@@ -92,6 +92,7 @@ async def lifespan(app: FastAPI):
     yield
     if watcher:
         watcher.cancel()
+    await svc.refresher.close()  # no refresh task outlives the app
     svc.pool.shutdown(wait=False)
 
 
