@@ -52,6 +52,7 @@ class Refresher:
         self.cache, self.runtime, self.metrics = cache, runtime, metrics
         self.enabled, self.max_queue = enabled, max_queue
         self.queue: asyncio.Queue[int] | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.queued: set[int] = set()  # waiting in the queue
         self.running: set[int] = set()
         self.again: set[int] = set()  # running, and new events came meanwhile
@@ -83,11 +84,16 @@ class Refresher:
         self.queued.add(user)
 
     def _start(self) -> None:
-        if self.queue is None:
-            self.queue = asyncio.Queue(self.max_queue)
-            self.workers = [
-                asyncio.create_task(self._work(), name=f"longer-refresh-{i}") for i in range(WORKERS)
-            ]
+        """The queue and workers on the running loop (again, if an earlier loop has gone: an
+        app driven by several `asyncio.run`s, as tests and the replay do)."""
+        loop = asyncio.get_running_loop()
+        if self.queue is not None and self.loop is loop:
+            return
+        self.queued.clear()
+        self.running.clear()
+        self.again.clear()
+        self.loop, self.queue = loop, asyncio.Queue(self.max_queue)
+        self.workers = [asyncio.create_task(self._work(), name=f"longer-refresh-{i}") for i in range(WORKERS)]
 
     async def _work(self) -> None:
         while True:
@@ -125,9 +131,10 @@ class Refresher:
 
     async def close(self) -> None:
         """Cancel the workers and wait for them (the app's shutdown)."""
-        for task in self.workers:
+        mine = [t for t in self.workers if t.get_loop() is asyncio.get_running_loop()]
+        for task in mine:
             task.cancel()
-        await asyncio.gather(*self.workers, return_exceptions=True)
+        await asyncio.gather(*mine, return_exceptions=True)
         self.workers, self.queue = [], None
         self.queued.clear()
         self.running.clear()

@@ -2,8 +2,9 @@
 machine's redis-server on free loopback ports (skipped, with the reason, where redis-server or
 its cluster mode is missing), joined with CLUSTER ADDSLOTS / MEET, torn down afterwards.
 
-On it: `longer store load`, a miss then a hit, 16 concurrent appenders losing nothing, and a
-master stopped: `bypass` answers and /readyz 503."""
+On it: `longer store load`, a full encode then a hit, 16 concurrent appenders losing nothing
+(and the event totals and tail reads of their users), and a master stopped: `bypass` answers
+and /readyz 503."""
 
 import asyncio
 import re
@@ -136,6 +137,10 @@ def test_store_and_service_on_a_three_master_cluster(cluster, synth_dataset, tmp
     for user, items in written.items():
         events, version, _ = store.read(user)
         assert sorted(events["item_id"].tolist()) == sorted(items) and version == len(items)  # nothing lost
+        tail = store.read_since(user, len(items) - 2, "mv")  # the tail-read script, on the user's slot
+        assert tail.complete and tail.total == len(items) and len(tail.events) == 2
+    u0 = users[0]  # `store load` set the dataset's event count; the read_since script sees it
+    assert store.read_since(u0, None, "mv").total == len(seq["item_id"][0]) == store.read_head(u0, "mv")[3]
 
     bad = store._key(users[5], "ver")
     store.r.set(bad, "corrupt")
