@@ -16,12 +16,16 @@ Keys — a user's hash-tagged `{u<user>}` so they share a cluster slot:
                                     count, `set_totals`); absent (a store from before issue 17):
                                     the list's length, from which the next append counts on. The
                                     append-stable grid's absolute index (`Batch.hist_total`) and
-                                    what `read_since` reads the new events by
+                                    what `read_since` reads the new events by. Loading a
+                                    *different* dataset over a prefix that holds cached states:
+                                    delete the `st:*` keys first (or use a new prefix), since an
+                                    incremental update trusts a state's events to be the list's
     {prefix}:{u<user>}:ids          sorted set: the idempotency window (see below)
     {prefix}:{u<user>}:st:<model_version>
                                     the encoded UserState for a model version (codec bytes whose
-                                    meta tags the user, model_version, seq_version and events
-                                    used: a value copied to another user's key is no hit),
+                                    meta tags the user, model_version, seq_version, events
+                                    used, event total and profile digest: a value copied to
+                                    another user's key is no hit),
                                     TTL'd (serving/state_cache.py owns the policy)
     {prefix}:{u<user>}:prof         hash: the user's profile, field = a spec `user` column, value
                                     its decimal id or, for a list column, a JSON list of ids
