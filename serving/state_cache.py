@@ -25,7 +25,9 @@ not a hit; then the outcome is one of:
   the bundle has user columns the store holds: serving/features.py), once for concurrent
   requests of the same (model, user, sequence, events) ("single flight"), and, if it used the
   whole current sequence, written back after the response is sent (a request with an earlier
-  `ts` uses a prefix, which is not cached).
+  `ts` uses a prefix, which is not cached). A list with unreadable items (skipped on read)
+  is placed on the grid by its readable events alone, and its state tagged with no event
+  total, so no incremental update continues from it (the full read still finds it as a hit).
 * **bypass** — Redis is unreachable: the state is encoded from the history in the request
   and nothing is written.
 
@@ -49,7 +51,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import numpy as np
 
 from feature_store import codec
-from feature_store.online import EVENT_DTYPE, OnlineStore, sort_events, store_errors
+from feature_store.online import EVENT_DTYPE, OnlineStore, Since, sort_events, store_errors
 from longer.interface import UserState
 
 from .runtime import ModelRuntime
@@ -230,7 +232,7 @@ class UserStateCache:
         if r.blob != blob:  # written since the head was read
             blob, decoded = r.blob, self.decoded(r.blob, user_id)
         if since is not None and r.complete:
-            base = self.incremental_base(rt, user_id, decoded, since, r.events, ts, profile)
+            base = self.incremental_base(rt, user_id, decoded, since, r, ts, profile)
             if base is not None:
                 key = (rt.model_version, user_id, r.seq_version, r.total)
                 state = await self.once(key, rt.update, base, user_id, r.events, profile, r.total)
@@ -245,6 +247,9 @@ class UserStateCache:
         used = events[events["ts"] < ts]  # point in time: strictly earlier events only
         total = r.total - (len(events) - len(used))
         tag = state_tag(user_id, r.seq_version, len(used), total)
+        if len(events) < r.held:  # unreadable items (skipped): count only the readable events,
+            total = len(used)  # and tag no total an incremental update could continue from
+            tag["total"] = -1
         state = self.matching(rt, decoded, tag)
         if state is not None:
             return state, "hit"
@@ -261,13 +266,15 @@ class UserStateCache:
         user_id: int,
         decoded: Decoded | None,
         since: int,
-        new: np.ndarray,
+        r: Since,
         ts: int,
         profile: dict,
     ) -> UserState | None:
-        """The cached state to update with `new` (the events after its total), or None when
-        the update would not equal a full encode of this request's events (module docstring)."""
-        if decoded is None or self.since(rt, decoded, user_id) != since:
+        """The cached state to update with `r.events` (the events after its total), or None
+        when the update would not equal a full encode of this request's events (module
+        docstring; an unreadable item among the new events, skipped on read: full too)."""
+        new = r.events
+        if decoded is None or self.since(rt, decoded, user_id) != since or len(new) != r.total - since:
             return None
         state, meta = decoded
         if meta.get("profile") != profile_digest(profile) or len(new) > rt.max_len:

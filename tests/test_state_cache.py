@@ -96,7 +96,7 @@ def test_only_the_new_events_are_read(served, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "case", ["request_before_new_event", "out_of_order", "trimmed", "profile", "recency"]
+    "case", ["request_before_new_event", "out_of_order", "trimmed", "unreadable", "profile", "recency"]
 )
 def test_a_full_encode_where_an_update_would_differ(served, case, tmp_path):
     client, app, store = served
@@ -114,6 +114,10 @@ def test_a_full_encode_where_an_update_would_differ(served, case, tmp_path):
         append(client, 1, 0, T0 + 60 * 29 - 1)
     elif case == "trimmed":  # more new events than the list keeps (64): some are gone
         append(client, 70, 0, T0 + 20_000)
+    elif case == "unreadable":  # a new item that does not unpack: the events read are one short
+        append(client, 2, 0, T0 + 20_000)
+        store.r.rpush(store._key(USER, "seq"), b"short")
+        store.r.incr(store._key(USER, "tot"))
     elif case == "profile":  # a state computed with another profile, left from a racing write-back
         held, version, blob, total = store.read_head(USER, rt.model_version)
         state = svc.cache.loads(rt, blob, state_tag(USER, version, held, total))
@@ -125,7 +129,11 @@ def test_a_full_encode_where_an_update_would_differ(served, case, tmp_path):
         append(client, 1, 0, T0 + 20_000)
     out = score(client, T0 + 50_000)
     assert out["user_state"] == "full"
-    if case != "recency":
+    if case == "unreadable":  # and the full read finds the state again: no incremental from it
+        assert score(client, T0 + 50_000) == {**out, "user_state": "hit"}
+        append(client, 1, 10, T0 + 40_000)
+        assert score(client, T0 + 50_000)["user_state"] == "full"
+    elif case != "recency":
         encoded, cached = full_state(app, store)
         assert_states_close(cached, encoded)
 
