@@ -27,7 +27,9 @@ def bundle(tmp_path_factory):
 @pytest.fixture
 def client(bundle):
     with prefixed_store(shared_redis(), max_len=64) as store:
-        app = create_app(Settings(model=str(bundle), token="tok", max_candidates=50), store=store)
+        # refresh off: what an event does to the next request is deterministic (tests/test_refresh.py)
+        settings = Settings(model=str(bundle), token="tok", max_candidates=50, refresh=False)
+        app = create_app(settings, store=store)
         with TestClient(app) as c:
             c.store = store
             yield c
