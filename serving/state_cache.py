@@ -247,12 +247,14 @@ class UserStateCache:
         used = events[events["ts"] < ts]  # point in time: strictly earlier events only
         total = r.total - (len(events) - len(used))
         tag = state_tag(user_id, r.seq_version, len(used), total)
-        if len(events) < r.held:  # unreadable items (skipped): count only the readable events,
-            total = len(used)  # and tag no total an incremental update could continue from
-            tag["total"] = -1
+        unreadable = len(events) < r.held  # items skipped on read
         state = self.matching(rt, decoded, tag)
+        if state is None and unreadable:
+            state = self.matching(rt, decoded, {**tag, "total": -1})
         if state is not None:
             return state, "hit"
+        if unreadable:  # place only the readable events on the grid, and tag no total an
+            total, tag["total"] = len(used), -1  # incremental update could continue from
         state = await self.once(
             (rt.model_version, user_id, r.seq_version, total), rt.encode, user_id, used, profile, total
         )
