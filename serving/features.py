@@ -11,7 +11,7 @@ Redis unreachable the item table is skipped (the unknown bucket), never an error
 
 A profile write bumps the user's `seq_version` and drops the serving model's cached state in
 one atomic script (`OnlineStore.put_profile`), so a state computed from the old profile is
-never a hit; the user's profile enters the model on the next encode (a miss), which reads it
+never a hit; the user's profile enters the model on the next encode (a full one), which reads it
 after the sequence version (serving/state_cache.py).
 """
 

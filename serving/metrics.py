@@ -6,6 +6,8 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)  # histogram buckets
+
 
 class Metrics:
     def __init__(self):
@@ -15,12 +17,39 @@ class Metrics:
             "request latency",
             ["endpoint"],
             registry=self.registry,
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            buckets=SECONDS,
         )
         self.user_state = Counter(
             "longer_user_state_total",
-            "score requests by user-state outcome",
+            "score requests by user-state outcome (hit, incremental, full, bypass)",
             ["result"],
+            registry=self.registry,
+        )
+        for result in ("hit", "incremental", "full", "bypass"):  # every outcome shown, from 0
+            self.user_state.labels(result)
+        self.refresh = Counter(
+            "longer_refresh_total",
+            "near-line refreshes of a user's state by result (hit, incremental, full, error)",
+            ["result"],
+            registry=self.registry,
+        )
+        self.refresh_queue = Gauge(
+            "longer_refresh_queue_depth", "users waiting for a near-line refresh", registry=self.registry
+        )
+        self.refresh_latency = Histogram(
+            "longer_refresh_seconds",
+            "near-line refresh latency (store reads, update or encode, write-back)",
+            registry=self.registry,
+            buckets=SECONDS,
+        )
+        self.refresh_dropped = Counter(
+            "longer_refresh_dropped_total",
+            "near-line refreshes dropped because the queue was full (LONGER_REFRESH_QUEUE)",
+            registry=self.registry,
+        )
+        self.refresh_coalesced = Counter(
+            "longer_refresh_coalesced_total",
+            "near-line refreshes merged into one already queued or running for the user",
             registry=self.registry,
         )
         self.candidates = Counter(

@@ -1,9 +1,10 @@
 """The HTTP routes of the scoring service, on one `APIRouter`; thin handlers over `Service`
 (serving/service.py), which reaches them through the `service` dependency.
 
-/v1/score leaves the user-state policy (hit, miss, bypass) to `UserStateCache`
+/v1/score leaves the user-state policy (hit, incremental, full, bypass) to `UserStateCache`
 (serving/state_cache.py) and the item-table fill-ins to `FeatureTables` (serving/features.py),
-which also upserts profiles (PUT /v1/users/{user_id}). The bodies of /v1/score, /v1/events and
+which also upserts profiles (PUT /v1/users/{user_id}); /v1/events hands the users it appended
+to to the near-line `Refresher` (serving/refresh.py). The bodies of /v1/score, /v1/events and
 PUT /v1/users/{user_id} are the loaded bundle's (serving/schemas.py `request_models`).
 /v1/events, PUT /v1/users/{user_id} and /v1/admin/reload need the bearer token when one is set.
 """
@@ -190,6 +191,7 @@ async def events(request: Request, svc: Service = Depends(service)):
     at_most("events", req.events, svc.settings.max_events, "LONGER_MAX_EVENTS", "per call")
     done = await store_call(svc.redis(svc.store.append, svc.features.store_events(rt, req.events)))
     svc.metrics.events.inc(done.total)
+    svc.refresher.schedule(u for u, n in done.added.items() if n)  # off the request path
     return EventsResponse(appended=done.total, versions={str(u): v for u, v in done.seq_versions.items()})
 
 

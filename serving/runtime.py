@@ -49,6 +49,7 @@ class HistoryBatch:
     sparse: KeyedJaggedTensor
     hist_ts: torch.Tensor
     event_lengths: dict[str, torch.Tensor]  # list sequence columns: values per event (none known: 0)
+    hist_total: torch.Tensor  # (1,): the user's event count up to the last one (the append-stable grid)
 
 
 def history_batch(
@@ -57,9 +58,12 @@ def history_batch(
     max_len: int,
     spec: FeatureSpec | None = None,
     profile: dict | None = None,
+    total: int | None = None,
 ) -> HistoryBatch:
     """One user's last `max_len` events (a structured array sorted by time) and profile
-    ({user column: id or list of ids}; a column left out: the unknown bucket) as a model input."""
+    ({user column: id or list of ids}; a column left out: the unknown bucket) as a model input.
+    `total`: how many events the user had up to the last of `events` (default: len(events)),
+    which places them on the append-stable grid (`Batch.hist_total`)."""
     spec, profile = spec or FeatureSpec(), profile or {}
     ev = events[-max_len:] if max_len else events[:0]
     n = len(ev)
@@ -89,7 +93,9 @@ def history_batch(
         values=torch.from_numpy(np.concatenate(values)),
         lengths=torch.tensor(lengths, dtype=torch.long),
     )
-    return HistoryBatch(kjt, torch.from_numpy(np.array(ev["ts"], dtype=np.int64)), event_lengths)
+    hist_ts = torch.from_numpy(np.array(ev["ts"], dtype=np.int64))
+    n_total = len(events) if total is None else int(total)
+    return HistoryBatch(kjt, hist_ts, event_lengths, torch.tensor([n_total], dtype=torch.long))
 
 
 class ComputeSlots:
@@ -162,11 +168,29 @@ class ModelRuntime:
         self.layout = event_dtype(self.spec)  # the packed events of the store it reads
         self.slots = ComputeSlots(self.threads)  # concurrent model calls (the module docstring)
 
-    def encode(self, user_id: int, events: np.ndarray, profile: dict | None = None) -> UserState:
+    @property
+    def incremental(self) -> bool:
+        """Whether a cached state can be brought up to date with `update` (append_stable)."""
+        return getattr(self.bundle.model.net, "update", None) is not None
+
+    def encode(
+        self, user_id: int, events: np.ndarray, profile: dict | None = None, total: int | None = None
+    ) -> UserState:
+        """The state of `events` (the last max_len read); `total`: the user's event count up to
+        the last of them (default len(events); history_batch)."""
         with self.slots():
             return self.bundle.model.encode_user(
-                history_batch(user_id, events, self.max_len, self.spec, profile)
+                history_batch(user_id, events, self.max_len, self.spec, profile, total)
             )
+
+    def update(
+        self, state: UserState, user_id: int, new_events: np.ndarray, profile: dict | None, total: int
+    ) -> UserState:
+        """`state` (of total - len(new_events) events) brought up to `total` with the new events
+        (oldest first): `encode` of all of them within 1e-5 (model.update_user)."""
+        batch = history_batch(user_id, new_events, len(new_events), self.spec, profile, total)
+        with self.slots():
+            return self.bundle.model.update_user(state, batch)
 
     def candidates(
         self, given, context: dict, ts: int, known: dict[str, list] | None = None

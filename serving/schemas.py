@@ -102,7 +102,7 @@ class ScoreRequest(Strict):
 class ScoreResponse(BaseModel):
     model_version: str
     scores: list[float] = Field(description="click probability per candidate, in request order")
-    user_state: Literal["hit", "miss", "bypass"]
+    user_state: Literal["hit", "incremental", "full", "bypass"]
 
 
 class Event(HistoryEvent):

@@ -1,5 +1,6 @@
 """The state one app shares between requests (`Service`): settings, the model runtime, the
-online store, the thread pool for model and store calls, the metrics and the user-state cache;
+online store, the thread pool for model and store calls, the metrics, the user-state cache and
+its near-line refresher (serving/refresh.py);
 and what changes it over time: `reload` (a new bundle) and the bundle watcher.
 
 Logs: a line per reload (old → new model_version) and per failed watcher reload with its
@@ -20,6 +21,7 @@ from trainer.export import BundleError, declared_version
 
 from .features import FeatureTables
 from .metrics import Metrics
+from .refresh import Refresher
 from .runtime import ModelRuntime
 from .settings import Settings
 from .state_cache import UserStateCache
@@ -96,6 +98,9 @@ class Service:
         self.redis_log = ErrorBurstLog(logging.getLogger("longer.serving.redis"), "Redis", REDIS_LOG_EVERY_S)
         self.cache = UserStateCache(self.store, self.run, self.redis, settings.state_precision)
         self.features = FeatureTables(self.store, self.redis)
+        self.refresher = Refresher(
+            self.cache, lambda: self.runtime, self.metrics, settings.refresh, settings.refresh_queue
+        )
 
     def same_layout(self, runtime: ModelRuntime) -> None:
         """LayoutError unless `runtime`'s bundle packs events as the store does (a hot reload

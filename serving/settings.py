@@ -44,6 +44,10 @@ class Settings(BaseSettings):
     key_prefix: str = "lg"  # Redis key prefix, shared with `longer store load/check --key-prefix`
     watch_s: float = Field(0.0, ge=0)  # poll the bundle directory every N seconds, reload on change (0: off)
     log_level: Literal["debug", "info", "warning", "error"] = "info"  # `longer serve`'s logging
+    # near-line refresh of a user's cached state after /v1/events (serving/refresh.py): on/off,
+    # and the most users waiting for one (beyond it, refreshes are dropped and counted)
+    refresh: bool = True
+    refresh_queue: int = Field(10_000, ge=1)
 
     @field_validator("threads", mode="before")
     @classmethod

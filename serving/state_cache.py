@@ -1,36 +1,57 @@
-"""The user-state cache policy of /v1/score, in one place: `UserStateCache`.
+"""The user-state cache policy of /v1/score (and of the near-line refresh), in one place:
+`UserStateCache`.
 
 A request reads the head of the user's keys — how many events the list holds, the sequence
-version (`seq_version`) and the cached UserState of the serving model (`model_version`) — in
-one pipelined Redis round trip (`OnlineStore.read_head`), and the events themselves
-(`OnlineStore.read`) only when that is not a hit; then:
+version (`seq_version`), the event total `tot` and the cached UserState of the serving model
+(`model_version`) — in one pipelined Redis round trip (`OnlineStore.read_head`), and events
+(`OnlineStore.read_since`, one round trip: only the new ones where it can) only when that is
+not a hit; then the outcome is one of:
 
 * **hit** — the cached value decodes (feature_store/codec.py: format version, checksum) and
-  its tag is exactly this request's: model version, user, sequence version and number of
-  events used (`state_tag`). The candidates are scored against it. A value that decodes but
-  then fails to score is logged and recomputed, as a miss.
-* **miss** — no usable value: the state is encoded from the events strictly before the
+  its tag is exactly this request's: model version, user, sequence version, number of events
+  used and the event total it covers (`state_tag`). The candidates are scored against it. A
+  value that decodes but then fails to score is logged and recomputed, as a full encode.
+* **incremental** — the cached value is this user's and model's, but for an older sequence,
+  the bundle is append-stable (`ModelRuntime.incremental`), and the events appended since the
+  total it covers are all still held (`read_since` reads only those): the state is brought up
+  to date with them (`ModelRuntime.update` → `model.update_user`, equal to a full encode
+  within 1e-5), once for concurrent requests, and written back. Only when every new event is
+  strictly before the request time and after the state's latest event (else the sequence
+  order or the point in time differs: full), at most max_len of them, and the stored profile
+  is the one the state was computed with (its digest travels in the value's meta: a profile
+  PUT, which also bumps `ver` and deletes the state, forces a full encode).
+* **full** — no usable value: the state is encoded from the events strictly before the
   request time and the user's stored profile (read after the sequence version, and only when
-  the bundle has user columns the store holds: serving/features.py), once for concurrent requests of the same (model, user, sequence, events)
-  ("single flight"), and, if it used the whole current sequence, written back after the
-  response is sent (a request with an earlier `ts` uses a prefix, which is not cached).
+  the bundle has user columns the store holds: serving/features.py), once for concurrent
+  requests of the same (model, user, sequence, events) ("single flight"), and, if it used the
+  whole current sequence, written back after the response is sent (a request with an earlier
+  `ts` uses a prefix, which is not cached). A list with unreadable items (skipped on read)
+  is placed on the grid by its readable events alone, and its state tagged with no event
+  total, so no incremental update continues from it (the full read still finds it as a hit).
 * **bypass** — Redis is unreachable: the state is encoded from the history in the request
   and nothing is written.
 
+An incremental update and a full encode of the same (model, user, sequence version, event
+total) are one single flight: a request arriving while the near-line refresh
+(serving/refresh.py, `refresh`) computes that state waits for it.
+
 A value that fails to decode is logged with its reason (logger `longer.serving.state`); one
-whose tag differs (an older sequence, another user's key, another model) is an ordinary miss.
+whose tag differs (an older sequence, another user's key, another model) is an ordinary
+incremental or full.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 
 import numpy as np
 
 from feature_store import codec
-from feature_store.online import EVENT_DTYPE, OnlineStore, sort_events, store_errors
+from feature_store.online import EVENT_DTYPE, OnlineStore, Since, sort_events, store_errors
 from longer.interface import UserState
 
 from .runtime import ModelRuntime
@@ -42,12 +63,28 @@ STORE_ERRORS = store_errors()
 Run = Callable[..., Awaitable]  # runs a blocking call off the event loop: run(fn, *args)
 
 
-def state_tag(user_id: int, seq_version: int, n_events: int) -> dict:
+OUTCOMES = ("hit", "incremental", "full", "bypass")  # /v1/score's `user_state`, the metrics' labels
+EVERYTHING = 2**62  # a request time after every event: the refresh's
+
+
+def state_tag(user_id: int, seq_version: int, n_events: int, total: int) -> dict:
     """What a cached UserState is bound to, besides the model version (which `dumps` adds): the
-    user, the sequence version it was computed from and the number of events it used. The tag
-    travels inside the codec value's meta, so a value copied to another user's key, or left
-    from an older sequence, is a miss."""
-    return {"user_id": int(user_id), "seq_version": int(seq_version), "n_events": int(n_events)}
+    user, the sequence version it was computed from, the number of events it used and the
+    user's event total up to the last of them (`tot`: what an incremental update continues
+    from). The tag travels inside the codec value's meta, so a value copied to another user's
+    key, or left from an older sequence, is not a hit."""
+    return {
+        "user_id": int(user_id),
+        "seq_version": int(seq_version),
+        "n_events": int(n_events),
+        "total": int(total),
+    }
+
+
+def profile_digest(profile: dict) -> str:
+    """A short digest of the profile a state was computed with (meta "profile")."""
+    text = json.dumps(profile, sort_keys=True, default=int)
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
 def history_events(history: Sequence, before_ts: int, layout: np.dtype = EVENT_DTYPE) -> np.ndarray:
@@ -58,8 +95,11 @@ def history_events(history: Sequence, before_ts: int, layout: np.dtype = EVENT_D
     return events[events["ts"] < before_ts]
 
 
+Decoded = tuple[UserState, dict]  # a cached value: (state, meta)
+
+
 class UserStateCache:
-    """Read, validate, encode once, write back: see the module docstring.
+    """Read, validate, update or encode once, write back: see the module docstring.
 
     `run` executes model compute off the event loop; `redis` does the same for store calls and
     counts and logs their failures (serving/service.py). `precision`: fp32, fp16 or bf16 for the
@@ -70,15 +110,16 @@ class UserStateCache:
         self.inflight: dict[tuple, asyncio.Future] = {}
 
     # --- the cached form ---------------------------------------------------------------------------
-    def dumps(self, rt: ModelRuntime, state: UserState, tag: dict) -> bytes:
-        return codec.encode(state.tensors, self.precision, meta={"model_version": rt.model_version, **tag})
+    def dumps(self, rt: ModelRuntime, state: UserState, tag: dict, profile: dict | None = None) -> bytes:
+        meta = {"model_version": rt.model_version, **tag, "profile": profile_digest(profile or {})}
+        return codec.encode(state.tensors, self.precision, meta=meta)
 
     def loads(self, rt: ModelRuntime, blob: bytes | None, tag: dict) -> UserState | None:
         """The cached state if it decodes and carries exactly this model version and `tag`."""
         return self.matching(rt, self.decoded(blob, tag["user_id"]), tag)
 
     @staticmethod
-    def decoded(blob: bytes | None, user_id: int) -> tuple[UserState, dict] | None:
+    def decoded(blob: bytes | None, user_id: int) -> Decoded | None:
         """(state, meta) of a cached value; None if there is none or it does not decode (logged)."""
         if blob is None:
             return None
@@ -90,10 +131,26 @@ class UserStateCache:
         return UserState(tensors), meta
 
     @staticmethod
-    def matching(rt: ModelRuntime, decoded: tuple[UserState, dict] | None, tag: dict) -> UserState | None:
-        if decoded is None or decoded[1] != {"model_version": rt.model_version, **tag}:
-            return None  # stale (an older sequence) or not this user's: an ordinary miss
+    def matching(rt: ModelRuntime, decoded: Decoded | None, tag: dict) -> UserState | None:
+        """The cached state if it carries exactly this model version and `tag` (its profile
+        digest aside: a profile write bumps the sequence version anyway)."""
+        if decoded is None:
+            return None
+        meta = {k: v for k, v in decoded[1].items() if k != "profile"}
+        if meta != {"model_version": rt.model_version, **tag}:
+            return None  # stale (an older sequence) or not this user's
         return decoded[0]
+
+    def since(self, rt: ModelRuntime, decoded: Decoded | None, user_id: int) -> int | None:
+        """The event total a cached value of this user and model covers, if an incremental
+        update can continue from it: an append-stable bundle and fp32 values (an update of a
+        rounded state would drift from a full encode, update after update); else None."""
+        if decoded is None or not rt.incremental or self.precision != "fp32":
+            return None
+        meta = decoded[1]
+        total = meta.get("total")
+        mine = meta.get("model_version") == rt.model_version and meta.get("user_id") == int(user_id)
+        return total if mine and isinstance(total, int) and total >= 0 else None
 
     # --- the policy --------------------------------------------------------------------------------
     async def score(
@@ -105,56 +162,128 @@ class UserStateCache:
         score: Callable[[UserState], list[float]],
         defer: Callable,
     ) -> tuple[list[float], str]:
-        """(scores, "hit" | "miss" | "bypass") for a request at `ts`. `score(state)` scores the
-        candidates (blocking: it runs off the event loop); `defer(fn, *args)` runs the write-back
-        after the response (BackgroundTasks).
+        """(scores, "hit" | "incremental" | "full" | "bypass") for a request at `ts`.
+        `score(state)` scores the candidates (blocking: it runs off the event loop);
+        `defer(fn, *args)` runs the write-back after the response (BackgroundTasks).
 
         A hit costs one hop off the event loop: `read_hit` reads the store's head (no events),
         checks the cached state and scores it in the same worker thread."""
         try:
-            scores, decoded = await self.redis(self.read_hit, rt, user_id, ts, score)
+            scores, head = await self.redis(self.read_hit, rt, user_id, ts, score)
             if scores is not None:
                 return scores, "hit"
-            events, seq_version, _ = await self.redis(self.store.read, user_id, None)
-            profile = await self.profile(rt, user_id)  # after the version: never newer-tagged than read
+            state, outcome = await self.current(rt, user_id, ts, head, defer)
+            if outcome == "hit":  # the full read's tag matched (a list with unreadable items)
+                try:
+                    return await self.run(score, state), "hit"
+                except Exception as e:  # noqa: BLE001 -- a well-formed but unusable cached value: recompute it
+                    log.warning("user %s: cached state unusable (%s), recomputing", user_id, e)
+                    state, outcome = await self.current(rt, user_id, ts, (None, None), defer)
         except STORE_ERRORS:
             state = await self.run(rt.encode, user_id, history_events(history, ts, rt.layout))
             return await self.run(score, state), "bypass"
-        used = events[events["ts"] < ts]  # point in time: strictly earlier events only
-        tag = state_tag(user_id, seq_version, len(used))
-        state = self.matching(rt, decoded, tag)  # the head's value (a list with unreadable items)
-        if state is not None:
-            try:
-                return await self.run(score, state), "hit"
-            except Exception as e:  # noqa: BLE001 -- a well-formed but unusable cached value: recompute it
-                log.warning("user %s: cached state unusable (%s), recomputing", user_id, e)
-        state = await self.encode_once(rt, (rt.model_version, user_id, seq_version, len(used)), used, profile)
-        if len(used) == len(events):  # the state of the whole current sequence: cache it
-            defer(self.write_back, rt, user_id, state, tag)
-        return await self.run(score, state), "miss"
+        return await self.run(score, state), outcome
+
+    async def refresh(self, rt: ModelRuntime, user_id: int) -> str:
+        """Bring the user's cached state up to date with every event the store holds, off the
+        request path (serving/refresh.py): "hit" (nothing to do), "incremental" or "full".
+        Store errors propagate (the refresher counts them)."""
+        _, head = await self.redis(self.read_hit, rt, user_id, EVERYTHING, None)
+        if head is None:
+            return "hit"
+        written: list = []
+        _, outcome = await self.current(rt, user_id, EVERYTHING, head, lambda *a: written.append(a))
+        for fn, *args in written:
+            await fn(*args)
+        return outcome
 
     def read_hit(
-        self, rt: ModelRuntime, user_id: int, ts: int, score: Callable[[UserState], list[float]]
+        self, rt: ModelRuntime, user_id: int, ts: int, score: Callable[[UserState], list[float]] | None
     ) -> tuple[list[float] | None, tuple | None]:
-        """(scores, None) when the cached state is this request's; else (None, the decoded value
-        to check against the full read's tag, or None). Blocking: the store read, the decode and
-        the scoring all run in the calling thread.
+        """(scores, None) when the cached state is this request's; else (None, (blob, decoded
+        value)) for `current`. Without `score` (the refresh), a hit is ([], None). Blocking: the
+        store read, the decode and the scoring all run in the calling thread.
 
-        Without the events, "this request's" is: the tag names this model, user, seq_version and
-        as many events as the list holds, and the state's latest event is strictly before `ts`.
-        Then every held event is before `ts`, so the full read would build the same tag. Anything
-        else (a request earlier than the latest event, a list with unreadable items) goes to the
-        full read, which decides as before."""
-        n_held, seq_version, blob = self.store.read_head(user_id, rt.model_version)
+        Without the events, "this request's" is: the tag names this model, user, seq_version, as
+        many events as the list holds and the store's event total, and the state's latest
+        event is strictly before `ts`. Then every held event is before `ts`, so the full read
+        would build the same tag. Anything else (a request earlier than the latest event, a
+        list with unreadable items) goes to `current`, which decides as before."""
+        n_held, seq_version, blob, total = self.store.read_head(user_id, rt.model_version)
         decoded = self.decoded(blob, user_id)
-        state = self.matching(rt, decoded, state_tag(user_id, seq_version, n_held))
+        state = self.matching(rt, decoded, state_tag(user_id, seq_version, n_held, total))
         try:
             if state is None or not bool((state["latest_ts"] < ts).all()):
-                return None, decoded
-            return score(state), None
+                return None, (blob, decoded)
+            return (score(state) if score is not None else []), None
         except Exception as e:  # noqa: BLE001 -- a well-formed but unusable cached value: recompute it
             log.warning("user %s: cached state unusable (%s), recomputing", user_id, e)
-            return None, None
+            return None, (None, None)
+
+    async def current(
+        self, rt: ModelRuntime, user_id: int, ts: int, head: tuple, defer: Callable
+    ) -> tuple[UserState, str]:
+        """The user's state for a request at `ts` when the head was no hit: (state, "hit" |
+        "incremental" | "full"). `head`: read_hit's (blob, decoded value)."""
+        blob, decoded = head
+        since = self.since(rt, decoded, user_id)
+        r = await self.redis(self.store.read_since, user_id, since, rt.model_version)
+        profile = await self.profile(rt, user_id)  # after the version: never newer-tagged than read
+        if r.blob != blob:  # written since the head was read
+            blob, decoded = r.blob, self.decoded(r.blob, user_id)
+        if since is not None and r.complete:
+            base = self.incremental_base(rt, user_id, decoded, since, r, ts, profile)
+            if base is not None:
+                key = (rt.model_version, user_id, r.seq_version, r.total)
+                state = await self.once(key, rt.update, base, user_id, r.events, profile, r.total)
+                tag = state_tag(user_id, r.seq_version, r.held, r.total)
+                defer(self.write_back, rt, user_id, state, tag, profile)
+                return state, "incremental"
+            r = await self.redis(self.store.read_since, user_id, None, rt.model_version)  # every event
+            profile = await self.profile(rt, user_id)
+            if r.blob != blob:
+                decoded = self.decoded(r.blob, user_id)
+        events = r.events
+        used = events[events["ts"] < ts]  # point in time: strictly earlier events only
+        total = r.total - (len(events) - len(used))
+        tag = state_tag(user_id, r.seq_version, len(used), total)
+        unreadable = len(events) < r.held  # items skipped on read
+        state = self.matching(rt, decoded, tag)
+        if state is None and unreadable:
+            state = self.matching(rt, decoded, {**tag, "total": -1})
+        if state is not None:
+            return state, "hit"
+        if unreadable:  # place only the readable events on the grid, and tag no total an
+            total, tag["total"] = len(used), -1  # incremental update could continue from
+        state = await self.once(
+            (rt.model_version, user_id, r.seq_version, total), rt.encode, user_id, used, profile, total
+        )
+        if len(used) == len(events):  # the state of the whole current sequence: cache it
+            defer(self.write_back, rt, user_id, state, tag, profile)
+        return state, "full"
+
+    def incremental_base(
+        self,
+        rt: ModelRuntime,
+        user_id: int,
+        decoded: Decoded | None,
+        since: int,
+        r: Since,
+        ts: int,
+        profile: dict,
+    ) -> UserState | None:
+        """The cached state to update with `r.events` (the events after its total), or None
+        when the update would not equal a full encode of this request's events (module
+        docstring; an unreadable item among the new events, skipped on read: full too)."""
+        new = r.events
+        if decoded is None or self.since(rt, decoded, user_id) != since or len(new) != r.total - since:
+            return None
+        state, meta = decoded
+        if meta.get("profile") != profile_digest(profile) or len(new) > rt.max_len:
+            return None
+        if len(new) and not (int(new["ts"].max()) < ts and int(new["ts"].min()) > int(state["latest_ts"][0])):
+            return None  # a new event at or after the request time, or out of order
+        return state
 
     async def profile(self, rt: ModelRuntime, user_id: int) -> dict:
         """The user's stored profile for the bundle's user columns: one store call, none (no
@@ -163,16 +292,17 @@ class UserStateCache:
             return {}
         return await self.redis(self.store.read_profile, user_id, rt.spec)
 
-    async def encode_once(self, rt: ModelRuntime, key: tuple, events: np.ndarray, profile: dict) -> UserState:
-        """Concurrent misses for the same key (model, user, sequence, events) compute the state
-        once (the profile is the sequence version's: a profile write bumps it)."""
+    async def once(self, key: tuple, fn: Callable, *args) -> UserState:
+        """Concurrent computations of the same state — key (model, user, sequence version,
+        event total), by a full encode or an incremental update — run once (the profile is the
+        sequence version's: a profile write bumps it)."""
         fut = self.inflight.get(key)
         if fut is not None:
             return await asyncio.shield(fut)
         fut = asyncio.get_running_loop().create_future()
         self.inflight[key] = fut
         try:
-            state = await self.run(rt.encode, key[1], events, profile)
+            state = await self.run(fn, *args)
             fut.set_result(state)
             return state
         except BaseException as e:
@@ -181,8 +311,11 @@ class UserStateCache:
         finally:
             del self.inflight[key]
 
-    async def write_back(self, rt: ModelRuntime, user_id: int, state: UserState, tag: dict) -> None:
+    async def write_back(
+        self, rt: ModelRuntime, user_id: int, state: UserState, tag: dict, profile: dict
+    ) -> None:
         try:
-            await self.redis(self.store.write_state, user_id, rt.model_version, self.dumps(rt, state, tag))
+            blob = self.dumps(rt, state, tag, profile)
+            await self.redis(self.store.write_state, user_id, rt.model_version, blob)
         except STORE_ERRORS as e:  # the next request recomputes it; `redis` counted and logged it
             log.debug("user %s: state write-back failed: %s", user_id, e)

@@ -18,8 +18,9 @@ import torch
 from tests.conftest import REPO, fresh_prefix
 
 
-def tiny_bundle(out: Path, seed: int = 0, max_len: int = 64) -> Path:
-    """A serving bundle of configs/tiny.toml's model with random weights."""
+def tiny_bundle(out: Path, seed: int = 0, max_len: int = 64, encoding: str = "recency") -> Path:
+    """A serving bundle of configs/tiny.toml's model with random weights (`encoding`:
+    "append_stable" for one whose cached states update incrementally)."""
     from longer.config import ModelConfig
     from longer.recmodel import build_model
     from trainer.config import RunConfig
@@ -27,8 +28,8 @@ def tiny_bundle(out: Path, seed: int = 0, max_len: int = 64) -> Path:
 
     torch.manual_seed(seed)
     cfg = ModelConfig.from_toml(REPO / "configs" / "tiny.toml")
-    if max_len != cfg.max_len:
-        cfg = ModelConfig.from_dict({**cfg.to_dict(), "max_len": max_len})
+    if max_len != cfg.max_len or encoding != cfg.encoding:
+        cfg = ModelConfig.from_dict({**cfg.to_dict(), "max_len": max_len, "encoding": encoding})
     write_bundle(out, build_model(cfg).state_dict(), RunConfig(model=cfg), {})
     return out
 
@@ -56,14 +57,16 @@ def delete_prefix(client, prefix: str) -> None:
 @contextlib.contextmanager
 def served_bundle(bundle: Path, data: Path):
     """(app, store): the app serving `bundle` (max 50 candidates, a bearer token) over a prefixed
-    store of the shared Redis holding `data`'s sequences; its keys are deleted afterwards."""
+    store of the shared Redis holding `data`'s sequences; its keys are deleted afterwards. The
+    near-line refresh is off, so what an event does to the next request is deterministic
+    (tests/test_refresh.py tests the refresh)."""
     from serving.app import create_app
     from serving.runtime import ModelRuntime
     from serving.settings import Settings
 
     with prefixed_store(shared_redis()) as store:
         store.load_sequences(data, progress=False)
-        settings = Settings(model=str(bundle), max_candidates=50, token="s3cret")
+        settings = Settings(model=str(bundle), max_candidates=50, token="s3cret", refresh=False)
         yield create_app(settings, runtime=ModelRuntime(str(bundle)), store=store), store
 
 

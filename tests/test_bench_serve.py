@@ -27,7 +27,7 @@ def test_quick_bench_reports_every_figure(tmp_path, monkeypatch):
     assert json.loads(out.read_text()) == result
     assert result["results"], "no cell was measured"
     for row in result["results"]:
-        for path in ("hit", "hit_columnar", "miss", "in_process_score", "naive_unsplit_forward"):
+        for path in ("hit", "hit_columnar", "full", "in_process_score", "naive_unsplit_forward"):
             _sane_latency(row[path])
         _sane_latency(row["in_process_asgi"]["pool"])
         _sane_latency(row["in_process_asgi"]["inline"])
@@ -44,6 +44,12 @@ def test_quick_bench_reports_every_figure(tmp_path, monkeypatch):
         for t in row["throughput"]:
             assert t["requests"] > 0 and t["requests_per_s"] > 0 and 0 < t["p50_ms"] <= t["p99_ms"]
             assert t["server_cpu_ms_per_request"] > 0
+    update = result["results"][0]["update"]  # an append-stable bundle's incremental requests
+    for path in ("hit", "full", "update_1", "update_10"):
+        _sane_latency(update[path])
+    assert update["update_1_over_full"] == pytest.approx(
+        update["update_1"]["p50_ms"] / update["full"]["p50_ms"], abs=0.001
+    )
     assert not list(client.scan_iter(match=f"{prefix}:*")), "the bench left keys behind"
 
 

@@ -2,8 +2,9 @@
 machine's redis-server on free loopback ports (skipped, with the reason, where redis-server or
 its cluster mode is missing), joined with CLUSTER ADDSLOTS / MEET, torn down afterwards.
 
-On it: `longer store load`, a miss then a hit, 16 concurrent appenders losing nothing, and a
-master stopped: `bypass` answers and /readyz 503."""
+On it: `longer store load`, a full encode then a hit, 16 concurrent appenders losing nothing
+(and the event totals and tail reads of their users), and a master stopped: `bypass` answers
+and /readyz 503."""
 
 import asyncio
 import re
@@ -136,6 +137,10 @@ def test_store_and_service_on_a_three_master_cluster(cluster, synth_dataset, tmp
     for user, items in written.items():
         events, version, _ = store.read(user)
         assert sorted(events["item_id"].tolist()) == sorted(items) and version == len(items)  # nothing lost
+        tail = store.read_since(user, len(items) - 2, "mv")  # the tail-read script, on the user's slot
+        assert tail.complete and tail.total == len(items) and len(tail.events) == 2
+    u0 = users[0]  # `store load` set the dataset's event count; the read_since script sees it
+    assert store.read_since(u0, None, "mv").total == len(seq["item_id"][0]) == store.read_head(u0, "mv")[3]
 
     bad = store._key(users[5], "ver")
     store.r.set(bad, "corrupt")
@@ -147,7 +152,7 @@ def test_store_and_service_on_a_three_master_cluster(cluster, synth_dataset, tmp
     with TestClient(app) as client:
         body = {"user_id": users[0], "candidates": [{"item_id": 3}, {"item_id": 4}]}
         first, second = (client.post("/v1/score", json=body).json() for _ in range(2))
-        assert (first["user_state"], second["user_state"]) == ("miss", "hit")
+        assert (first["user_state"], second["user_state"]) == ("full", "hit")
         assert np.allclose(first["scores"], second["scores"], atol=1e-6)
         assert client.get("/readyz").status_code == 200
         # the left-out category_id came from the item table, its keys spread over the masters
@@ -157,7 +162,7 @@ def test_store_and_service_on_a_three_master_cluster(cluster, synth_dataset, tmp
         )
         assert len({node_of(store.r, store.item_key(i)) for i in range(12)}) > 1
         r = client.put(f"/v1/users/{users[0]}", json={}, headers={"Authorization": "Bearer tok"})
-        assert r.status_code == 200 and client.post("/v1/score", json=body).json()["user_state"] == "miss"
+        assert r.status_code == 200 and client.post("/v1/score", json=body).json()["user_state"] == "full"
 
         stop_process(procs[ports.index(victim)])  # one master down
         t0 = time.perf_counter()

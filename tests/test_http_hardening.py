@@ -27,7 +27,9 @@ def bundle(tmp_path_factory):
 @pytest.fixture
 def client(bundle):
     with prefixed_store(shared_redis(), max_len=64) as store:
-        app = create_app(Settings(model=str(bundle), token="tok", max_candidates=50), store=store)
+        # refresh off: what an event does to the next request is deterministic (tests/test_refresh.py)
+        settings = Settings(model=str(bundle), token="tok", max_candidates=50, refresh=False)
+        app = create_app(settings, store=store)
         with TestClient(app) as c:
             c.store = store
             yield c
@@ -123,7 +125,7 @@ def test_bearer_scheme_is_case_insensitive_and_the_token_exact(client):
     assert not bearer_matches("Bearer t\u00f6k", "tok")  # non-ASCII header values do not raise
 
 
-def test_a_state_copied_from_another_user_is_a_miss(client):
+def test_a_state_copied_from_another_user_is_no_hit(client):
     store = client.store
     for user in (21, 22):  # same sequence version and length: only the user differs
         client.post(
@@ -133,12 +135,12 @@ def test_a_state_copied_from_another_user_is_a_miss(client):
         )
     body = {"candidates": [{"item_id": 9}], "ts": TS}
     own = client.post("/v1/score", json={"user_id": 21, **body}).json()
-    assert client.post("/v1/score", json={"user_id": 22, **body}).json()["user_state"] == "miss"
+    assert client.post("/v1/score", json={"user_id": 22, **body}).json()["user_state"] == "full"
     assert client.post("/v1/score", json={"user_id": 21, **body}).json()["user_state"] == "hit"
     version = own["model_version"]
     store.r.set(store._key(21, f"st:{version}"), store.r.get(store._key(22, f"st:{version}")))
     copied = client.post("/v1/score", json={"user_id": 21, **body}).json()
-    assert copied["user_state"] == "miss"
+    assert copied["user_state"] == "full"
     assert np.allclose(copied["scores"], own["scores"], atol=1e-6)  # user 21's own score, recomputed
 
 
@@ -165,13 +167,13 @@ def test_a_bad_key_is_a_503_naming_it_and_counted(client, kind, corrupt):
     assert f'longer_bad_keys_total{{kind="{kind}"}}' in client.get("/metrics").text
 
 
-def test_a_wrong_type_state_is_a_miss_and_overwritten(client):
+def test_a_wrong_type_state_is_no_hit_and_overwritten(client):
     store = client.store
     body = {"user_id": 41, "candidates": [{"item_id": 1}], "ts": TS}
     version = client.post("/v1/score", json=body).json()["model_version"]
     store.r.delete(store._key(41, f"st:{version}"))
     store.r.rpush(store._key(41, f"st:{version}"), "x")
-    assert client.post("/v1/score", json=body).json()["user_state"] == "miss"
+    assert client.post("/v1/score", json=body).json()["user_state"] == "full"
     assert client.post("/v1/score", json=body).json()["user_state"] == "hit"
 
 

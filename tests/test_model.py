@@ -165,6 +165,10 @@ def test_queries_never_see_later_events(kw):
     newer = n_glob + torch.nonzero(r_q < r).flatten()
     assert len(older) and len(newer)
     for layer_a, layer_b in zip(*outs):
+        if (
+            layer_a.shape[1] == 1
+        ):  # append-stable's last layer runs CLS only (its queries' outputs are never kept)
+            continue
         torch.testing.assert_close(layer_a[:, older], layer_b[:, older], atol=0, rtol=0)
         assert not torch.allclose(layer_a[:, newer], layer_b[:, newer])
     # the global tokens and the score do see the whole history

@@ -161,10 +161,10 @@ def test_put_profile_invalidates_the_cached_state(world):
         r = client.put(f"/v1/users/{user}", json={"segment": segment % 4 + 1}, headers=auth)
         assert r.status_code == 200 and r.json()["updated"] == ["segment"], r.text
         changed = client.post("/v1/score", json=body).json()
-        assert changed["user_state"] == "miss" and changed["scores"] != first["scores"]
+        assert changed["user_state"] == "full" and changed["scores"] != first["scores"]
         client.put(f"/v1/users/{user}", json={"segment": segment}, headers=auth)
         back = client.post("/v1/score", json=body).json()
-        assert back["user_state"] == "miss" and abs(back["scores"][0] - first["scores"][0]) < 1e-6
+        assert back["user_state"] == "full" and abs(back["scores"][0] - first["scores"][0]) < 1e-6
         r = client.put(f"/v1/users/{user}", json={"segment": 1, "color": 2}, headers=auth)
         assert r.status_code == 422 and "color" in r.text
         assert client.put(f"/v1/users/{user}", json={"segment": 1}).status_code == 401

@@ -105,9 +105,9 @@ def test_read_head_counts_the_events_without_reading_them(store):
     store.append([Event(6, 1, 10), Event(6, 2, 11)])
     store.write_state(6, "mv", b"s")
     events, version, blob = store.read(6, "mv")
-    assert store.read_head(6, "mv") == (len(events), version, blob) == (2, version, b"s")
-    assert store.read_head(6, "other") == (2, version, None)
-    assert store.read_head(404, "mv") == (0, 0, None)  # no such user: an empty head
+    assert store.read_head(6, "mv") == (len(events), version, blob, 2) == (2, version, b"s", 2)
+    assert store.read_head(6, "other") == (2, version, None, 2)
+    assert store.read_head(404, "mv") == (0, 0, None, 0)  # no such user: an empty head
     store.r.rpush(store._key(6, "seq"), b"short")  # held, though `read` skips it
     assert store.read_head(6, "mv")[0] == 3 and len(store.read(6)[0]) == 2
     store.r.set(store._key(6, "st:mv"), b"x")
@@ -179,8 +179,10 @@ def test_store_check_finds_bad_keys_and_repair_keeps_valid_events(client, store)
     store.r.hset(store._key(4, "seq"), "a", "b")  # wrong type: no readable event
     store.r.rpush(store._key(5, "st:mv"), "x")
     store.r.set(f"{store.prefix}:{{uabc}}:seq", "x")  # not a key of the key map
+    store.r.set(store._key(6, "tot"), "many")  # unreadable event total
     report = check_store(client, store.prefix)
-    assert not report["ok"] and report["users_with_problems"] == 5
+    assert not report["ok"] and report["users_with_problems"] == 6
+    assert "not an event total" in {p["key"]: p for p in report["problems"]}[store._key(6, "tot")]["problem"]
     bad = {p["key"]: p for p in report["problems"]}
     assert "2 of 5 items are not 33-byte packed events" in bad[store._key(1, "seq")]["problem"]
     assert "not a version counter" in bad[store._key(2, "ver")]["problem"]
@@ -227,3 +229,66 @@ def test_bulk_load_matches_the_offline_sequences(client, prefix, synth_dataset):
         assert events["item_id"].tolist() == np.array(seq["item_id"][i])[order].tolist()
         assert events["action"].tolist() == np.array(seq["action"][i])[order].tolist()
         assert version == 1
+
+
+def test_tot_counts_every_event_ever_appended(client, prefix):
+    s = OnlineStore(client, max_len=3, prefix=prefix)
+    s.append([Event(7, i, 1000 + i, event_id=str(i)) for i in range(5)])
+    s.append([Event(7, 4, 1004, event_id="4"), Event(7, 5, 1005)])  # a repeat adds nothing
+    assert s.read_head(7, "mv")[::3] == (3, 6)  # 3 held, 6 ever appended
+    assert int(s.r.get(s._key(7, "tot"))) == 6
+    s.set_totals({7: 100})
+    s.append([Event(7, 6, 1006)])
+    assert s.read_head(7, "mv")[3] == 101
+
+
+def test_a_store_without_tot_counts_on_from_the_list_length(store):
+    store.append([Event(3, 1, 10), Event(3, 2, 11)])
+    store.r.delete(store._key(3, "tot"))  # a store loaded before issue 17
+    assert store.read_head(3, "mv")[3] == 2 and store.read_since(3, 0, "mv").total == 2
+    store.append([Event(3, 3, 12)])
+    assert int(store.r.get(store._key(3, "tot"))) == 3
+
+
+def test_read_since_reads_only_the_new_events(client, prefix):
+    s = OnlineStore(client, max_len=4, prefix=prefix)
+    s.append([Event(8, i, 100 + i) for i in range(3)])
+    s.write_state(8, "mv", b"state")
+    head = s.read_since(8, 1, "mv")
+    assert (head.seq_version, head.total, head.held, head.blob, head.complete) == (1, 3, 3, b"state", True)
+    assert head.events["item_id"].tolist() == [1, 2]
+    assert s.read_since(8, 3, "mv").events.size == 0 and s.read_since(8, 3, "mv").complete
+    s.append([Event(8, i, 100 + i) for i in range(3, 6)])  # 6 appended, the list keeps 4
+    tail = s.read_since(8, 3, "mv")
+    assert tail.complete and tail.events["item_id"].tolist() == [3, 4, 5] and tail.blob == b"state"
+    for since in (None, 1, 7):  # none asked, trimmed away, above the total: the whole list
+        whole = s.read_since(8, since, "other")
+        assert not whole.complete and whole.events["item_id"].tolist() == [2, 3, 4, 5]
+        assert whole.blob is None and (whole.total, whole.held) == (6, 4)
+    empty = s.read_since(404, 0, "mv")
+    assert (empty.seq_version, empty.total, empty.held, empty.complete, empty.events.size) == (
+        0,
+        0,
+        0,
+        True,
+        0,
+    )
+
+
+def test_read_since_names_an_unusable_key(store):
+    store.append([Event(9, 1, 10)])
+    store.r.set(store._key(9, "st:mv"), b"x")
+    store.r.delete(store._key(9, "st:mv"))
+    store.r.sadd(store._key(9, "st:mv"), "1")  # a state of the wrong type reads as none
+    assert store.read_since(9, 0, "mv").blob is None
+    store.r.set(store._key(9, "tot"), b"many")
+    for read in (lambda: store.read_since(9, 0, "mv"), lambda: store.read_head(9, "mv")):
+        with pytest.raises(BadKeyError, match=r"\{u9\}:tot is not an event total"):
+            read()
+    with pytest.raises(BadKeyError, match=r"\{u9\}:tot is not an event total"):
+        store.append([Event(9, 2, 11)])
+    store.r.delete(store._key(9, "tot"))
+    store.r.delete(store._key(9, "seq"))
+    store.r.sadd(store._key(9, "seq"), "1")
+    with pytest.raises(BadKeyError, match=r"\{u9\}:seq holds a set, expected a list"):
+        store.read_since(9, 0, "mv")

@@ -55,7 +55,7 @@ def fake_arm(name, record, fail_users=(), slow_users=()):
         return {
             "model_version": name,
             "scores": [0.5 + 0.001 * c["item_id"] for c in body["candidates"]],
-            "user_state": "miss",
+            "user_state": "full",
         }
 
     @app.post("/v1/events")
@@ -211,3 +211,37 @@ def test_http_and_offline_replay_of_one_bundle_agree(tmp_path):
         assert a[k] == b[k] or abs(a[k] - b[k]) < 1e-6, k
     assert a["ranking_requests"] == b["ranking_requests"]
     assert (tmp_path / "rep" / "report.md").is_file()
+
+
+@pytest.mark.slow
+def test_replay_of_an_append_stable_bundle_splits_the_outcomes(tmp_path):
+    """Without refresh every request after a user's first is incremental (its own events came
+    after the cached state); with it most are hits; the scores agree either way (1e-5)."""
+    from feature_store.synth import SynthConfig, synthesize
+    from tests.serving_utils import tiny_bundle
+
+    synthesize(SynthConfig(users=8, items=100, events_per_user=40, seed=3), tmp_path / "log", progress=False)
+    bundle = str(tiny_bundle(tmp_path / "bundle", encoding="append_stable"))
+    reqs = requests_from_log(tmp_path / "log")
+    start = reqs[len(reqs) // 2].ts
+    runs = {}
+    for refresh in (False, True):
+        runs[refresh] = run_replay(
+            str(tmp_path / "log"),
+            str(tmp_path / f"rep-{refresh}"),
+            bundles=[f"A={bundle}", f"B={bundle}"],
+            all_arms=True,
+            start=start,
+            limit=40,
+            n_boot=20,
+            progress=False,
+            refresh=refresh,
+        )["arms"]["A"]
+    off, on = runs[False], runs[True]
+    assert off["errors"] == on["errors"] == 0
+    assert off["user_state"]["hit"] == 0 and off["user_state"]["bypass"] == 0
+    assert off["user_state"]["incremental"] > 0 and off["user_state"]["full"] <= 8  # one per user at most
+    assert on["no_full_encode_share"] >= off["no_full_encode_share"]
+    assert sum(on["user_state"].values()) == sum(off["user_state"].values()) == 40
+    for k in ("auc", "logloss"):
+        assert abs(off[k] - on[k]) < 1e-5, k

@@ -74,7 +74,7 @@ def test_bootstrap_ci_covers_a_known_difference_and_zero_for_identical_arms():
 def outcome(arm, index, user, labels, scores, latency=5.0):
     from serving.replay.driver import Outcome
 
-    return Outcome(arm, index, user, 1_700_000_000 + index, tuple(labels), list(scores), "miss", latency)
+    return Outcome(arm, index, user, 1_700_000_000 + index, tuple(labels), list(scores), "full", latency)
 
 
 def test_ndcg_counts_only_ranking_requests_and_is_not_judged_on_few():
@@ -99,7 +99,9 @@ def test_ndcg_counts_only_ranking_requests_and_is_not_judged_on_few():
     assert nd["ci_low"] is None and "too few ranking requests" in nd["verdict"]
     text = markdown(s, {"log": "x", "requests": 1, "assignment": "paired"})
     assert f"0.5000 ({len(ranking)})" in text and "too few ranking requests" in text
-    assert "invalidates the user's cached state" in text  # the hit rate is explained
+    assert "'No full encode' is the share of hit + incremental" in text  # the outcomes are explained
+    assert s["arms"]["A"]["user_state"] == {"hit": 0, "incremental": 0, "full": 229, "bypass": 0}
+    assert s["arms"]["A"]["no_full_encode_share"] == 0.0 and "| 0.00 | 0 / 0 / 229 / 0 |" in text
     i = 500  # one more ranking request: now judged, and B is better
     outs += [outcome("A", i, 7, [1, 0], [0.1, 0.9]), outcome("B", i, 7, [1, 0], [0.9, 0.1])]
     nd = summarize(outs, ["A", "B"], n_boot=50)["deltas"]["B-A"]["ndcg@10"]

@@ -98,8 +98,12 @@ def grads(model, batch):
     return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("arch", ["longer", "transformer", "din", "hstu"])
-def test_request_batching_equals_per_sample_gradients(synth_dataset, arch):
+@pytest.mark.parametrize(
+    "arch,encoding",
+    [("longer", "recency"), ("transformer", "recency"), ("din", "recency"), ("hstu", "recency")]
+    + [("longer", "append_stable")],  # its grid needs hist_total per request (request_view)
+)
+def test_request_batching_equals_per_sample_gradients(synth_dataset, arch, encoding):
     loader = BatchLoader(synth_dataset, batch_size=64, shuffle=False, max_len=64, requests=True)
     cols, sizes = next(loader.units(0))
     keep = int(sizes[:64].sum())
@@ -110,7 +114,7 @@ def test_request_batching_equals_per_sample_gradients(synth_dataset, arch):
     assert per_request.sparse.values().numel() < per_sample.sparse.values().numel()
 
     torch.manual_seed(0)
-    model = build_model(dataclasses.replace(TINY, arch=arch))  # fp32
+    model = build_model(dataclasses.replace(TINY, arch=arch, encoding=encoding))  # fp32
     logits_r, grad_r = grads(model, per_request)
     logits_s, grad_s = grads(model, per_sample)
     torch.testing.assert_close(logits_r, logits_s, rtol=0, atol=1e-5)

