@@ -31,6 +31,7 @@ from longer.flops import forward_flops
 from longer.recmodel import build_model
 
 from . import checkpoint as ckpt
+from .allocator import keep_freed_memory
 from .config import ConfigError, RunConfig
 from .distributed import broadcast, init_distributed
 from .early_stop import METRIC, EarlyStop, val_start
@@ -252,6 +253,7 @@ class Trainer:
             )
         _quiet_torchrec(ctx.device.type)
         configure_threads(tc.threads or None, "train.threads", log=ctx.is_main)
+        keep_freed_memory()  # no page faults on every step's buffers (trainer/allocator.py)
         latest = self._choose_start()
         self.val_ts = val_start(self.data, self.meta, tc)  # None: no validation split
         self.stopper = EarlyStop(tc.early_stop)
