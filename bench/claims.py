@@ -2,7 +2,7 @@
 differences with confidence intervals (`bench.verdict`): agrees / disagrees / inconclusive.
 
 `comparison(rows, base, arms)`: `rows` are the bench's table rows (table, variant, auc, gflops,
-config); `arms[config_key(row["config"])]` is that variant's per-sample eval predictions over
+config, features); `arms[row_key(row)]` is that variant's per-sample eval predictions over
 its seeds (`bench.verdict.stack_seeds`).
 """
 
@@ -27,9 +27,20 @@ def config_key(d: dict) -> str:
     return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def variant_key(model: dict, features: dict | None = None) -> str:
+    """One variant's key: its model config, and its [features] table when it has one (two rows
+    with the same model but different features are different arms)."""
+    return config_key({**model, "features": features} if features else model)
+
+
+def row_key(row: dict) -> str:
+    """The key of a table row's variant (`variant_key` of its config and features)."""
+    return variant_key(row["config"], row.get("features"))
+
+
 def _delta(arms: dict, a: dict, b: dict, threshold: float, n_boot: int) -> dict:
     """B − A, paired, with its CI and the verdict of "Δ > threshold"."""
-    d = paired_delta(arms[config_key(a["config"])], arms[config_key(b["config"])], n_boot=n_boot)
+    d = paired_delta(arms[row_key(a)], arms[row_key(b)], n_boot=n_boot)
     return {
         "b": b["variant"],
         "a": a["variant"],

@@ -41,7 +41,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from bench import machine, median_seconds
-from bench.claims import PAPER, comparison, config_key
+from bench.claims import PAPER, comparison, config_key, row_key, variant_key
 from bench.curves import curve_of, plot_curves
 from bench.train import TOKENS_PER_BATCH
 from bench.verdict import N_BOOT, RULE, deltas_vs, stack_seeds
@@ -75,8 +75,7 @@ class Variant:
 
     @property
     def key(self) -> str:
-        d = self.model.to_dict()
-        return config_key({**d, "features": self.features} if self.features else d)
+        return variant_key(self.model.to_dict(), self.features)
 
 
 def default_lengths(base_len: int, data_len: int, quick: bool) -> list[int]:
@@ -539,7 +538,7 @@ def plots(result: dict, out: Path) -> list[str]:
     for table, mk in {"baselines": "o", "merge": "s", "queries": "^"}.items():
         tr = []
         for r in rows:
-            key = config_key(r["config"])
+            key = row_key(r)
             if r["table"] == table and key not in seen:
                 seen.add(key)
                 tr.append(r)
@@ -719,7 +718,7 @@ def main(
     rows = rows_of(vs, runs, speed, seed_list, key_of)
     arms = {v.key: load_arm(out, [key_of(v, s) for s in seed_list]) for v in {v.key: v for v in vs}.values()}
     n_boot = QUICK_BOOT if quick else N_BOOT
-    deltas_vs(rows, config_key(base.to_dict()), arms, lambda r: config_key(r["config"]), n_boot)
+    deltas_vs(rows, variant_key(base.to_dict()), arms, row_key, n_boot)
     fits_by_arch = scaling_fits(rows)
     fits = fits_by_arch.get("longer", {"max_len": None, "gflops": None})
     hl = meta.get("hist_len", {})

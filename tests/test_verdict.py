@@ -137,3 +137,27 @@ def test_every_row_gets_its_paired_delta_against_the_base():
     assert rows[0]["delta_vs_base"] is None and rows[2]["delta_vs_base"] is None
     d = rows[1]["delta_vs_base"]
     assert d["ci_low"] <= d["diff"] <= d["ci_high"] < 0  # DIN is weaker than the base here
+
+
+def test_features_rows_are_their_own_arms():
+    """The features table has rows with the same model config and different [features]
+    (LONGER without / with features), and a base whose config differs: each row's delta is taken
+    against its own arm (keyed by model and features), not the model config's alone."""
+    from bench.claims import row_key, variant_key
+    from bench.verdict import deltas_vs
+
+    feats = {"user": ["age_bucket"]}
+    longer_cfg, base_cfg = {"arch": "longer"}, {"arch": "base"}
+    rows = [
+        {"table": "features", "variant": "base", "config": base_cfg, "features": feats},
+        {"table": "features", "variant": "LONGER without", "config": longer_cfg, "features": None},
+        {"table": "features", "variant": "LONGER with", "config": longer_cfg, "features": feats},
+    ]
+    arms = {
+        variant_key(base_cfg, feats): _arm([0.5] * 2, seed=1),
+        variant_key(longer_cfg): _arm([1.0] * 2, seed=2),
+        variant_key(longer_cfg, feats): _arm([2.0] * 2, seed=3),
+    }
+    deltas_vs(rows, variant_key(longer_cfg), arms, row_key, n_boot=100)
+    assert rows[1]["delta_vs_base"] is None
+    assert rows[0]["delta_vs_base"]["diff"] < 0 < rows[2]["delta_vs_base"]["diff"]
