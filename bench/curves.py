@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from bench.claims import row_key, variant_key
+
 MAX_PANELS = 8  # variants drawn: the baselines table's (else the first distinct ones)
 
 
@@ -34,12 +36,12 @@ def curve_of(run_dir: str | Path) -> list[dict]:
 def _panels(result: dict) -> list[tuple[str, list[dict]]]:
     """(variant label, its runs) for the variants to draw, each config once."""
     runs_by_model = {}
-    for r in result["runs"]:
-        runs_by_model.setdefault(json.dumps(r["model"], sort_keys=True), []).append(r)
+    for r in result["runs"]:  # a run's variant: its model and [features] (bench.claims.variant_key)
+        runs_by_model.setdefault(variant_key(r["model"], r.get("features")), []).append(r)
     rows = sorted(result["rows"], key=lambda r: r["table"] != "baselines")
     out, seen = [], set()
     for row in rows:
-        key = json.dumps(row["config"], sort_keys=True)
+        key = row_key(row)
         if key in seen or key not in runs_by_model:
             continue
         seen.add(key)
@@ -57,7 +59,9 @@ def plot_curves(result: dict, out: Path) -> str | None:
     panels = [(label, runs) for label, runs in _panels(result) if any(r.get("curve") for r in runs)]
     if not panels:
         return None
-    fig, axes = plt.subplots(3, len(panels), figsize=(3.6 * len(panels), 8.5), squeeze=False, sharex="col")
+    fig, axes = plt.subplots(
+        3, len(panels), figsize=(max(3.6 * len(panels), 6.4), 8.5), squeeze=False, sharex="col"
+    )
     for col, (label, runs) in enumerate(panels):
         for r in runs:
             c = r["curve"]
@@ -80,7 +84,7 @@ def plot_curves(result: dict, out: Path) -> str | None:
         axes[0][col].set_title(label, fontsize=10)
         axes[-1][col].set_xlabel("step")
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"{result['dataset']['name']}: training curves per seed (dotted: best validation step)")
+    fig.suptitle(f"{result['dataset']['name']}: training curves per seed\n(dotted: best validation step)")
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=110)
     plt.close(fig)

@@ -263,7 +263,13 @@ def train_all(
             for f in as_completed(futures):
                 k, c, s = futures[f]
                 try:
-                    rec = {"key": k, "seed": s, "model": c["model"], **f.result()}
+                    rec = {
+                        "key": k,
+                        "seed": s,
+                        "model": c["model"],
+                        "features": c.get("features"),
+                        **f.result(),
+                    }
                 except Exception as e:
                     raise RuntimeError(f"run {c['model']['arch']} (seed {s}, key {k}) failed: {e}") from e
                 done[k] = rec
