@@ -6,6 +6,7 @@ with backoff — and record every outcome, failures included."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from dataclasses import dataclass, field
 
@@ -24,8 +25,9 @@ class Arm:
 
     async def close(self) -> None:
         await self.client.aclose()
-        for fn in self.on_close:
-            fn()
+        for fn in self.on_close:  # in order; a coroutine function is awaited
+            if inspect.isawaitable(done := fn()):
+                await done
 
 
 @dataclass
