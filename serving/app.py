@@ -92,8 +92,7 @@ async def lifespan(app: FastAPI):
     yield
     if watcher:
         watcher.cancel()
-    await svc.refresher.close()  # no refresh task outlives the app
-    svc.pool.shutdown(wait=False)
+    await svc.close()
 
 
 def create_app(

@@ -115,6 +115,16 @@ class Service:
     async def run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
+    async def close(self, wait: bool = False) -> None:
+        """The app's shutdown: no refresh task outlives it, and the pool takes no more work
+        (`wait`: also until a call still running in it — which may hold a Redis connection —
+        has returned)."""
+        await self.refresher.close()
+        if wait:
+            await asyncio.to_thread(self.pool.shutdown, True)
+        else:
+            self.pool.shutdown(wait=False)
+
     async def redis(self, fn, *args):
         """A store call off the event loop; its failures counted and logged (as bursts)."""
         try:

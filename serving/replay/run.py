@@ -84,18 +84,13 @@ def offline_arm(
     bootstrap_store(store, log, before_ts, runtime.spec)
     app = create_app(Settings(model=bundle, refresh=refresh), runtime=runtime, store=store)
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)  # a crash is a 500, counted
+    # on close: the app's shutdown, which an ASGI transport never runs, waiting for a refresh still
+    # in the pool (its Redis connection would keep the embedded server alive past stop_embedded)
     svc = app.state.service
-
-    async def shut_app() -> None:  # the app's lifespan shutdown, which an ASGI transport never runs
-        await svc.refresher.close()
-        # a refresh still running in the pool holds a Redis connection, which would keep the
-        # embedded server alive past stop_embedded: wait for it
-        await asyncio.to_thread(svc.pool.shutdown, True)
-
     return Arm(
         name,
         httpx.AsyncClient(transport=transport, base_url="http://offline"),
-        on_close=[shut_app, lambda: stop_embedded(client, save=False)],
+        on_close=[lambda: svc.close(wait=True), lambda: stop_embedded(client, save=False)],
     )
 
 
