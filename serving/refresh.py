@@ -34,7 +34,8 @@ from .state_cache import UserStateCache
 
 log = logging.getLogger("longer.serving.refresh")
 
-WORKERS = 1  # model compute is serialised by the runtime's lock anyway
+WORKERS = 1  # refreshes are background work: one at a time leaves the other compute slots
+# (serving/runtime.py ComputeSlots) to requests
 
 
 class Refresher:
@@ -89,9 +90,7 @@ class Refresher:
         loop = asyncio.get_running_loop()
         if self.queue is not None and self.loop is loop:
             return
-        self.queued.clear()
-        self.running.clear()
-        self.again.clear()
+        self._forget()
         self.loop, self.queue = loop, asyncio.Queue(self.max_queue)
         self.workers = [asyncio.create_task(self._work(), name=f"longer-refresh-{i}") for i in range(WORKERS)]
 
@@ -136,6 +135,10 @@ class Refresher:
             task.cancel()
         await asyncio.gather(*mine, return_exceptions=True)
         self.workers, self.queue = [], None
+        self._forget()
+
+    def _forget(self) -> None:
+        """No user queued, running or due again (a new queue, or none)."""
         self.queued.clear()
         self.running.clear()
         self.again.clear()
