@@ -5,8 +5,8 @@ unix socket, through the same code.
 Keys — a user's hash-tagged `{u<user>}` so they share a cluster slot:
 
     {prefix}:{u<user>}:seq          list of packed events (the store's event layout,
-                                    `event_dtype(spec)`; the default spec's is EVENT_DTYPE, 33
-                                    bytes), in append order, at most max_len
+                                    `event_dtype(spec, widths)`, below; the default spec's is
+                                    EVENT_DTYPE, 33 bytes), in append order, at most max_len
     {prefix}:{u<user>}:ver          the sequence version `seq_version` (an integer): +1 on every
                                     append that adds events and on every profile write, so a
                                     cached state tagged with an older one is stale
@@ -38,23 +38,38 @@ Keys — a user's hash-tagged `{u<user>}` so they share a cluster slot:
                                     items spread over the cluster's slots; a request's candidates
                                     are read with one pipelined HMGET per item (`read_items`),
                                     one round trip per node holding some
-    {prefix}:meta                   string, JSON: the store's event layout (`event_fields`) and
-                                    which user and item columns `longer store load` wrote
-                                    (`user`, `candidate`); absent: a store from before issue 15,
-                                    whose layout is EVENT_DTYPE and which holds no profile or
-                                    item table (`StoreMeta`)
+    {prefix}:meta                   string, JSON: the store's event layout (`event_fields`, and
+                                    `widths`: {list column: W}, absent: none), and which user
+                                    and item columns `longer store load` wrote (`user`,
+                                    `candidate`); absent: a store from before issue 15, whose
+                                    layout is EVENT_DTYPE and which holds no profile or item
+                                    table (`StoreMeta`)
 
 Every command names one key, or several of one user (one slot): no cross-slot multi-key
 command, so every read and write works on Redis Cluster as on one Redis.
 
-Event layout: `event_dtype(spec)` packs ts, item_id, every scalar (int) `sequence` column of
-the spec in declaration order, and label — all int64 but label (int8). The default spec gives
-EVENT_DTYPE exactly (ts, item_id, category_id, action, label), so stores written before the
-layout followed the spec stay readable. A list<int64> sequence column is not stored online (it
-enters the served model as an empty list, the unknown bucket). The layout is recorded in
-`meta` by `longer store load`; the service compares it with its bundle's at start-up, on
-/readyz and on a hot reload, and refuses a store of another layout (`LayoutError`, naming the
-key and both layouts) rather than misreading its events.
+Event layout: `event_dtype(spec, widths)` packs ts, item_id, every `sequence` column of the
+spec in declaration order, and label — all little-endian int64 but label (int8). A scalar
+column is one int64. A list<int64> column is a fixed-width int64 subarray `(column, "<i8",
+(W,))`: the event's ids in order, then -1 up to W. Ids are non-negative (the log's contract,
+feature_store/schema.py), so 0 is a real id, as offline, and -1 is only padding: an event's
+list is its entries >= 0, its length their count. The default spec gives EVENT_DTYPE exactly
+(ts, item_id, category_id, action, label; 33 bytes), so stores written before the layout
+followed the spec stay readable.
+
+W, a list column's width, is the store's, not the bundle's (pooling does not depend on it):
+`longer store load` takes the longest list of the column in the dataset's `sequences/`
+(`dataset_widths`; 0 if every list is empty) — or the width the store already records, when
+that one holds the dataset's lists, so a reload keeps the store readable; a dataset with
+longer lists than the recorded width is refused (LayoutError: load it under another prefix).
+The replay's bootstrap takes the longest in its whole log. `/v1/events` refuses a longer list
+with a 422 naming the column and W. The layout, widths included, is recorded in `meta`; the
+service takes the widths from there (`OnlineStore(spec=...)`: bound when the meta record is
+first read, at start or, if Redis is unreachable then, on first use) and compares the
+store's layout with its bundle's at start-up, on /readyz and on a hot reload, and refuses a
+store of another layout — other columns, a list where the bundle has a scalar, or a width
+that changed since it was bound (`LayoutError`, naming the key and both layouts) — rather
+than misreading its events.
 
 Profile writes (`put_profile`) run as one Lua script per user: INCR `ver`, HSET the given
 columns and DEL the serving model's `st:<model_version>`, atomically. The bumped `ver` makes
@@ -114,20 +129,67 @@ EVENT_DTYPE = np.dtype(
 )
 
 
-def event_dtype(spec: FeatureSpec | None = None) -> np.dtype:
-    """The packed event layout of a spec (module docstring): ts, item_id, its scalar sequence
-    columns, label. The default spec's is EVENT_DTYPE."""
+PAD = -1  # fills a list column's subarray after the event's ids (ids are non-negative)
+FIXED = ("ts", "item_id", "label")  # the fields of every layout, whatever the spec
+
+
+def event_dtype(spec: FeatureSpec | None = None, widths: Mapping[str, int] | None = None) -> np.dtype:
+    """The packed event layout of a spec (module docstring): ts, item_id, its sequence columns
+    (a list column: `widths[column]` int64s), label. The default spec's is EVENT_DTYPE.
+    LayoutError for a list column without a width."""
+    spec, widths = spec or FeatureSpec(), widths or {}
+    missing = [c for c in spec.sequence if spec.is_list(c) and c not in widths]
+    if missing:
+        raise LayoutError(f"list sequence column '{missing[0]}' has no width (W) recorded")
+    return packed_layout(spec.sequence, {c: int(widths[c]) for c in spec.sequence if spec.is_list(c)})
+
+
+def packed_layout(columns: Iterable[str], widths: Mapping[str, int] | None = None) -> np.dtype:
+    """ts, item_id, `columns` (int64 each; one in `widths`: that many int64s), label (int8)."""
+    widths = widths or {}
+    cols = [(c, "<i8", (int(widths[c]),)) if c in widths else (c, "<i8") for c in columns]
+    return np.dtype([("ts", "<i8"), ("item_id", "<i8"), *cols, ("label", "i1")])
+
+
+def list_widths(dtype: np.dtype) -> dict[str, int]:
+    """{list column: W} of a packed layout."""
+    return {c: dtype[c].shape[0] for c in dtype.names if dtype[c].shape}
+
+
+def event_kinds(spec: FeatureSpec | None = None) -> tuple[str, ...]:
+    """A spec's event fields, a list column marked `column[]`: its layout but for the widths."""
     spec = spec or FeatureSpec()
-    return packed_layout(c for c in spec.sequence if not spec.is_list(c))
+    return ("ts", "item_id", *(f"{c}[]" if spec.is_list(c) else c for c in spec.sequence), "label")
 
 
-def packed_layout(columns: Iterable[str]) -> np.dtype:
-    """ts, item_id, `columns` (int64 each), label (int8): the packed event of those columns."""
-    return np.dtype([("ts", "<i8"), ("item_id", "<i8"), *((c, "<i8") for c in columns), ("label", "i1")])
+def layout_kinds(dtype: np.dtype) -> tuple[str, ...]:
+    """`event_kinds` of a packed layout."""
+    return tuple(f"{c}[]" if dtype[c].shape else c for c in dtype.names)
+
+
+def kinds_text(kinds: Sequence[str]) -> str:
+    """`event_kinds` as text, a list column's width as W: "(ts, item_id, tags[W], label)"."""
+    return "(" + ", ".join(k.replace("[]", "[W]") for k in kinds) + ")"
 
 
 def layout_text(dtype: np.dtype) -> str:
-    return f"({', '.join(dtype.names)}; {dtype.itemsize} bytes)"
+    """E.g. "(ts, item_id, category_id, tags[3], label; 57 bytes)"."""
+    names = (f"{c}[{dtype[c].shape[0]}]" if dtype[c].shape else c for c in dtype.names)
+    return f"({', '.join(names)}; {dtype.itemsize} bytes)"
+
+
+def padded(lists: Sequence[Sequence[int]], width: int) -> np.ndarray:
+    """(len(lists), width) int64: each list's ids, then PAD. ValueError if one is longer."""
+    lengths = np.fromiter((len(v) for v in lists), np.int64, len(lists))
+    if len(lists) and int(lengths.max()) > width:
+        raise ValueError(f"a list of {int(lengths.max())} ids does not fit width {width}")
+    out = np.full((len(lists), width), PAD, np.int64)
+    if lengths.sum():
+        flat = np.concatenate([np.asarray(v, np.int64) for v in lists if len(v)])
+        rows = np.repeat(np.arange(len(lists)), lengths)
+        cols = np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        out[rows, cols] = flat
+    return out
 
 
 class LayoutError(LongerError):
@@ -136,15 +198,17 @@ class LayoutError(LongerError):
 
 @dataclass(frozen=True)
 class StoreMeta:
-    """The store's `{prefix}:meta`: its event layout and the profile and item columns loaded."""
+    """The store's `{prefix}:meta`: its event layout (fields, list widths) and the profile and
+    item columns loaded."""
 
     event_fields: tuple[str, ...] = EVENT_DTYPE.names
     user: tuple[str, ...] = ()
     candidate: tuple[str, ...] = ()
+    widths: Mapping[str, int] = field(default_factory=dict)  # list sequence column → W
 
     @property
     def layout(self) -> np.dtype:
-        return packed_layout(c for c in self.event_fields if c not in ("ts", "item_id", "label"))
+        return packed_layout((c for c in self.event_fields if c not in FIXED), self.widths)
 
     def to_json(self) -> str:
         return json.dumps(
@@ -152,6 +216,7 @@ class StoreMeta:
                 "event_fields": list(self.event_fields),
                 "user": list(self.user),
                 "candidate": list(self.candidate),
+                "widths": dict(self.widths),
             }
         )
 
@@ -159,11 +224,21 @@ class StoreMeta:
     def from_json(cls, key: str, raw) -> StoreMeta:
         try:
             d = json.loads(raw)
-            return cls(*(tuple(str(c) for c in d[k]) for k in ("event_fields", "user", "candidate")))
-        except (ValueError, KeyError, TypeError) as e:
+            names = (tuple(str(c) for c in d[k]) for k in ("event_fields", "user", "candidate"))
+            meta = cls(*names, widths={str(c): w for c, w in d.get("widths", {}).items()})
+            for c, w in meta.widths.items():
+                if c not in meta.event_fields or c in FIXED:
+                    raise ValueError(f"width of '{c}', not a sequence column of event_fields")
+                if not isinstance(w, int) or isinstance(w, bool) or not 0 <= w <= MAX_WIDTH:
+                    raise ValueError(f"width of '{c}' is {w!r}, not an integer in [0, {MAX_WIDTH}]")
+            return meta
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise LayoutError(
                 f"online store key {key}: not a store meta record ({e}); run `longer store load`"
             ) from None
+
+
+MAX_WIDTH = 1 << 16  # a list column's width in a meta record, at most (a sanity bound)
 
 
 def encode_value(value) -> str:
@@ -367,18 +442,35 @@ class Event:
     action: int = 0
     label: int = 0
     event_id: str = ""
-    columns: Mapping[str, int] = field(default_factory=dict)  # the spec's other sequence columns
+    # the spec's other sequence columns: an id, or a list of ids for a list column
+    columns: Mapping[str, int | Sequence[int]] = field(default_factory=dict)
 
 
 def pack_events(events: Iterable[Event], dtype: np.dtype = EVENT_DTYPE) -> list[bytes]:
-    """Events in the layout `dtype` (a column an event does not carry: 0, the unknown bucket)."""
+    """Events in the layout `dtype` (a column an event does not carry: 0, the unknown bucket; a
+    list column: the empty list). ValueError naming the column for a list longer than its width."""
     out = []
     for e in events:
         row = np.zeros(1, dtype)
         for c in dtype.names:
-            row[c] = getattr(e, c) if c in _EVENT_FIELDS else e.columns.get(c, 0)
+            if dtype[c].shape:
+                value = e.columns.get(c, ())
+                if len(value) > dtype[c].shape[0]:
+                    raise ValueError(f"column '{c}': {len(value)} ids, the layout holds {dtype[c].shape[0]}")
+                row[c] = padded([value], dtype[c].shape[0])
+            else:
+                row[c] = getattr(e, c) if c in _EVENT_FIELDS else e.columns.get(c, 0)
         out.append(row.tobytes())
     return out
+
+
+def event_lists(events: np.ndarray, column: str) -> tuple[np.ndarray, np.ndarray]:
+    """A list column of packed events → (ids, per-event lengths): each event's entries >= 0, in
+    order (the module docstring's padding rule)."""
+    m = events[column]
+    m = m[:, None] if m.ndim == 1 else m
+    real = m >= 0
+    return m[real].astype(np.int64, copy=False), real.sum(1).astype(np.int64)
 
 
 _EVENT_FIELDS = {f.name for f in fields(Event)} - {"columns"}
@@ -473,10 +565,16 @@ class OnlineStore:
         state_ttl_s: int = 24 * 3600,
         state_max_bytes: int = 8 << 20,
         id_window: int | None = None,
-        layout: np.dtype = EVENT_DTYPE,
+        layout: np.dtype | None = None,
+        spec: FeatureSpec | None = None,
     ):
+        """`layout`: the packed event layout this store reads and writes; or `spec`: the spec's
+        (`event_dtype`), its list columns' widths the store's own, bound when `check_layout`
+        first reads them (or by `load` / `bind`). Neither: EVENT_DTYPE."""
         if max_len < 1:
             raise UsageError(f"max_len must be >= 1, got {max_len}")
+        if layout is not None and spec is not None:
+            raise UsageError("give an OnlineStore a layout or a spec, not both")
         self.r, self.max_len, self.prefix = client, max_len, prefix
         self.id_window = max_len if id_window is None else id_window
         if self.id_window < 1:
@@ -485,9 +583,44 @@ class OnlineStore:
         self._append = client.register_script(_APPEND)
         self._put_profile = client.register_script(_PUT_PROFILE)
         self._read_since = client.register_script(_READ_SINCE)
-        self.layout = layout  # the packed event layout this store reads and writes (event_dtype)
+        if spec is not None:
+            self.kinds = event_kinds(spec)  # the fields it packs, widths aside
+            self._layout = None if self.list_columns else event_dtype(spec)  # None: widths not read yet
+        else:
+            self._layout = EVENT_DTYPE if layout is None else layout
+            self.kinds = layout_kinds(self._layout)
         self.meta_key = f"{prefix}:meta"
-        self.meta = StoreMeta(layout.names)  # what `check_layout` last read
+        # what `check_layout` last read
+        self.meta = StoreMeta(tuple(k.removesuffix("[]") for k in self.kinds))
+
+    @property
+    def layout(self) -> np.dtype:
+        """The packed event layout (event_dtype); a spec store's first use reads its widths
+        from the meta record (`check_layout`: LayoutError, or a store error if unreachable)."""
+        if self._layout is None:
+            self.check_layout()
+        return self._layout
+
+    @property
+    def list_columns(self) -> tuple[str, ...]:
+        """Its list sequence columns (each a fixed-width subarray of the packed event)."""
+        return tuple(k.removesuffix("[]") for k in self.kinds if k.endswith("[]"))
+
+    def bind(self, widths: Mapping[str, int]) -> np.dtype:
+        """Fix the list columns' widths of this store's layout (`longer store load`, the
+        replay's bootstrap: what `write_meta` then records). LayoutError for a list column
+        without one."""
+        lists = self.list_columns
+        missing = [c for c in lists if c not in widths]
+        if missing:
+            raise LayoutError(f"list sequence column '{missing[0]}' has no width (W)")
+        cols = [k.removesuffix("[]") for k in self.kinds if k not in FIXED]
+        self._layout = packed_layout(cols, {c: int(widths[c]) for c in lists})
+        return self._layout
+
+    def layout_text(self) -> str:
+        """This store's layout as text: with its widths once known, else W for each."""
+        return layout_text(self._layout) if self._layout is not None else kinds_text(self.kinds)
 
     # --- the store's meta record ------------------------------------------------------------------
 
@@ -508,19 +641,34 @@ class OnlineStore:
 
     def check_layout(self) -> StoreMeta:
         """The store's meta record, checked against this store's event layout: LayoutError
-        (naming the key and both layouts) if the store holds events of another layout. No
-        record: a store from before the record, or an empty one — the default layout."""
+        (naming the key and both layouts) if the store holds events of another layout — other
+        fields, a list where this one has a scalar, other widths than this store's (once
+        bound). A spec store not bound yet takes the recorded widths. No record: a store from
+        before the record, or an empty one — the default layout."""
         found = self.read_meta()
-        fields_ = found.event_fields if found else EVENT_DTYPE.names
-        if tuple(fields_) != tuple(self.layout.names):
+        have = found.layout if found else EVENT_DTYPE
+        if layout_kinds(have) != self.kinds or (self._layout is not None and have != self._layout):
             where = f"{self.meta_key} records" if found else f"no {self.meta_key}: a store of"
+            moved = " (its list widths changed since this process read them: restart it)"
             raise LayoutError(
-                f"online store {where} the event layout ({', '.join(fields_)}), the bundle's spec packs "
-                f"{layout_text(self.layout)}; load the store for this bundle's dataset with "
-                "`longer store load` (another --key-prefix keeps both)"
+                f"online store {where} the event layout {layout_text(have)}, the bundle's spec packs "
+                f"{self.layout_text()}{moved if layout_kinds(have) == self.kinds else ''}; load the store "
+                "for this bundle's dataset with `longer store load` (another --key-prefix keeps both)"
             )
-        self.meta = found or StoreMeta(self.layout.names)
+        self._layout = have
+        self.meta = found or StoreMeta(have.names)
         return self.meta
+
+    def check_spec(self, spec: FeatureSpec) -> None:
+        """LayoutError unless `spec` packs events as this store does (widths aside: they are the
+        store's): a hot reload to a bundle whose sequence columns differ needs a store loaded
+        for it."""
+        if event_kinds(spec) != self.kinds:
+            raise LayoutError(
+                f"the bundle's spec packs events as {kinds_text(event_kinds(spec))}, the online store (prefix {self.prefix}) "
+                f"holds {self.layout_text()}; serve it on a store loaded for it (`longer store load`, "
+                "another --key-prefix) in a new process"
+            )
 
     def _key(self, user: int, what: str) -> str:
         return f"{self.prefix}:{{u{int(user)}}}:{what}"
@@ -726,24 +874,42 @@ class OnlineStore:
         self, data_dir: str | Path, spec: FeatureSpec, batch_users: int = 500, progress: bool = True
     ) -> dict:
         """`longer store load`: a dataset's sequences (in this store's layout, which must be
-        `spec`'s), its users' profiles and its item table, then the meta record. LayoutError,
-        before anything is written, if the store already records another layout."""
-        if tuple(event_dtype(spec).names) != tuple(self.layout.names):
+        `spec`'s), its users' profiles and its item table, then the meta record. The list
+        columns' widths (module docstring): this store's if bound, else the recorded ones, else
+        the dataset's longest lists. LayoutError, before anything is written, if the store
+        already records another layout or the dataset holds a list longer than its width."""
+        if event_kinds(spec) != self.kinds:
             raise UsageError(
-                f"store layout {layout_text(self.layout)} is not the spec's {layout_text(event_dtype(spec))}"
+                f"store layout {self.layout_text()} is not the spec's {kinds_text(event_kinds(spec))}"
             )
         found = self.read_meta()
-        if found is not None and tuple(found.event_fields) != tuple(self.layout.names):
+        if found is not None and layout_kinds(found.layout) != self.kinds:
             self.check_layout()  # raises, naming both layouts
+        longest = dataset_widths(data_dir, [c for c in spec.sequence if spec.is_list(c)])
+        held = longest if found is None else found.widths  # what the store records wins
+        if self._layout is not None:
+            held = list_widths(self._layout)
+        for c, n in longest.items():
+            if n > held[c]:
+                raise LayoutError(
+                    f"{data_dir}: the longest '{c}' list of sequences/ has {n} ids, the online store "
+                    f"(prefix {self.prefix}) packs {held[c]}; load it under another --key-prefix"
+                )
+        self.bind(held)
+        if found is not None:
+            self.check_layout()  # the recorded widths are this store's
         out = self.load_sequences(data_dir, batch_users, progress)
         out["profiles"] = self.load_table(data_dir, "users", "user_id", spec.user, batch_users)
         out["items"] = self.load_table(data_dir, "items", "item_id", spec.candidate, batch_users)
         self.write_meta(spec.user, spec.candidate)
-        return out
+        return {**out, "widths": list_widths(self.layout)} if longest else out
 
     def write_meta(self, user: Sequence[str] = (), candidate: Sequence[str] = ()) -> StoreMeta:
-        """Record this store's event layout and the profile and item columns it holds."""
-        self.r.set(self.meta_key, StoreMeta(self.layout.names, tuple(user), tuple(candidate)).to_json())
+        """Record this store's event layout (its widths too) and the profile and item columns
+        it holds."""
+        layout = self.layout
+        meta = StoreMeta(layout.names, tuple(user), tuple(candidate), list_widths(layout))
+        self.r.set(self.meta_key, meta.to_json())
         return self.check_layout()
 
     def profile_key(self, user: int) -> str:
@@ -781,13 +947,14 @@ class OnlineStore:
 
     def load_sequences(self, data_dir: str | Path, batch_users: int = 500, progress: bool = True) -> dict:
         """Bootstrap from a dataset's `sequences/`: each user's last max_len events in this
-        store's layout (a column sequences/ lacks: 0), seq_version + 1, `tot` = the user's
-        event count in the dataset. Pipelined, one round
-        trip per `batch_users` users."""
+        store's layout (a column sequences/ lacks: 0, or the empty list; a list longer than its
+        width: ValueError), seq_version + 1, `tot` = the user's event count in the dataset.
+        Pipelined, one round trip per `batch_users` users."""
         files = sorted((Path(data_dir) / "sequences").glob("part-*.parquet"))
         if not files:
             raise MissingInputError(f"{data_dir}: no sequences/part-*.parquet (run `longer build`)")
         users = events = 0
+        layout = self.layout
         total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
         with tqdm(total=total, unit="user", desc="store load", disable=not progress) as bar:
             for f in files:
@@ -798,9 +965,11 @@ class OnlineStore:
                     for i, user in enumerate(cols["user_id"]):
                         n = len(cols["item_id"][i])
                         lo = max(0, n - self.max_len)
-                        arr = np.zeros(n - lo, self.layout)
-                        for c in self.layout.names:
-                            if c in cols:
+                        arr = np.zeros(n - lo, layout)
+                        for c in layout.names:
+                            if layout[c].shape and c in cols:  # a list column: ids, then PAD
+                                arr[c] = padded(cols[c][i][lo:], layout[c].shape[0])
+                            elif c in cols:
                                 arr[c] = cols[c][i][lo:]
                         seq = self._key(user, "seq")
                         p.delete(seq)  # one key per command: a cluster pipeline splits no multi-key DEL
@@ -814,3 +983,20 @@ class OnlineStore:
                     users += len(cols["user_id"])
                     bar.update(len(cols["user_id"]))
         return {"users": users, "events": events}
+
+
+def dataset_widths(data_dir: str | Path, columns: Sequence[str]) -> dict[str, int]:
+    """{column: the most ids one event holds} of list sequence columns in a dataset's
+    `sequences/` (0: every list empty, or no events)."""
+    out = dict.fromkeys(columns, 0)
+    if not out:
+        return out
+    import pyarrow.compute as pc
+
+    for f in sorted((Path(data_dir) / "sequences").glob("part-*.parquet")):
+        t = pq.read_table(f, columns=list(out))
+        for c in out:
+            events = t.column(c).combine_chunks().flatten()  # one list per event
+            if len(events):
+                out[c] = max(out[c], int(pc.max(pc.list_value_length(events)).as_py() or 0))
+    return out

@@ -20,7 +20,7 @@ primary), in pipelined batches. What is checked, and what `--repair` does:
                                       `longer store load` or PUT /v1/users/{user_id})
 
 Packed events are checked against the store's recorded layout (`{prefix}:meta`, its
-`event_fields`; none recorded: the default layout).
+`event_fields` and list `widths`; none recorded: the default layout).
 
 A repair that touches a user's `seq`, `ver` or `tot` moves the version forward and deletes the
 user's cached states, so no state computed before the repair is ever served after it. A key

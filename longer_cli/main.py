@@ -108,13 +108,13 @@ def _eval(a):
 
 def _store_load(a):
     from feature_store.builder import dataset_spec, read_meta
-    from feature_store.online import OnlineStore, connect, event_dtype, store_errors
+    from feature_store.online import OnlineStore, connect, store_errors
 
     meta = read_meta(a.data)
     max_len = a.max_len or meta["max_len"]
     spec = dataset_spec(meta)
     try:
-        store = OnlineStore(connect(a.redis), max_len=max_len, prefix=key_prefix(a), layout=event_dtype(spec))
+        store = OnlineStore(connect(a.redis), max_len=max_len, prefix=key_prefix(a), spec=spec)
         return {**store.load(a.data, spec, progress=not a.quiet), "max_len": max_len}
     except store_errors() as e:
         raise StoreUnreachable(f"Redis at {a.redis or 'REDIS_URL/embedded'}: {e}") from e
@@ -322,7 +322,7 @@ def parser() -> argparse.ArgumentParser:
         "load",
         help="bootstrap Redis with every user's sequence, profile and the item table from a dataset",
         description="bootstrap Redis with every user's sequence (in the layout of the dataset's feature "
-        "spec), every user's profile (the spec's user columns) and the item table (its candidate columns)",
+        "spec; a list column's width: the longest list, or the store's recorded one), every user's profile (the spec's user columns) and the item table (its candidate columns)",
     )
     s.set_defaults(fn=_store_load)
     s.add_argument("--data", required=True, help="dataset directory from `longer build`")

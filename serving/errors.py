@@ -73,7 +73,9 @@ async def validation_failed(request: Request, exc: RequestValidationError) -> JS
     return JSONResponse({"detail": safe_errors(exc.errors())}, status_code=422)
 
 
-def invalid(field: str, message: str, kind: str = "value_error") -> RequestValidationError:
+def invalid(field: str | tuple, message: str, kind: str = "value_error") -> RequestValidationError:
     """A 422 for a rule checked outside the request model (e.g. a limit from the settings), in
-    the same shape as pydantic's."""
-    return RequestValidationError([{"loc": ("body", field), "msg": message, "type": kind}])
+    the same shape as pydantic's; `field` a name or a path under the body (e.g. ("events", 3,
+    "tags"))."""
+    loc = field if isinstance(field, tuple) else (field,)
+    return RequestValidationError([{"loc": ("body", *loc), "msg": message, "type": kind}])

@@ -1,6 +1,7 @@
 """The online feature tables at serving time (issue 15): `FeatureTables` fills a /v1/score
 request's left-out candidate columns from the store's item table, upserts a user's profile
-(`PUT /v1/users/{user_id}`) and turns /v1/events' bodies into store events. The Redis keys
+(`PUT /v1/users/{user_id}`) and turns /v1/events' bodies into store events (a list sequence
+column's ids at most the store's width for it, else `ListTooLong`: a 422). The Redis keys
 are feature_store/online.py's; the model side (profile → user token) is serving/runtime.py's.
 
 Fill-in order for a declared candidate column a candidate leaves out: the item table
@@ -19,8 +20,8 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
+from feature_store.online import Appended, OnlineStore, list_widths, store_errors
 from feature_store.online import Event as StoreEvent
-from feature_store.online import OnlineStore, store_errors
 
 from .runtime import ModelRuntime, as_columns
 
@@ -75,12 +76,32 @@ class FeatureTables:
         values = profile.model_dump(exclude_none=True)
         return await self.redis(self.store.put_profile, user_id, values, rt.model_version), sorted(values)
 
-    @staticmethod
-    def store_events(rt: ModelRuntime, events: list) -> list[StoreEvent]:
+    def store_events(self, rt: ModelRuntime, events: list) -> list[StoreEvent]:
         """/v1/events' events (`request_models(...).events`) as store events carrying the spec's
-        sequence columns."""
-        extra = [c for c in rt.layout.names if c not in STORE_FIELDS]
+        sequence columns. ListTooLong for a list longer than the store's width for its column
+        (reading the widths may be the store's first use: run it off the event loop)."""
+        widths = list_widths(self.store.layout)
+        extra = [c for c in rt.spec.sequence if c not in STORE_FIELDS]
+        for i, e in enumerate(events):
+            for c, w in widths.items():
+                if len(getattr(e, c)) > w:
+                    raise ListTooLong(i, c, w, len(getattr(e, c)))
         return [
             StoreEvent(**e.model_dump(include=STORE_FIELDS), columns={c: getattr(e, c) for c in extra})
             for e in events
         ]
+
+    def append(self, rt: ModelRuntime, events: list) -> Appended:
+        """`store_events`, appended (blocking: `redis` runs it)."""
+        return self.store.append(self.store_events(rt, events))
+
+
+class ListTooLong(ValueError):
+    """A /v1/events list longer than the online store's width for its column (a 422)."""
+
+    def __init__(self, index: int, column: str, width: int, got: int):
+        self.index, self.column, self.width, self.got = index, column, width, got
+        super().__init__(
+            f"at most {width} ids in '{column}' (the online store's width for it, recorded by "
+            f"`longer store load`), got {got}"
+        )

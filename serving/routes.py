@@ -26,6 +26,7 @@ from feature_store.online import LayoutError, store_errors
 from trainer.export import BundleError
 
 from .errors import invalid, responses
+from .features import ListTooLong
 from .runtime import CandidateColumns, as_columns
 from .schemas import (
     INT64_MAX,
@@ -112,10 +113,11 @@ def candidate_columns(req, rt) -> CandidateColumns:
 
 
 async def store_call(call):
-    """Await a store call; the store unreachable is a 503 saying so."""
+    """Await a store call; the store unreachable, or of a layout not known (LayoutError: a
+    spec store whose list widths it could not read, feature_store/online.py), is a 503 saying so."""
     try:
         return await call
-    except STORE_ERRORS as e:
+    except (*STORE_ERRORS, LayoutError) as e:
         raise HTTPException(503, f"online store unavailable: {e}") from e
 
 
@@ -189,7 +191,10 @@ async def events(request: Request, svc: Service = Depends(service)):
     rt = svc.runtime
     req = await spec_body(request, rt.models.events)
     at_most("events", req.events, svc.settings.max_events, "LONGER_MAX_EVENTS", "per call")
-    done = await store_call(svc.redis(svc.store.append, svc.features.store_events(rt, req.events)))
+    try:
+        done = await store_call(svc.redis(svc.features.append, rt, req.events))
+    except ListTooLong as e:
+        raise invalid(("events", e.index, e.column), str(e), "too_long") from None
     svc.metrics.events.inc(done.total)
     svc.refresher.schedule(u for u, n in done.added.items() if n)  # off the request path
     return EventsResponse(appended=done.total, versions={str(u): v for u, v in done.seq_versions.items()})

@@ -6,8 +6,10 @@ Features follow the bundle's FeatureSpec. A declared column a request leaves out
 item table does not hold, serving/features.py) is filled in with the unknown bucket (id 0; an
 empty list for a list column; a dense column's train mean), and `candidates` returns how many
 of each it filled. History events carry the columns of the store's event layout
-(`layout` = feature_store.online.event_dtype(spec): item_id and the scalar sequence columns); a
-list<int64> sequence column is not stored online and enters as empty lists. User columns come
+(feature_store.online.event_dtype: item_id and the sequence columns, a list column as a
+fixed-width subarray padded with -1); `history_batch` turns them into the loader's jagged form
+(a list column: each event's ids >= 0, `event_lengths` their counts), so a history scores
+online as offline. User columns come
 from the user's stored profile (`encode(..., profile)`), user side: they are part of the
 UserState, so a profile change must invalidate cached states (it bumps `seq_version`,
 feature_store/online.py); a column the profile lacks is the unknown bucket.
@@ -33,7 +35,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from feature_store.columns import normalised
-from feature_store.online import event_dtype
+from feature_store.online import event_lists
 from longer.interface import Candidates, UserState
 from longer.spec import FeatureSpec, hist_key
 from trainer.export import Bundle, load_bundle
@@ -70,10 +72,13 @@ def history_batch(
     values, lengths, event_lengths = [], [], {}
     stored = set(ev.dtype.names or ())
     for col in spec.history_fields:
-        if spec.is_list(col):  # not stored online: every event's list is empty
-            event_lengths[hist_key(col)] = torch.zeros(n, dtype=torch.long)
-            values.append(np.zeros(0, np.int64))
-            lengths.append(0)
+        if spec.is_list(col):  # each event's ids (PAD dropped); a column not stored: empty lists
+            ids, per_event = (
+                event_lists(ev, col) if col in stored else (np.zeros(0, np.int64), np.zeros(n, np.int64))
+            )
+            event_lengths[hist_key(col)] = torch.from_numpy(per_event)
+            values.append(ids)
+            lengths.append(len(ids))
         else:  # a packed copy; a column the store does not hold: the unknown bucket
             values.append(np.array(ev[col], dtype=np.int64) if col in stored else np.zeros(n, np.int64))
             lengths.append(n)
@@ -165,7 +170,6 @@ class ModelRuntime:
         self.threads = configure_threads(threads or None, "LONGER_THREADS")  # 0: the CPU budget
         self.spec = self.bundle.spec
         self.models = request_models(self.spec)  # the request bodies this bundle declares
-        self.layout = event_dtype(self.spec)  # the packed events of the store it reads
         self.slots = ComputeSlots(self.threads)  # concurrent model calls (the module docstring)
 
     @property

@@ -168,9 +168,11 @@ class RequestModels:
     column from the online store's item table, else the unknown bucket: id 0, an empty list, a
     dense column's train mean) and counted in /metrics; an undeclared one is a 422 naming it.
 
-    `/v1/events`' events (and `/v1/score`'s fallback `history`) carry the spec's scalar sequence
-    columns (left out: 0, the unknown bucket; a list<int64> sequence column is not stored
-    online, so not accepted). `PUT /v1/users/{user_id}`'s body (`profile`) carries the spec's
+    `/v1/events`' events (and `/v1/score`'s fallback `history`) carry the spec's sequence
+    columns (left out: 0, the unknown bucket; a list<int64> column: a list of ids, left out:
+    the empty list). The online store holds at most its width W of ids per list column: a
+    longer list posted to /v1/events is a 422 naming the event, the column and W
+    (serving/features.py); the fallback history is never stored, so it has no such limit. `PUT /v1/users/{user_id}`'s body (`profile`) carries the spec's
     user columns, each optional: those given are upserted, the others kept."""
 
     candidate: type[BaseModel]
@@ -201,11 +203,7 @@ def request_models(spec) -> RequestModels:
     }
     candidate = create_model("Candidate", __base__=Strict, item_id=(Id, ...), **cand_fields)
     context = create_model("Context", __base__=Strict, **{c: _id_field(spec, c) for c in spec.context})
-    seq = {
-        c: (Id, Field(default=0, description="sequence column; left out: 0, the unknown bucket"))
-        for c in spec.sequence
-        if not spec.is_list(c) and c not in HistoryEvent.model_fields
-    }
+    seq = {c: _sequence_field(spec, c) for c in spec.sequence if c not in HistoryEvent.model_fields}
     history_event = create_model("HistoryEvent", __base__=HistoryEvent, **seq)
     score = create_model(  # the columnar form (item_ids, category_ids) and its checks: ScoreRequest's
         "ScoreRequest",
@@ -231,6 +229,19 @@ def request_models(spec) -> RequestModels:
         **{c: _profile_field(spec, c) for c in spec.user},
     )
     return RequestModels(candidate, context, score, history_event, events, profile)
+
+
+def _sequence_field(spec, column: str):
+    if spec.is_list(column):
+        return (
+            list[Id],
+            Field(
+                default_factory=list,
+                description="list sequence column: the event's ids (at most the online store's "
+                "width for it); left out: the empty list",
+            ),
+        )
+    return (Id, Field(default=0, description="sequence column; left out: 0, the unknown bucket"))
 
 
 def _profile_field(spec, column: str):

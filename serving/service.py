@@ -16,7 +16,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from feature_store.online import LayoutError, OnlineStore, connect, layout_text, store_errors
+from feature_store.online import LayoutError, OnlineStore, connect, store_errors
 from trainer.export import BundleError, declared_version
 
 from .features import FeatureTables
@@ -81,10 +81,10 @@ class Service:
             max_len=settings.store_max_len or self.runtime.max_len,
             prefix=settings.key_prefix,
             state_ttl_s=settings.state_ttl_s,
-            layout=self.runtime.layout,
+            spec=self.runtime.spec,  # list widths: the store's meta record
         )
         self.same_layout(self.runtime)
-        try:  # the store's layout and tables; unreachable now: /readyz reads them when it answers
+        try:  # the store's layout (list widths) and tables; unreachable now: read on first use, /readyz
             self.store.check_layout()
         except STORE_ERRORS as e:
             log.warning("online store unreachable at start (%s); its layout is checked on /readyz", e)
@@ -105,12 +105,7 @@ class Service:
     def same_layout(self, runtime: ModelRuntime) -> None:
         """LayoutError unless `runtime`'s bundle packs events as the store does (a hot reload
         to a bundle whose sequence columns differ needs a store loaded for it: a restart)."""
-        if runtime.layout != self.store.layout:
-            raise LayoutError(
-                f"the bundle's spec packs events as {layout_text(runtime.layout)}, the online store "
-                f"(prefix {self.store.prefix}) holds {layout_text(self.store.layout)}; serve it on a store "
-                "loaded for it (`longer store load`, another --key-prefix) in a new process"
-            )
+        self.store.check_spec(runtime.spec)
 
     async def run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)

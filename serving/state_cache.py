@@ -28,8 +28,9 @@ not a hit; then the outcome is one of:
   `ts` uses a prefix, which is not cached). A list with unreadable items (skipped on read)
   is placed on the grid by its readable events alone, and its state tagged with no event
   total, so no incremental update continues from it (the full read still finds it as a hit).
-* **bypass** — Redis is unreachable: the state is encoded from the history in the request
-  and nothing is written.
+* **bypass** — Redis is unreachable (or its layout unknown: a spec store whose list widths
+  were never read, feature_store/online.py): the state is encoded from the history in the
+  request and nothing is written.
 
 An incremental update and a full encode of the same (model, user, sequence version, event
 total) are one single flight: a request arriving while the near-line refresh
@@ -51,8 +52,17 @@ from collections.abc import Awaitable, Callable, Sequence
 import numpy as np
 
 from feature_store import codec
-from feature_store.online import EVENT_DTYPE, OnlineStore, Since, sort_events, store_errors
+from feature_store.online import (
+    LayoutError,
+    OnlineStore,
+    Since,
+    event_dtype,
+    padded,
+    sort_events,
+    store_errors,
+)
 from longer.interface import UserState
+from longer.spec import FeatureSpec
 
 from .runtime import ModelRuntime
 
@@ -87,11 +97,17 @@ def profile_digest(profile: dict) -> str:
     return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
-def history_events(history: Sequence, before_ts: int, layout: np.dtype = EVENT_DTYPE) -> np.ndarray:
-    """A request's own history (schemas.HistoryEvent objects) as sorted store events (in the
-    store's `layout`) before `before_ts`."""
-    rows = [tuple(getattr(e, c) for c in layout.names) for e in history]
-    events = sort_events(np.array(rows, layout))
+def history_events(history: Sequence, before_ts: int, spec: FeatureSpec | None = None) -> np.ndarray:
+    """A request's own history (schemas.HistoryEvent objects) as sorted events of `spec`'s
+    layout (a list column as wide as its longest list here) before `before_ts`."""
+    spec = spec or FeatureSpec()
+    lists = [c for c in spec.sequence if spec.is_list(c)]
+    widths = {c: max((len(getattr(e, c)) for e in history), default=0) for c in lists}
+    events = np.zeros(len(history), event_dtype(spec, widths))
+    for c in events.dtype.names:
+        values = [getattr(e, c) for e in history]
+        events[c] = padded(values, widths[c]) if c in widths else values
+    events = sort_events(events)
     return events[events["ts"] < before_ts]
 
 
@@ -179,8 +195,8 @@ class UserStateCache:
                 except Exception as e:  # noqa: BLE001 -- a well-formed but unusable cached value: recompute it
                     log.warning("user %s: cached state unusable (%s), recomputing", user_id, e)
                     state, outcome = await self.current(rt, user_id, ts, (None, None), defer)
-        except STORE_ERRORS:
-            state = await self.run(rt.encode, user_id, history_events(history, ts, rt.layout))
+        except (*STORE_ERRORS, LayoutError):  # a store whose list widths are unreadable: as unreachable
+            state = await self.run(rt.encode, user_id, history_events(history, ts, rt.spec))
             return await self.run(score, state), "bypass"
         return await self.run(score, state), outcome
 

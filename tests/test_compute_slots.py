@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from feature_store.online import event_dtype
 from serving.runtime import CandidateColumns, ComputeSlots, ModelRuntime
 from tests.serving_utils import tiny_bundle
 
@@ -51,7 +52,7 @@ def test_a_lone_call_gets_the_budget_and_concurrent_calls_share_it():
 def test_concurrent_scores_equal_sequential_ones(tmp_path):
     rt = ModelRuntime(str(tiny_bundle(tmp_path / "b")), threads=2)
     rng = np.random.default_rng(0)
-    events = np.zeros(40, rt.layout)
+    events = np.zeros(40, event_dtype(rt.spec))
     events["ts"], events["item_id"] = np.arange(1, 41) * 60, rng.integers(1, 500, 40)
     state = rt.encode(7, events)
     requests = [

@@ -62,39 +62,29 @@ def add_columns(log) -> None:
         pq.write_table(t, f)
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("new_column")
+@contextlib.contextmanager
+def trained_world(root, features: str, seed: int, edit_log=None):
+    """synth (60 users, extra columns) → `edit_log(log)` → build → train → eval → `longer store
+    load` (max_len 1000) under a fresh prefix of the shared Redis: the paths, the prefix and what
+    the load answered; the prefix's keys are deleted afterwards."""
     shared_redis()  # skips without Redis
     synthesize(
-        SynthConfig(users=60, items=200, events_per_user=40, seed=3, extra_columns=True),
+        SynthConfig(users=60, items=200, events_per_user=40, seed=seed, extra_columns=True),
         root / "log",
         progress=False,
     )
-    add_columns(root / "log")
+    if edit_log is not None:
+        edit_log(root / "log")
     cfg = root / "run.toml"
-    cfg.write_text(run_toml(max_len=32, train_extra="warmup_steps = 2\nprefetch = 0") + FEATURES)
+    cfg.write_text(run_toml(max_len=32, train_extra="warmup_steps = 2\nprefetch = 0") + features)
     data, bundle, preds = root / "data", root / "run" / "export", root / "preds.parquet"
     cli(["build", "--log", root / "log", "--out", data, "--max-len", 32, "--test-days", 5, "--config", cfg])
     run(["train", "--config", cfg, "--data", data, "--out", root / "run", "--quiet", "train.steps=6"])
     run(["eval", "--bundle", bundle, "--data", data, "--quiet", "--predictions", preds])
     prefix = fresh_prefix()
     try:
-        loaded = cli(
-            [
-                "store",
-                "load",
-                "--data",
-                data,
-                "--redis",
-                REDIS,
-                "--key-prefix",
-                prefix,
-                "--max-len",
-                1000,
-                "--quiet",
-            ]
-        )
+        load = ["store", "load", "--data", data, "--redis", REDIS, "--key-prefix", prefix, "--max-len", 1000]
+        loaded = cli([*load, "--quiet"])
         yield {
             "root": root,
             "data": data,
@@ -107,11 +97,41 @@ def world(tmp_path_factory):
         delete_prefix(connect(REDIS), prefix)
 
 
-def app_for(world, bundle=None):
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    with trained_world(tmp_path_factory.mktemp("new_column"), FEATURES, seed=3, edit_log=add_columns) as w:
+        yield w
+
+
+def app_for(world, bundle=None, **settings):
     settings = Settings(
-        model=str(bundle or world["bundle"]), redis_url=REDIS, key_prefix=world["prefix"], token="t"
+        model=str(bundle or world["bundle"]),
+        redis_url=REDIS,
+        key_prefix=world["prefix"],
+        token="t",
+        **settings,
     )
     return create_app(settings)
+
+
+def replay_arms(world) -> dict:
+    """Replay the log's eval days (30 requests) against two in-process arms of the world's bundle:
+    each arm's report."""
+    from serving.replay.run import run_replay
+
+    split = json.loads((world["data"] / "meta.json").read_text())["split"]["split_ts"]
+    bundle = str(world["bundle"])
+    res = run_replay(
+        str(world["root"] / "log"),
+        str(world["root"] / "replay"),
+        bundles=[f"a={bundle}", f"b={bundle}"],
+        all_arms=True,
+        start=split,
+        limit=30,
+        progress=False,
+        n_boot=20,
+    )
+    return res["arms"]
 
 
 def test_store_load_writes_the_new_columns(world):
@@ -199,19 +219,5 @@ def test_a_bundle_of_another_layout_is_refused(world, tmp_path):
 
 
 def test_replay_runs_on_the_new_columns(world):
-    from serving.replay.run import run_replay
-
-    split = json.loads((world["data"] / "meta.json").read_text())["split"]["split_ts"]
-    bundle = str(world["bundle"])
-    res = run_replay(
-        str(world["root"] / "log"),
-        str(world["root"] / "replay"),
-        bundles=[f"a={bundle}", f"b={bundle}"],
-        all_arms=True,
-        start=split,
-        limit=30,
-        progress=False,
-        n_boot=20,
-    )
-    for arm in ("a", "b"):
-        assert res["arms"][arm]["errors"] == 0 and res["arms"][arm]["event_errors"] == 0, res["arms"][arm]
+    for arm in replay_arms(world).values():
+        assert arm["errors"] == 0 and arm["event_errors"] == 0, arm

@@ -97,9 +97,10 @@ def score_body(req: Request, spec: dict | None) -> dict:
 
 def events_body(req: Request, spec: dict | None) -> dict:
     """The /v1/events body of a logged request's events for an arm: the stored fields, and of
-    the logged columns the arm's spec declares as (scalar) sequence columns."""
+    the logged columns those the arm's spec declares as sequence columns (a list column: its
+    list of ids)."""
     spec = spec or {}
-    seq = [c for c in spec.get("sequence", ()) if c in req.columns and c not in spec.get("lists", ())]
+    seq = [c for c in spec.get("sequence", ()) if c in req.columns]
     return {
         "events": [
             {

@@ -27,7 +27,8 @@ def bootstrap_store(
 ) -> int:
     """Load the logged events earlier than `before_ts` into the store (the state of the world
     when the replay window opens): each user's last `store.max_len` of them, all the store keeps
-    of a longer history, with the store layout's sequence columns; and each such user's profile
+    of a longer history, with the store layout's sequence columns (a list column as wide as the
+    longest list of the whole log, so every replayed event fits); and each such user's profile
     (`spec`'s user columns) as logged on the user's last row before `before_ts`. Records the
     store's meta, and each user's event total `tot` (all of the user's logged events before
     `before_ts`, as `longer store load` sets it: the append-stable grid's index). Returns the
@@ -44,6 +45,8 @@ def bootstrap_store(
             [store.profile_key(u) for u in cols["user_id"][last]],
             [{c: as_json(cols[c][i]) for c in user_cols} for i in last],
         )
+    if store.list_columns:  # wide enough for every event of the log, the replayed ones too
+        store.bind({c: max(map(len, cols.get(c, ())), default=0) for c in store.list_columns})
     store.write_meta(user=user_cols)
     counts = np.diff(np.r_[-1, last_of_user])
     from_end = np.repeat(last_of_user, counts) - np.arange(len(users))
@@ -55,7 +58,7 @@ def bootstrap_store(
             [
                 Event(
                     **{f: int(cols[f][i]) for f in EVENT_FIELDS},
-                    columns={c: int(cols[c][i]) for c in extra},
+                    columns={c: as_json(cols[c][i]) for c in extra},
                 )
                 for i in rows
             ]
@@ -80,7 +83,7 @@ def offline_arm(
         bundle, threads=Settings.from_env().threads
     )  # LONGER_THREADS, as a server reads it
     client = EmbeddedRedis(str(workdir / f"{name}-{uuid.uuid4().hex[:6]}.rdb"))
-    store = OnlineStore(client, max_len=runtime.max_len, prefix=f"replay-{name}", layout=runtime.layout)
+    store = OnlineStore(client, max_len=runtime.max_len, prefix=f"replay-{name}", spec=runtime.spec)
     bootstrap_store(store, log, before_ts, runtime.spec)
     app = create_app(Settings(model=bundle, refresh=refresh), runtime=runtime, store=store)
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)  # a crash is a 500, counted
