@@ -665,9 +665,9 @@ class OnlineStore:
         for it."""
         if event_kinds(spec) != self.kinds:
             raise LayoutError(
-                f"the bundle's spec packs events as {kinds_text(event_kinds(spec))}, the online store (prefix {self.prefix}) "
-                f"holds {self.layout_text()}; serve it on a store loaded for it (`longer store load`, "
-                "another --key-prefix) in a new process"
+                f"the bundle's spec packs events as {kinds_text(event_kinds(spec))}, the online store "
+                f"(prefix {self.prefix}) holds {self.layout_text()}; serve it on a store loaded for it "
+                "(`longer store load`, another --key-prefix) in a new process"
             )
 
     def _key(self, user: int, what: str) -> str:
