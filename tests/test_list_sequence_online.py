@@ -4,8 +4,9 @@ event) declared as a sequence column is packed into the online store as a fixed-
 scores equal the offline predictions within 1e-5 — and would not with the lists left empty.
 `longer store load` round-trips the lists and keeps or refuses a recorded width; /v1/events
 takes lists (422 naming the event, the column and W for one too long); the fallback history
-takes them; the replay sends them; a store of another layout or width is refused at start, on
-/readyz and on a hot reload."""
+takes them; the replay sends them; a service started with Redis down reads W when Redis
+answers; a store of another layout or width is refused at start, on /readyz and on a hot
+reload."""
 
 import json
 import shutil
@@ -16,10 +17,12 @@ import pytest
 from fastapi.testclient import TestClient
 
 from feature_store.online import LayoutError, OnlineStore, StoreMeta, connect, event_lists
+from serving.app import create_app
 from serving.runtime import ModelRuntime
+from serving.settings import Settings
 from serving.state_cache import history_events
 from tests.conftest import fresh_prefix
-from tests.serving_utils import delete_prefix, tiny_bundle
+from tests.serving_utils import delete_prefix, free_port, start_redis_server, stop_process, tiny_bundle
 from tests.test_new_column_by_config import REDIS, replay_arms, trained_world
 from tests.test_new_column_by_config import app_for as served_app
 
@@ -201,6 +204,50 @@ def test_a_store_of_another_layout_or_width_is_refused(world, tmp_path):
             app_for(world)
     finally:
         r.set(meta_key, saved)
+
+
+def test_a_service_started_with_redis_down_reads_the_widths_when_it_answers(world, tmp_path):
+    """The widths are the store's: a service that could not read them at start scores from the
+    request's history (lists included) and answers /v1/events 503 until Redis answers, then
+    reads them on first use — and scores the same history the same from the store."""
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    settings = Settings(model=str(world["bundle"]), redis_url=url, token="t", refresh=False)
+    app = create_app(settings)  # Redis down: starts, degraded
+    seq = pq.read_table(world["data"] / "sequences").to_pydict()
+    fields = ("item_id", "ts", "category_id", "action", "label", "tags")
+    history = [dict(zip(fields, e)) for e in zip(*(seq[k][0] for k in fields))]
+    ts = max(e["ts"] for e in history) + 1
+    body = {
+        "user_id": seq["user_id"][0],
+        "ts": ts,
+        "candidates": [{"item_id": 5, "category_id": 2, "tags": [1]}],  # all given: no item-table fill-in
+        "history": history,
+    }
+    event = {"user_id": 1, "item_id": 2, "ts": ts, "tags": [1, 2, 3, 4]}
+    with TestClient(app) as client:
+        assert client.get("/readyz").status_code == 503
+        bypass = client.post("/v1/score", json=body).json()
+        assert bypass["user_state"] == "bypass"
+        assert client.post("/v1/events", json={"events": [event]}, headers=AUTH).status_code == 503
+        proc = start_redis_server(port, tmp_path / "redis")
+        try:
+            store = OnlineStore(connect(url), max_len=1000, spec=client.app.state.service.runtime.spec)
+            store.load(world["data"], store_spec(world), progress=False)
+            assert client.get("/readyz").status_code == 200
+            online = client.post("/v1/score", json=body).json()
+            assert online["user_state"] == "full" and abs(online["scores"][0] - bypass["scores"][0]) < 1e-5
+            r = client.post("/v1/events", json={"events": [event]}, headers=AUTH)
+            assert r.status_code == 422 and "at most 3 ids in 'tags'" in r.text, r.text
+        finally:
+            stop_process(proc)
+
+
+def store_spec(world):
+    """The spec `longer store load` lays the world's dataset out by."""
+    from feature_store.builder import dataset_spec, read_meta
+
+    return dataset_spec(read_meta(world["data"]))
 
 
 def test_replay_sends_the_lists(world):
