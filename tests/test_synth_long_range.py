@@ -39,3 +39,12 @@ def test_p_true_and_exposure(long_range):
     e = np.arange(len(user)) - np.repeat(first, n)
     early, last50 = e < np.repeat(n, n) // 4, e >= np.repeat(n, n) - 50
     assert (p[early] > 0.8).mean() > 5 * (p[last50] > 0.8).mean()
+
+
+def test_window_ceilings_rise_with_the_window(long_range):
+    from trainer.window_ceiling import window_ceilings
+
+    w = window_ceilings(long_range / "data", [50, 300, 2400])
+    assert list(w) == [0, 50, 300, 2400]
+    # each longer window adds signal, to thousands of events back (seeded: 0.649 / 0.663 / 0.680 / 0.688)
+    assert w[2400] > w[300] + 0.004 and w[300] > w[50] + 0.01 and w[50] > w[0] + 0.005, w

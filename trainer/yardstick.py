@@ -8,7 +8,8 @@
     oracle_auc            score = the log's own click probability `p_true` (synthetic logs only;
                           None otherwise): the best any model can do on this log
 
-`python -m trainer.yardstick DATA` prints them as JSON.
+`python -m trainer.yardstick DATA` prints them as JSON; `--windows 64,256,1024` adds
+`window_auc`, what count features of the last L events reach (trainer/window_ceiling.py).
 """
 
 from __future__ import annotations
@@ -50,7 +51,14 @@ def yardsticks(data: str | Path) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", help="a dataset directory from `longer build`")
-    print(json.dumps(yardsticks(p.parse_args().data), indent=2))
+    p.add_argument("--windows", help="comma-separated history windows L for window_auc (e.g. 64,256,1024)")
+    a = p.parse_args()
+    out = yardsticks(a.data)
+    if a.windows:
+        from .window_ceiling import window_ceilings
+
+        out["window_auc"] = window_ceilings(a.data, [int(w) for w in a.windows.split(",")])
+    print(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":
