@@ -76,6 +76,13 @@ def encode(tensors: dict[str, torch.Tensor], precision: str = "fp32", meta: dict
     return body + hashlib.blake2b(body, digest_size=_DIGEST).digest()
 
 
+def digest(data: bytes | None) -> bytes:
+    """The digest a value ends with (b"" for none): equal digests, equal values. What a
+    process holding a value decoded compares with the store's copy instead of reading it
+    (feature_store/online.py `read_head`)."""
+    return bytes(data[-_DIGEST:]) if data else b""
+
+
 def decode(data: bytes) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, meta) from `encode`'s bytes; CodecError for anything else."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
@@ -83,8 +90,8 @@ def decode(data: bytes) -> tuple[dict[str, torch.Tensor], dict]:
     data = bytes(data)
     if len(data) < _PREFIX.size + _DIGEST:
         raise CodecError("value too short")
-    body, digest = data[:-_DIGEST], data[-_DIGEST:]
-    if hashlib.blake2b(body, digest_size=_DIGEST).digest() != digest:
+    body, given = data[:-_DIGEST], data[-_DIGEST:]
+    if hashlib.blake2b(body, digest_size=_DIGEST).digest() != given:
         raise CodecError("checksum mismatch")
     magic, version, _, header_len = _PREFIX.unpack_from(body)
     if magic != MAGIC:

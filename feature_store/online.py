@@ -93,6 +93,11 @@ list still holds them all (`Since.complete`); otherwise (since = None, a state o
 list's window, a total above `tot`) the whole list. A cached state whose tag carries the total
 it covers is brought up to date from those events (serving/state_cache.py "incremental").
 
+Head read (`read_head(user, model_version, held)`, one Lua script, one round trip, one slot):
+the head without the events (LLEN) and the cached state — or, when the caller already holds
+that state decoded and passes the value's last bytes (its digest, feature_store/codec.py), and
+the stored value still ends with them, just those bytes back: a hit with no state payload.
+
 Idempotency window: `ids` holds the event ids of the last `id_window` events appended with an
 id (default max_len: the ids of the retained events), scored by arrival, trimmed in the same
 script. So one user's memory is bounded by max_len events + id_window ids, whatever the number
@@ -316,11 +321,9 @@ return {tonumber(ver or '0'), 0}
 """
 
 
-# KEYS: seq, ver, tot, st:<model_version>. ARGV: since (-1: the whole list). Returns {ver, tot,
-# list length, state or nil, complete (1/0), events}: the events after the first `since` of tot
-# when the list holds them all (complete), else the whole list; "BADKEY <key> <problem>" for an
-# unusable seq, ver or tot (a state key of the wrong type reads as none).
-_READ_SINCE = """
+# The head of a user's keys, the start of both read scripts. KEYS: seq, ver, tot, st:<model_version>.
+# Sets ver, n (the list's length) and tot; "BADKEY <key> <problem>" for an unusable seq, ver or tot.
+_HEAD = """
 local t = redis.call('TYPE', KEYS[1])['ok']
 if t ~= 'none' and t ~= 'list' then
   return redis.error_reply('BADKEY ' .. KEYS[1] .. ' holds a ' .. t .. ', expected a list')
@@ -338,6 +341,36 @@ if tot and not (string.match(tot, '^%d+$') and string.len(tot) < 19) then
   return redis.error_reply('BADKEY ' .. KEYS[3] .. ' is not an event total (a non-negative integer)')
 end
 tot = tonumber(tot or n)
+"""
+
+# KEYS: as _HEAD. ARGV: held (the last bytes of a state value the caller holds decoded, or '').
+# Returns {ver, tot, list length, state or nil}; when the state's value is longer than `held`
+# and ends with it, `held` itself in the state's place: no payload (a state key of the wrong
+# type reads as none).
+_READ_HEAD = (
+    _HEAD
+    + """
+local held = ARGV[1]
+if #held > 0 then
+  local len = redis.pcall('STRLEN', KEYS[4])
+  if type(len) == 'number' and len > #held and redis.call('GETRANGE', KEYS[4], -#held, -1) == held then
+    return {ver or false, tot, n, held}
+  end
+end
+local st = redis.pcall('GET', KEYS[4])
+if type(st) == 'table' and st['err'] then
+  st = false
+end
+return {ver or false, tot, n, st or false}
+"""
+)
+
+# KEYS: as _HEAD. ARGV: since (-1: the whole list). Returns {ver, tot, list length, state or nil,
+# complete (1/0), events}: the events after the first `since` of tot when the list holds them
+# all (complete), else the whole list (a state key of the wrong type reads as none).
+_READ_SINCE = (
+    _HEAD
+    + """
 local st = redis.pcall('GET', KEYS[4])
 if type(st) == 'table' and st['err'] then
   st = false
@@ -352,6 +385,7 @@ if since >= 0 and since <= tot and tot - since <= n then
 end
 return {ver or false, tot, n, st or false, 0, redis.call('LRANGE', KEYS[1], 0, -1)}
 """
+)
 
 
 # KEYS: prof, ver, st:<model_version>. ARGV: n, then n pairs (column, encoded value). Returns the
@@ -583,6 +617,7 @@ class OnlineStore:
         self._append = client.register_script(_APPEND)
         self._put_profile = client.register_script(_PUT_PROFILE)
         self._read_since = client.register_script(_READ_SINCE)
+        self._read_head = client.register_script(_READ_HEAD)
         if spec is not None:
             self.kinds = event_kinds(spec)  # the fields it packs, widths aside
             self._layout = None if self.list_columns else event_dtype(spec)  # None: widths not read yet
@@ -732,27 +767,28 @@ class OnlineStore:
     def read(self, user: int, model_version: str | None = None) -> tuple[np.ndarray, int, bytes | None]:
         """(events sorted by (ts, item_id), seq_version, cached state bytes or None) in one
         round trip. BadKeyError for a key of the wrong type or an unreadable counter."""
-        events, seq_version, blob, _ = self._read_keys(user, model_version, whole_sequence=True)
+        events, seq_version, blob, _ = self._read_keys(user, model_version)
         return unpack_events(events or [], self.layout), seq_version, blob
 
-    def read_head(self, user: int, model_version: str) -> tuple[int, int, bytes | None, int]:
+    def read_head(
+        self, user: int, model_version: str, held: bytes = b""
+    ) -> tuple[int, int, bytes | None, int]:
         """(number of events held, seq_version, cached state bytes or None, event total `tot`)
-        in one round trip, without the events themselves (LLEN, not LRANGE): what a cache hit
-        needs. BadKeyError as `read`."""
-        return self._read_keys(user, model_version, whole_sequence=False)
+        in one round trip (one Lua script), without the events themselves: what a cache hit
+        needs. `held`: the last bytes of a state value the caller already holds (its digest,
+        feature_store/codec.py); when the stored value ends with them, `held` itself comes back
+        in the value's place and the value is not sent. BadKeyError as `read_since`."""
+        keys = [self._key(user, k) for k in ("seq", "ver", "tot", f"st:{model_version}")]
+        ver, tot, n, blob = self._call(self._read_head, keys, [bytes(held)])
+        return int(n), parse_seq_version(keys[1], ver), blob or None, int(tot)
 
     def read_since(self, user: int, since: int | None, model_version: str) -> Since:
         """The head and the events after the first `since` of the user's total in one round trip
         (module docstring, "Tail read"). BadKeyError for an unusable seq, ver or tot."""
-        from redis.exceptions import ResponseError
-
         keys = [self._key(user, k) for k in ("seq", "ver", "tot", f"st:{model_version}")]
-        try:
-            ver, tot, held, blob, complete, raw = self._read_since(
-                keys=keys, args=[-1 if since is None else int(since)]
-            )
-        except ResponseError as e:
-            raise _bad_key_reply(e) or e from None
+        ver, tot, held, blob, complete, raw = self._call(
+            self._read_since, keys, [-1 if since is None else int(since)]
+        )
         return Since(
             parse_seq_version(keys[1], ver),
             int(tot),
@@ -762,6 +798,16 @@ class OnlineStore:
             unpack_events(raw or [], self.layout),
         )
 
+    @staticmethod
+    def _call(script, keys: list[str], args: list):
+        """A read script's reply; its "BADKEY <key> <problem>" error as a BadKeyError."""
+        from redis.exceptions import ResponseError
+
+        try:
+            return script(keys=keys, args=args)
+        except ResponseError as e:
+            raise _bad_key_reply(e) or e from None
+
     def set_totals(self, totals: Mapping[int, int]) -> None:
         """Set users' event totals `tot` (`longer store load`: the dataset's counts), pipelined."""
         p = self.r.pipeline(transaction=False)
@@ -769,13 +815,10 @@ class OnlineStore:
             p.set(self._key(user, "tot"), int(n))
         p.execute()
 
-    def _read_keys(self, user: int, model_version: str | None, whole_sequence: bool) -> tuple:
+    def _read_keys(self, user: int, model_version: str | None) -> tuple:
         keys = [self._key(user, "seq"), self._key(user, "ver")]
         p = self.r.pipeline(transaction=False)
-        if whole_sequence:
-            p.lrange(keys[0], 0, -1)
-        else:
-            p.llen(keys[0])
+        p.lrange(keys[0], 0, -1)
         p.get(keys[1])
         if model_version is not None:
             keys.append(self._key(user, f"st:{model_version}"))
@@ -797,7 +840,7 @@ class OnlineStore:
     def _total_of(self, user: int, raw, held) -> int:
         """A `tot` value read (absent: the list's length); BadKeyError unless a counter."""
         if raw is None:
-            return held if isinstance(held, int) else len(held or [])
+            return len(held or [])
         if isinstance(raw, Exception):
             if "WRONGTYPE" not in str(raw):
                 raise raw

@@ -27,6 +27,20 @@ class Metrics:
         )
         for result in ("hit", "incremental", "full", "bypass"):  # every outcome shown, from 0
             self.user_state.labels(result)
+        self.state_local = Counter(
+            "longer_state_local_total",
+            "cached user states read, by whether this process held the stored value decoded (hit: "
+            "no state payload read, no decode) or read and decoded it (miss); LONGER_STATE_CACHE_MB",
+            ["result"],
+            registry=self.registry,
+        )
+        for result in ("hit", "miss"):
+            self.state_local.labels(result)
+        self.state_local_bytes = Gauge(
+            "longer_state_local_bytes",
+            "bytes of decoded user states held in this process (LONGER_STATE_CACHE_MB)",
+            registry=self.registry,
+        )
         self.refresh = Counter(
             "longer_refresh_total",
             "near-line refreshes of a user's state by result (hit, incremental, full, error)",

@@ -20,6 +20,7 @@ from feature_store.online import LayoutError, OnlineStore, connect, store_errors
 from trainer.export import BundleError, declared_version
 
 from .features import FeatureTables
+from .local_states import LocalStates
 from .metrics import Metrics
 from .refresh import Refresher
 from .runtime import ModelRuntime
@@ -96,7 +97,15 @@ class Service:
         self.metrics = Metrics()
         self.metrics.model.labels(self.runtime.model_version).set(1)
         self.redis_log = ErrorBurstLog(logging.getLogger("longer.serving.redis"), "Redis", REDIS_LOG_EVERY_S)
-        self.cache = UserStateCache(self.store, self.run, self.redis, settings.state_precision)
+        self.cache = UserStateCache(
+            self.store,
+            self.run,
+            self.redis,
+            settings.state_precision,
+            LocalStates(settings.state_cache_mb << 20),
+            lambda result: self.metrics.state_local.labels(result).inc(),
+        )
+        self.metrics.state_local_bytes.set_function(lambda: self.cache.local.bytes)
         self.features = FeatureTables(self.store, self.redis)
         self.refresher = Refresher(
             self.cache, lambda: self.runtime, self.metrics, settings.refresh, settings.refresh_queue
@@ -156,6 +165,7 @@ class Service:
             except STORE_ERRORS:  # logged by `redis`; /readyz re-reads the tables when it answers
                 pass
             self.runtime = new
+            self.cache.local.clear()  # the old model's states: never a hit again
             self.metrics.model.clear()
             self.metrics.model.labels(new.model_version).set(1)
             log.info(

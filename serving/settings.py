@@ -37,6 +37,8 @@ class Settings(BaseSettings):
     threads: int = Field(0, ge=0)  # torch intra-op threads for model compute (0 or "auto": the CPU budget)
     state_precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     state_ttl_s: int = Field(24 * 3600, ge=1)
+    # cached user states held decoded in this process, MiB (serving/local_states.py; 0: off)
+    state_cache_mb: int = Field(256, ge=0)
     # events the model reads per user, >= the bundle's training max_len (length extrapolation,
     # trainer/extrapolate.py); 0: the bundle's max_len
     max_len: int = Field(0, ge=0)

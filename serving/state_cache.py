@@ -3,7 +3,8 @@
 
 A request reads the head of the user's keys — how many events the list holds, the sequence
 version (`seq_version`), the event total `tot` and the cached UserState of the serving model
-(`model_version`) — in one pipelined Redis round trip (`OnlineStore.read_head`), and events
+(`model_version`) — in one Redis round trip (`OnlineStore.read_head`; the state itself only
+when it is not the value this process already holds decoded, serving/local_states.py), and events
 (`OnlineStore.read_since`, one round trip: only the new ones where it can) only when that is
 not a hit; then the outcome is one of:
 
@@ -64,6 +65,7 @@ from feature_store.online import (
 from longer.interface import UserState
 from longer.spec import FeatureSpec
 
+from .local_states import LocalStates
 from .runtime import ModelRuntime
 
 log = logging.getLogger("longer.serving.state")
@@ -112,6 +114,7 @@ def history_events(history: Sequence, before_ts: int, spec: FeatureSpec | None =
 
 
 Decoded = tuple[UserState, dict]  # a cached value: (state, meta)
+Held = tuple[bytes, Decoded | None]  # a cached value's digest (b"": none) and its decode
 
 
 class UserStateCache:
@@ -119,10 +122,21 @@ class UserStateCache:
 
     `run` executes model compute off the event loop; `redis` does the same for store calls and
     counts and logs their failures (serving/service.py). `precision`: fp32, fp16 or bf16 for the
-    floating tensors of a cached value."""
+    floating tensors of a cached value. `local`: the stored values this process holds decoded
+    (off by default); `counted(result)` is called with "hit" when a held decode was used and
+    "miss" when a stored value was read and decoded (the metrics' `longer_state_local_total`)."""
 
-    def __init__(self, store: OnlineStore, run: Run, redis: Run, precision: str = "fp32"):
+    def __init__(
+        self,
+        store: OnlineStore,
+        run: Run,
+        redis: Run,
+        precision: str = "fp32",
+        local: LocalStates | None = None,
+        counted: Callable[[str], None] = lambda result: None,
+    ):
         self.store, self.run, self.redis, self.precision = store, run, redis, precision
+        self.local, self.counted = LocalStates(0) if local is None else local, counted
         self.inflight: dict[tuple, asyncio.Future] = {}
 
     # --- the cached form ---------------------------------------------------------------------------
@@ -156,6 +170,38 @@ class UserStateCache:
         if meta != {"model_version": rt.model_version, **tag}:
             return None  # stale (an older sequence) or not this user's
         return decoded[0]
+
+    def head(self, rt: ModelRuntime, user_id: int) -> tuple[int, int, int, Held]:
+        """(events held, seq_version, event total, (digest, decoded value) of the cached state) in
+        one round trip; the state from `local` when the store still holds that very value (no
+        payload, no decode), else as read (and then held). Blocking."""
+        key = (rt.model_version, int(user_id))
+        held = self.local.get(key)
+        n_held, seq_version, blob, total = self.store.read_head(
+            user_id, rt.model_version, held[0] if held else b""
+        )
+        if held is not None and blob == held[0]:
+            self.counted("hit")
+            return n_held, seq_version, total, held
+        return n_held, seq_version, total, self.remember(key, blob)
+
+    def remember(self, key: tuple[str, int], blob: bytes | None) -> Held:
+        """(digest, decoded value) of a value just read from the store for `key` (counted a
+        "miss" of `local`), now held there."""
+        if blob is not None:
+            self.counted("miss")
+        return self.hold(key, blob)
+
+    def hold(self, key: tuple[str, int], blob: bytes | None) -> Held:
+        """(digest, decoded value) of the store's value for `key`, held in `local` (or no
+        longer, when there is none or it does not decode)."""
+        decoded = self.decoded(blob, key[1])
+        if decoded is None:
+            self.local.drop(key)
+            return codec.digest(blob), None
+        size = sum(t.nbytes for t in decoded[0].tensors.values())
+        self.local.put(key, codec.digest(blob), decoded, size)
+        return codec.digest(blob), decoded
 
     def since(self, rt: ModelRuntime, decoded: Decoded | None, user_id: int) -> int | None:
         """The event total a cached value of this user and model covers, if an incremental
@@ -194,7 +240,7 @@ class UserStateCache:
                     return await self.run(score, state), "hit"
                 except Exception as e:  # noqa: BLE001 -- a well-formed but unusable cached value: recompute it
                     log.warning("user %s: cached state unusable (%s), recomputing", user_id, e)
-                    state, outcome = await self.current(rt, user_id, ts, (None, None), defer)
+                    state, outcome = await self.current(rt, user_id, ts, (b"", None), defer)
         except (*STORE_ERRORS, LayoutError):  # a store whose list widths are unreadable: as unreachable
             state = await self.run(rt.encode, user_id, history_events(history, ts, rt.spec))
             return await self.run(score, state), "bypass"
@@ -216,7 +262,7 @@ class UserStateCache:
     def read_hit(
         self, rt: ModelRuntime, user_id: int, ts: int, score: Callable[[UserState], list[float]] | None
     ) -> tuple[list[float] | None, tuple | None]:
-        """(scores, None) when the cached state is this request's; else (None, (blob, decoded
+        """(scores, None) when the cached state is this request's; else (None, (digest, decoded
         value)) for `current`. Without `score` (the refresh), a hit is ([], None). Blocking: the
         store read, the decode and the scoring all run in the calling thread.
 
@@ -225,28 +271,29 @@ class UserStateCache:
         event is strictly before `ts`. Then every held event is before `ts`, so the full read
         would build the same tag. Anything else (a request earlier than the latest event, a
         list with unreadable items) goes to `current`, which decides as before."""
-        n_held, seq_version, blob, total = self.store.read_head(user_id, rt.model_version)
-        decoded = self.decoded(blob, user_id)
+        n_held, seq_version, total, (digest, decoded) = self.head(rt, user_id)
         state = self.matching(rt, decoded, state_tag(user_id, seq_version, n_held, total))
         try:
             if state is None or not bool((state["latest_ts"] < ts).all()):
-                return None, (blob, decoded)
+                return None, (digest, decoded)
             return (score(state) if score is not None else []), None
         except Exception as e:  # noqa: BLE001 -- a well-formed but unusable cached value: recompute it
             log.warning("user %s: cached state unusable (%s), recomputing", user_id, e)
-            return None, (None, None)
+            self.local.drop((rt.model_version, int(user_id)))
+            return None, (b"", None)
 
     async def current(
         self, rt: ModelRuntime, user_id: int, ts: int, head: tuple, defer: Callable
     ) -> tuple[UserState, str]:
         """The user's state for a request at `ts` when the head was no hit: (state, "hit" |
-        "incremental" | "full"). `head`: read_hit's (blob, decoded value)."""
-        blob, decoded = head
+        "incremental" | "full"). `head`: read_hit's (digest, decoded value)."""
+        digest, decoded = head
+        key = (rt.model_version, int(user_id))
         since = self.since(rt, decoded, user_id)
         r = await self.redis(self.store.read_since, user_id, since, rt.model_version)
         profile = await self.profile(rt, user_id)  # after the version: never newer-tagged than read
-        if r.blob != blob:  # written since the head was read
-            blob, decoded = r.blob, self.decoded(r.blob, user_id)
+        if codec.digest(r.blob) != digest:  # written since the head was read
+            digest, decoded = self.remember(key, r.blob)
         if since is not None and r.complete:
             base = self.incremental_base(rt, user_id, decoded, since, r, ts, profile)
             if base is not None:
@@ -257,8 +304,8 @@ class UserStateCache:
                 return state, "incremental"
             r = await self.redis(self.store.read_since, user_id, None, rt.model_version)  # every event
             profile = await self.profile(rt, user_id)
-            if r.blob != blob:
-                decoded = self.decoded(r.blob, user_id)
+            if codec.digest(r.blob) != digest:
+                digest, decoded = self.remember(key, r.blob)
         events = r.events
         used = events[events["ts"] < ts]  # point in time: strictly earlier events only
         total = r.total - (len(events) - len(used))
@@ -332,6 +379,15 @@ class UserStateCache:
     ) -> None:
         try:
             blob = self.dumps(rt, state, tag, profile)
-            await self.redis(self.store.write_state, user_id, rt.model_version, blob)
+            await self.redis(self.write_state, rt, user_id, blob)
         except STORE_ERRORS as e:  # the next request recomputes it; `redis` counted and logged it
             log.debug("user %s: state write-back failed: %s", user_id, e)
+
+    def write_state(self, rt: ModelRuntime, user_id: int, blob: bytes) -> None:
+        """Write a cached value and hold its decode in `local` (what the next read of it would
+        give), or no longer hold one when the store refused it (too large). Blocking."""
+        key = (rt.model_version, int(user_id))
+        if self.store.write_state(user_id, rt.model_version, blob) and self.local.max_bytes:
+            self.hold(key, blob)
+        else:
+            self.local.drop(key)
