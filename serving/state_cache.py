@@ -117,6 +117,11 @@ Decoded = tuple[UserState, dict]  # a cached value: (state, meta)
 Held = tuple[bytes, Decoded | None]  # a cached value's digest (b"": none) and its decode
 
 
+def local_key(rt: ModelRuntime, user_id: int) -> tuple[str, int]:
+    """A user's entry in `LocalStates`: (model_version, user)."""
+    return rt.model_version, int(user_id)
+
+
 class UserStateCache:
     """Read, validate, update or encode once, write back: see the module docstring.
 
@@ -175,7 +180,7 @@ class UserStateCache:
         """(events held, seq_version, event total, (digest, decoded value) of the cached state) in
         one round trip; the state from `local` when the store still holds that very value (no
         payload, no decode), else as read (and then held). Blocking."""
-        key = (rt.model_version, int(user_id))
+        key = local_key(rt, user_id)
         held = self.local.get(key)
         n_held, seq_version, blob, total = self.store.read_head(
             user_id, rt.model_version, held[0] if held else b""
@@ -279,7 +284,7 @@ class UserStateCache:
             return (score(state) if score is not None else []), None
         except Exception as e:  # noqa: BLE001 -- a well-formed but unusable cached value: recompute it
             log.warning("user %s: cached state unusable (%s), recomputing", user_id, e)
-            self.local.drop((rt.model_version, int(user_id)))
+            self.local.drop(local_key(rt, user_id))
             return None, (b"", None)
 
     async def current(
@@ -288,7 +293,7 @@ class UserStateCache:
         """The user's state for a request at `ts` when the head was no hit: (state, "hit" |
         "incremental" | "full"). `head`: read_hit's (digest, decoded value)."""
         digest, decoded = head
-        key = (rt.model_version, int(user_id))
+        key = local_key(rt, user_id)
         since = self.since(rt, decoded, user_id)
         r = await self.redis(self.store.read_since, user_id, since, rt.model_version)
         profile = await self.profile(rt, user_id)  # after the version: never newer-tagged than read
@@ -386,7 +391,7 @@ class UserStateCache:
     def write_state(self, rt: ModelRuntime, user_id: int, blob: bytes) -> None:
         """Write a cached value and hold its decode in `local` (what the next read of it would
         give), or no longer hold one when the store refused it (too large). Blocking."""
-        key = (rt.model_version, int(user_id))
+        key = local_key(rt, user_id)
         if self.store.write_state(user_id, rt.model_version, blob) and self.local.max_bytes:
             self.hold(key, blob)
         else:

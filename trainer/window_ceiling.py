@@ -96,9 +96,9 @@ def _features(rows, take, src, src_take, seqs, windows) -> np.ndarray:
         lo = max(0, int(h) - longest)
         same = cats[lo:h][::-1] == c  # newest first
         n, k = np.cumsum(same), np.cumsum(same & (labels[lo:h][::-1] > 0))
-        at = np.minimum(windows, len(same)) - 1  # the last L events (fewer when the history is short)
-        counts[i, :, 0] = np.where(at >= 0, n[np.maximum(at, 0)] if len(same) else 0, 0)
-        counts[i, :, 1] = np.where(at >= 0, k[np.maximum(at, 0)] if len(same) else 0, 0)
+        if len(same):  # no history: every count stays 0
+            at = np.minimum(windows, len(same)) - 1  # the last L events (fewer when the history is short)
+            counts[i, :, 0], counts[i, :, 1] = n[at], k[at]
     n, k = counts[..., 0], counts[..., 1]
     per_window = np.stack([np.log1p(n), np.log1p(k), (k + 1) / (n + 2)], axis=-1).reshape(len(n), -1)
     return np.column_stack([*base, per_window])
