@@ -236,3 +236,16 @@ def test_openapi_documents_every_status_and_metrics_as_text(client):
     assert set(paths["/readyz"]["get"]["responses"]) >= {"200", "503"}
     assert list(paths["/metrics"]["get"]["responses"]["200"]["content"]) == ["text/plain"]
     assert client.get("/metrics").headers["content-type"].startswith("text/plain")
+
+
+def test_a_non_finite_score_is_an_error_never_a_null(client, monkeypatch):
+    """orjson writes NaN as null: a model that returns NaN must fail the request (the app's 500
+    handler, a bug of ours), not answer 200 with scores a client would read as missing."""
+    from serving.runtime import ModelRuntime
+
+    score = ModelRuntime.score
+    monkeypatch.setattr(ModelRuntime, "score", lambda self, state, cands: [float("nan")])
+    with pytest.raises(ValueError, match="user 1: the model returned a non-finite score"):
+        post_raw(client, "/v1/score", SCORE % "")
+    monkeypatch.setattr(ModelRuntime, "score", score)
+    assert 0 < post_raw(client, "/v1/score", SCORE % "").json()["scores"][0] < 1  # finite ones pass
