@@ -137,18 +137,26 @@ def _setup(work: Path, L: int, prefix: str):
     return model, bundle, store, url, hist, ts
 
 
+def runtime_of(bundle: Path, threads: int):
+    """The bundle's ModelRuntime with the server's thread settings (`threads`, and
+    LONGER_CALL_THREADS as `longer serve` reads it), so in-process and HTTP figures compare."""
+    from serving.runtime import ModelRuntime
+    from serving.settings import Settings
+
+    return ModelRuntime(str(bundle), threads=threads, call_threads=Settings.from_env().call_threads)
+
+
 def bench_update(work: Path, L: int, n: int, reps: int, threads: int, store) -> dict:
     """The `update` row (module docstring): an append-stable bundle, in process over ASGI."""
     from bench.hit_profile import asgi_post
     from feature_store.online import Event
     from serving.app import create_app
-    from serving.runtime import ModelRuntime
     from serving.settings import Settings
 
     _, bundle = _bundle(work, L, "append_stable")
     user = USER + 1
     _, ts = _user_events(store, user, L)
-    rt = ModelRuntime(str(bundle), threads=threads)
+    rt = runtime_of(bundle, threads)
     app = create_app(Settings(model=str(bundle), refresh=False), runtime=rt, store=store)
     rng = np.random.default_rng(n)
     cands = [
@@ -301,11 +309,10 @@ def bench_length(
     from bench.http_load import Server
     from feature_store.online import stop_embedded
     from serving.app import create_app
-    from serving.runtime import ModelRuntime
     from serving.settings import Settings
 
     model, bundle, store, url, hist, ts = _setup(work, L, prefix)
-    runtime = ModelRuntime(str(bundle), threads=threads)
+    runtime = runtime_of(bundle, threads)
     app = create_app(
         Settings(model=str(bundle), max_candidates=1000, key_prefix=store.prefix),
         runtime=runtime,

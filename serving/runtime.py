@@ -20,8 +20,13 @@ objects once (`as_columns`). `candidates` turns them into tensors in one pass pe
 
 Model calls run in `ComputeSlots`, not under one global lock: up to `slots` calls at once
 (encode or score, on the executor's threads), each with torch threads = the CPU budget ÷ the
-calls running when it starts (at least 1), so one request's compute overlaps another's Redis
-read and JSON, and a lone request still gets every thread. All under `torch.inference_mode`.
+calls running when it starts (at least 1), capped at `call_threads` (`LONGER_CALL_THREADS`,
+default 1; 0: no cap, a lone request gets every thread), so one request's compute overlaps
+another's Redis read and JSON. Why the cap is 1 by default: the entry points make OpenMP's idle
+threads sleep (trainer/threads.py), and waking them costs more than a second thread gains at a
+serving call's size — a score of 500 candidates against L = 2,000 (d 64) takes 6.0 ms on one
+thread and 7.4 ms on two — while two calls of one thread each run side by side. All under
+`torch.inference_mode`.
 """
 
 from __future__ import annotations
@@ -105,12 +110,14 @@ def history_batch(
 
 class ComputeSlots:
     """At most `slots` model calls at once; a call entering with n calls running (itself
-    included) runs with max(1, budget // n) torch threads (torch's thread count is per calling
-    thread). `slots` defaults to the budget: on 2 CPUs, two calls of 1 thread or one of 2."""
+    included) runs with max(1, budget // n) torch threads, at most `per_call` (0: no cap; torch's
+    thread count is per calling thread). `slots` defaults to the budget: on 2 CPUs, two calls of
+    1 thread, or (no cap) one of 2."""
 
-    def __init__(self, budget: int, slots: int = 0):
+    def __init__(self, budget: int, slots: int = 0, per_call: int = 0):
         self.budget = max(1, budget)
         self.slots = slots or self.budget
+        self.per_call = per_call or self.budget
         self._free = threading.BoundedSemaphore(self.slots)
         self._count = threading.Lock()
         self.running = 0
@@ -121,7 +128,7 @@ class ComputeSlots:
         with self._free:
             with self._count:
                 self.running += 1
-                threads = max(1, self.budget // self.running)
+                threads = max(1, min(self.per_call, self.budget // self.running))
             try:
                 torch.set_num_threads(threads)
                 with torch.inference_mode():
@@ -162,7 +169,7 @@ class ModelRuntime:
     max_len when it reads longer histories than it was trained at (`max_len`, 0: the trained
     one), so cached user states of the two never mix."""
 
-    def __init__(self, bundle_dir: str, threads: int = 0, max_len: int = 0):
+    def __init__(self, bundle_dir: str, threads: int = 0, max_len: int = 0, call_threads: int = 1):
         self.bundle: Bundle = load_bundle(bundle_dir, max_len=max_len or None)
         self.max_len = self.bundle.config.model.max_len
         extended = max_len and self.max_len != self.bundle.trained_max_len
@@ -170,7 +177,7 @@ class ModelRuntime:
         self.threads = configure_threads(threads or None, "LONGER_THREADS")  # 0: the CPU budget
         self.spec = self.bundle.spec
         self.models = request_models(self.spec)  # the request bodies this bundle declares
-        self.slots = ComputeSlots(self.threads)  # concurrent model calls (the module docstring)
+        self.slots = ComputeSlots(self.threads, per_call=call_threads)  # the module docstring
 
     @property
     def incremental(self) -> bool:

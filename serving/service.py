@@ -76,7 +76,9 @@ class Service:
     ):
         self.settings = settings
         self.reload_lock = asyncio.Lock()
-        self.runtime = runtime or ModelRuntime(settings.model, settings.threads, settings.max_len)
+        self.runtime = runtime or ModelRuntime(
+            settings.model, settings.threads, settings.max_len, settings.call_threads
+        )
         self.store = store or OnlineStore(
             connect(settings.redis_url or None),
             max_len=settings.store_max_len or self.runtime.max_len,
@@ -152,7 +154,7 @@ class Service:
                 return {"model_version": current.model_version, "reloaded": False}
             try:
                 s = self.settings
-                new = await self.run(ModelRuntime, s.model, s.threads, s.max_len)
+                new = await self.run(ModelRuntime, s.model, s.threads, s.max_len, s.call_threads)
             except BundleError:
                 raise
             except Exception as e:  # whatever a hostile or half-copied directory makes the loader raise

@@ -35,6 +35,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(4 << 20, ge=1)  # a larger body (any transfer encoding) gets 413
     body_timeout_s: float = Field(10.0, gt=0)  # a body not complete this long after the request arrived: 408
     threads: int = Field(0, ge=0)  # torch intra-op threads for model compute (0 or "auto": the CPU budget)
+    # torch threads one model call uses at most (serving/runtime.py ComputeSlots; 0: no cap)
+    call_threads: int = Field(1, ge=0)
     state_precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     state_ttl_s: int = Field(24 * 3600, ge=1)
     # cached user states held decoded in this process, MiB (serving/local_states.py; 0: off)

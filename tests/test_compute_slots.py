@@ -49,6 +49,25 @@ def test_a_lone_call_gets_the_budget_and_concurrent_calls_share_it():
     assert third_in.is_set() and slots.running == 0
 
 
+def test_per_call_caps_a_lone_calls_threads_not_the_slots():
+    slots = ComputeSlots(4, per_call=1)  # serving's default (LONGER_CALL_THREADS=1)
+    assert slots.slots == 4
+    with slots() as alone:
+        assert alone == 1 and torch.get_num_threads() == 1
+    with ComputeSlots(4, per_call=2)() as alone:
+        assert alone == 2
+
+
+def test_the_runtime_takes_call_threads_from_the_settings(tmp_path, monkeypatch):
+    from serving.settings import Settings
+
+    monkeypatch.setenv("LONGER_CALL_THREADS", "3")
+    assert Settings.from_env().call_threads == 3
+    rt = ModelRuntime(str(tiny_bundle(tmp_path / "b")), threads=4, call_threads=3)
+    assert (rt.slots.slots, rt.slots.per_call) == (4, 3)
+    assert ModelRuntime(str(tiny_bundle(tmp_path / "c")), threads=4).slots.per_call == 1
+
+
 def test_concurrent_scores_equal_sequential_ones(tmp_path):
     rt = ModelRuntime(str(tiny_bundle(tmp_path / "b")), threads=2)
     rng = np.random.default_rng(0)
