@@ -12,6 +12,10 @@
 #   SCALE=gpu scripts/length_study.sh bench-out/length-gpu --device cuda
 # Override any size with USERS, EVENTS, LENGTHS, STEPS, SEEDS, EXTRAPOLATE_FROM, and the compared
 # archs with ARCHS (default longer,transformer,din,din_recent50: the transformer up to L 1,024).
+# LONGER runs without token merge (MERGE_K=1): on this log an 8-way merge projected back to
+# d_model (4 dims per event at d 32) loses the per-event categories the far signal lives in —
+# L 256: AUC 0.635 with K 8, 0.677 with K 1 (docs/results.md, "Length scaling"). Without merge
+# a step costs ~1.2× (the first layer's keys and values over L tokens; queries stay k).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-bench-out/length}"
@@ -20,9 +24,10 @@ LONGER=.venv/bin/longer
 if [ "${SCALE:-cpu}" = gpu ]; then
   USERS="${USERS:-20000}" EVENTS="${EVENTS:-10000}" LENGTHS="${LENGTHS:-256,512,1024,2048,4096,8192}"
   MODEL="model.d_model=64 model.emb_dim=32 train.batch_size=16 train.steps=${STEPS:-20000}"
+  MODEL="$MODEL model.merge_k=${MERGE_K:-1}"
 else
   USERS="${USERS:-400}" EVENTS="${EVENTS:-2000}" LENGTHS="${LENGTHS:-64,128,256,512,1024,2048}"
-  MODEL="train.batch_size=16${STEPS:+ train.steps=$STEPS}"  # 16 requests = ~160 samples per batch
+  MODEL="train.batch_size=16${STEPS:+ train.steps=$STEPS} model.merge_k=${MERGE_K:-1}"  # 16 requests = ~160 samples
 fi
 SEEDS="${SEEDS:-2}" FROM="${EXTRAPOLATE_FROM:-256}" CFG="${QUALITY_CONFIG:-configs/quality.toml}"
 LONGEST="${LENGTHS##*,}"
