@@ -76,9 +76,7 @@ class Service:
     ):
         self.settings = settings
         self.reload_lock = asyncio.Lock()
-        self.runtime = runtime or ModelRuntime(
-            settings.model, settings.threads, settings.max_len, settings.call_threads
-        )
+        self.runtime = runtime or self.load_runtime()
         self.store = store or OnlineStore(
             connect(settings.redis_url or None),
             max_len=settings.store_max_len or self.runtime.max_len,
@@ -112,6 +110,11 @@ class Service:
         self.refresher = Refresher(
             self.cache, lambda: self.runtime, self.metrics, settings.refresh, settings.refresh_queue
         )
+
+    def load_runtime(self) -> ModelRuntime:
+        """The settings' bundle as a ModelRuntime (at start and on each reload; blocking)."""
+        s = self.settings
+        return ModelRuntime(s.model, s.threads, s.max_len, s.call_threads)
 
     def same_layout(self, runtime: ModelRuntime) -> None:
         """LayoutError unless `runtime`'s bundle packs events as the store does (a hot reload
@@ -153,8 +156,7 @@ class Service:
             if version == current.bundle.version:
                 return {"model_version": current.model_version, "reloaded": False}
             try:
-                s = self.settings
-                new = await self.run(ModelRuntime, s.model, s.threads, s.max_len, s.call_threads)
+                new = await self.run(self.load_runtime)
             except BundleError:
                 raise
             except Exception as e:  # whatever a hostile or half-copied directory makes the loader raise
