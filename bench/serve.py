@@ -143,7 +143,8 @@ def runtime_of(bundle: Path, threads: int):
     from serving.runtime import ModelRuntime
     from serving.settings import Settings
 
-    return ModelRuntime(str(bundle), threads=threads, call_threads=Settings.from_env().call_threads)
+    env = Settings.from_env()
+    return ModelRuntime(str(bundle), threads=threads, call_threads=env.call_threads, trace=env.trace)
 
 
 def bench_update(work: Path, L: int, n: int, reps: int, threads: int, store) -> dict:

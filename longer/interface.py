@@ -130,7 +130,14 @@ class DenseNet(nn.Module, ABC):
     ) -> torch.Tensor:
         """Logits (B, N) from the candidates' embeddings (B·N rows per key, candidate and context
         keys) and dense columns (B, N)."""
-        return self.score(state, self.features.candidate_tokens(emb, dense, request_ts, state["latest_ts"]))
+        cand = self.features.candidate_tokens(emb, dense, request_ts, state["latest_ts"])
+        return self.score_tokens(state, cand, request_ts)
+
+    def score_tokens(self, state: UserState, cand: torch.Tensor, request_ts: torch.Tensor) -> torch.Tensor:
+        """`score` with the request time (B,) beside the tokens, for nets whose candidate side
+        reads it (append-stable LONGER's time bias); tensors in, logits out, and no Python
+        branch on values: the part of scoring serving/traced.py traces as one graph."""
+        return self.score(state, cand)
 
     def forward(self, batch, emb: dict[str, JaggedTensor]) -> torch.Tensor:
         """One candidate per sample (training/eval): logits (B,). A batch with `request` set is

@@ -51,8 +51,14 @@ class RecModel(nn.Module):
 
     def score(self, state: UserState, cands: Candidates) -> torch.Tensor:
         """Logits (B, N) for N candidates per user, from the cached user state."""
+        return self.net.score_tokens(state, self.candidate_tokens(state, cands), cands.ts)
+
+    def candidate_tokens(self, state: UserState, cands: Candidates) -> torch.Tensor:
+        """The candidates' tokens (B, N, 2, d) [target, context]: the embedding lookup and the
+        Tokenizer, the part of `score` before `DenseNet.score_tokens`."""
         dense = {k: cands.dense[k] for k in self.spec.dense_keys}
-        return self.net.score_embedded(state, self.embedding.candidates(cands), dense, cands.ts)
+        emb = self.embedding.candidates(cands)
+        return self.net.features.candidate_tokens(emb, dense, cands.ts, state["latest_ts"])
 
     def update_user(self, state: UserState, new_events) -> UserState:
         """`state` of users with T events + a batch holding only their n new events (oldest

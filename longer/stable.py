@@ -275,8 +275,7 @@ class StableLonger(Longer):
         return state
 
     # --- candidate side -----------------------------------------------------------------------
-    def score_embedded(self, state, emb, dense, request_ts) -> torch.Tensor:
-        cand = self.features.candidate_tokens(emb, dense, request_ts, state["latest_ts"])
+    def score_tokens(self, state, cand, request_ts) -> torch.Tensor:
         return self.score(state, cand, request_ts)
 
     def _cand_mask(self, state: UserState, i: int, rows, own, request_ts) -> torch.Tensor:

@@ -89,6 +89,7 @@ async def lifespan(app: FastAPI):
     svc: Service = app.state.service
     every = svc.settings.watch_s
     watcher = asyncio.create_task(watch_bundle(svc, every)) if every > 0 else None
+    svc.settle_heap()
     yield
     if watcher:
         watcher.cancel()

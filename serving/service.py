@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from feature_store.online import LayoutError, OnlineStore, connect, store_errors
 from trainer.export import BundleError, declared_version
 
+from . import heap
 from .features import FeatureTables
 from .local_states import LocalStates
 from .metrics import Metrics
@@ -114,7 +115,13 @@ class Service:
     def load_runtime(self) -> ModelRuntime:
         """The settings' bundle as a ModelRuntime (at start and on each reload; blocking)."""
         s = self.settings
-        return ModelRuntime(s.model, s.threads, s.max_len, s.call_threads)
+        return ModelRuntime(s.model, s.threads, s.max_len, s.call_threads, s.trace)
+
+    def settle_heap(self) -> None:
+        """The loaded heap out of full garbage collections (serving/heap.py), unless
+        LONGER_FREEZE_HEAP is off."""
+        if self.settings.freeze_heap:
+            heap.settle()
 
     def same_layout(self, runtime: ModelRuntime) -> None:
         """LayoutError unless `runtime`'s bundle packs events as the store does (a hot reload
@@ -170,6 +177,7 @@ class Service:
                 pass
             self.runtime = new
             self.cache.local.clear()  # the old model's states: never a hit again
+            self.settle_heap()  # the new model's objects frozen, the old one's collected
             self.metrics.model.clear()
             self.metrics.model.labels(new.model_version).set(1)
             log.info(

@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     threads: int = Field(0, ge=0)  # torch intra-op threads for model compute (0 or "auto": the CPU budget)
     # torch threads one model call uses at most (serving/runtime.py ComputeSlots; 0: no cap)
     call_threads: int = Field(1, ge=0)
+    # freeze the loaded heap out of full garbage collections at start and reload (serving/heap.py)
+    freeze_heap: bool = True
+    trace: bool = True  # the candidate side as one TorchScript graph, where it checks out (serving/traced.py)
     state_precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     state_ttl_s: int = Field(24 * 3600, ge=1)
     # cached user states held decoded in this process, MiB (serving/local_states.py; 0: off)

@@ -11,6 +11,10 @@
   descendants of this process, or by a command line or working directory under its temp space,
   which is what identifies a daemonized redis-server).
 
+Apps do not settle the heap at start (LONGER_FREEZE_HEAP=false, serving/heap.py): a full
+collection of the suite's own heap at every app start made the serving tests half as slow
+again; tests/test_heap.py turns it on.
+
 OpenMP threads wait passively (OMP_WAIT_POLICY=PASSIVE, set before torch loads), as the `longer`
 CLI sets it: on a shared machine, spinning threads slow every test (trainer/threads.py).
 """
@@ -106,6 +110,7 @@ def isolated_session(tmp_path_factory):
     mp.setenv("LONGER_REDIS_DIR", str(redis_dir))
     mp.delenv("REDIS_URL", raising=False)
     mp.setenv("TMPDIR", str(scratch))
+    mp.setenv("LONGER_FREEZE_HEAP", "false")  # the module docstring; tests/test_heap.py turns it on
     mp.setattr(tempfile, "tempdir", str(scratch))
     try:
         yield

@@ -15,6 +15,8 @@ from feature_store.online import Event, OnlineStore, stop_embedded
 from longer.errors import InputError, UsageError
 from longer.spec import FeatureSpec
 
+from .. import heap
+from ..settings import Settings
 from .driver import Arm, replay
 from .report import summarize, write_report
 from .traffic import as_json, assign_arm, by_user_then_time, log_columns, requests_from_log
@@ -77,11 +79,9 @@ def offline_arm(
 
     from serving.app import create_app
     from serving.runtime import ModelRuntime
-    from serving.settings import Settings
 
-    runtime = ModelRuntime(
-        bundle, threads=Settings.from_env().threads
-    )  # LONGER_THREADS, as a server reads it
+    env = Settings.from_env()  # LONGER_THREADS, LONGER_CALL_THREADS, LONGER_TRACE, as a server reads them
+    runtime = ModelRuntime(bundle, threads=env.threads, call_threads=env.call_threads, trace=env.trace)
     client = EmbeddedRedis(str(workdir / f"{name}-{uuid.uuid4().hex[:6]}.rdb"))
     store = OnlineStore(client, max_len=runtime.max_len, prefix=f"replay-{name}", spec=runtime.spec)
     bootstrap_store(store, log, before_ts, runtime.spec)
@@ -154,6 +154,8 @@ def run_replay(
         try:
             for n, p in offline:  # inside the try: a bad second bundle still stops the first arm's Redis
                 arms.append(offline_arm(n, p, log, requests[0].ts, tmp, refresh))
+            if offline and Settings.from_env().freeze_heap:
+                heap.settle()  # the arms' models out of full collections, as a server's (serving/heap.py)
             return await replay(
                 requests,
                 arms,

@@ -1,0 +1,56 @@
+"""serving/heap.py: the loaded heap frozen out of full collections when the app starts and
+after a hot reload, the old heap's cycles still collected; LONGER_FREEZE_HEAP=false leaves it."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+from fastapi.testclient import TestClient
+
+from serving import heap
+from serving.app import create_app
+from serving.runtime import ModelRuntime
+from serving.settings import Settings
+from tests.serving_utils import prefixed_store, shared_redis, tiny_bundle
+
+
+class Node:
+    def __init__(self):
+        self.me = self  # a reference cycle: only the cyclic collector frees it
+
+
+@pytest.fixture(autouse=True)
+def thawed():
+    gc.unfreeze()
+    yield
+    gc.unfreeze()
+
+
+def test_settle_freezes_what_lives_and_collects_what_froze_and_died():
+    kept, dropped = Node(), Node()
+    gone = weakref.ref(dropped)
+    assert heap.settle() == gc.get_freeze_count() > 0
+    assert gc.is_tracked(kept) and not any(kept is o for o in gc.get_objects(2))  # frozen: not scanned
+    del dropped
+    gc.collect()
+    assert gone() is not None, "a frozen cycle was collected by an ordinary collection"
+    heap.settle()  # thaw first: the dead cycle is collected
+    assert gone() is None
+    fresh = Node()
+    assert any(fresh is o for o in gc.get_objects()), "an object made after settle is frozen"
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_the_app_settles_at_start_unless_turned_off(tmp_path, monkeypatch, on):
+    monkeypatch.setenv("LONGER_FREEZE_HEAP", str(on).lower())
+    bundle = tiny_bundle(tmp_path / "b")
+    with prefixed_store(shared_redis()) as store:
+        app = create_app(Settings(model=str(bundle)), runtime=ModelRuntime(str(bundle)), store=store)
+        assert gc.get_freeze_count() == 0
+        with TestClient(app):
+            assert (gc.get_freeze_count() > 0) == on
+            gc.unfreeze()
+            app.state.service.settle_heap()  # as a reload does
+            assert (gc.get_freeze_count() > 0) == on
