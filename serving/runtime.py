@@ -26,12 +26,13 @@ another's Redis read and JSON. Why the cap is 1 by default: the entry points mak
 threads sleep (trainer/threads.py), and waking them costs more than a second thread gains at a
 serving call's size — a score of 500 candidates against L = 2,000 (d 64) takes 6.0 ms on one
 thread and 7.4 ms on two — while two calls of one thread each run side by side. All under
-`torch.inference_mode`.
+`torch.inference_mode`. `score` runs the candidate side as one traced graph where the trace
+checks out against the eager net (serving/traced.py: the GIL taken once a call, not once an
+op, so concurrent calls and the event loop do not queue for it; LONGER_TRACE).
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import threading
 from dataclasses import dataclass, field
@@ -120,43 +121,24 @@ class ComputeSlots:
         self.budget = max(1, budget)
         self.slots = slots or self.budget
         self.per_call = per_call or self.budget
-        self._lock = threading.Lock()
-        self._waiting: collections.deque[threading.Lock] = collections.deque()
+        self._free = threading.BoundedSemaphore(self.slots)
+        self._count = threading.Lock()
         self.running = 0
-
-    def _enter(self) -> int:
-        """Take a slot, in arrival order: a call that finds none free waits in line, and a slot
-        freed goes to the first in line (handed over, not raced for: with a plain semaphore the
-        thread that freed it took it back for its next call ahead of one waiting since before,
-        which put 250 ms tails on 8 ms hits). The torch threads this call runs with."""
-        with self._lock:
-            if self.running < self.slots and not self._waiting:
-                self.running += 1
-                return max(1, min(self.per_call, self.budget // self.running))
-            turn = threading.Lock()
-            turn.acquire()
-            self._waiting.append(turn)
-        turn.acquire()  # released by _leave, which counted this call in `running`
-        with self._lock:
-            return max(1, min(self.per_call, self.budget // self.running))
-
-    def _leave(self) -> None:
-        with self._lock:
-            if self._waiting:
-                self._waiting.popleft().release()  # the slot passes on: `running` stays
-            else:
-                self.running -= 1
 
     @contextlib.contextmanager
     def __call__(self):
         """Hold one slot: yields the torch threads this call runs with."""
-        threads = self._enter()
-        try:
-            torch.set_num_threads(threads)
-            with torch.inference_mode():
-                yield threads
-        finally:
-            self._leave()
+        with self._free:
+            with self._count:
+                self.running += 1
+                threads = max(1, min(self.per_call, self.budget // self.running))
+            try:
+                torch.set_num_threads(threads)
+                with torch.inference_mode():
+                    yield threads
+            finally:
+                with self._count:
+                    self.running -= 1
 
 
 @dataclass
