@@ -91,6 +91,7 @@ def figures(row: dict) -> dict:
         "throughput_8_over_1_x": row["throughput_8_over_1_x"],
         "rps_1": tp[1]["requests_per_s"],
         "rps_8": tp[8]["requests_per_s"],
+        "p99_8_clients_ms": tp[8]["p99_ms"],
         **(
             {"server_cpu_ms_per_request_1": tp[1]["server_cpu_ms_per_request"]}
             if "server_cpu_ms_per_request" in tp[1]
