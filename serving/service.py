@@ -175,18 +175,14 @@ class Service:
                 raise BundleError(f"{self.settings.model}: {e}") from e
             except STORE_ERRORS:  # logged by `redis`; /readyz re-reads the tables when it answers
                 pass
-            self.runtime = new
+            self.runtime, previous = new, current.model_version
+            del current  # no frame of this reload holds the old model while the settle below runs
             self.cache.local.clear()  # the old model's states: never a hit again
             self.settle_heap()  # the new model's objects frozen, the old one's collected
             self.metrics.model.clear()
             self.metrics.model.labels(new.model_version).set(1)
-            log.info(
-                "reloaded %s: model_version %s → %s",
-                self.settings.model,
-                current.model_version,
-                new.model_version,
-            )
-            return {"model_version": new.model_version, "previous": current.model_version, "reloaded": True}
+            log.info("reloaded %s: model_version %s → %s", self.settings.model, previous, new.model_version)
+            return {"model_version": new.model_version, "previous": previous, "reloaded": True}
 
 
 async def watch_bundle(svc: Service, every_s: float) -> None:

@@ -54,3 +54,23 @@ def test_the_app_settles_at_start_unless_turned_off(tmp_path, monkeypatch, on):
             gc.unfreeze()
             app.state.service.settle_heap()  # as a reload does
             assert (gc.get_freeze_count() > 0) == on
+
+
+def test_a_reload_freezes_the_new_model_and_lets_the_old_one_go(tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setenv("LONGER_FREEZE_HEAP", "true")
+    live = tmp_path / "live"
+    shutil.copytree(tiny_bundle(tmp_path / "a", seed=0), live)
+    with prefixed_store(shared_redis()) as store:
+        app = create_app(Settings(model=str(live), token="tok"), store=store)
+        with TestClient(app) as c:
+            svc = app.state.service
+            old = weakref.ref(svc.runtime.bundle.model)
+            shutil.rmtree(live)
+            shutil.copytree(tiny_bundle(tmp_path / "b", seed=1), live)
+            r = c.post("/v1/admin/reload", headers={"Authorization": "Bearer tok"})
+            assert r.status_code == 200 and r.json()["reloaded"], r.text
+            new = svc.runtime.bundle.model
+            assert not any(new is o for o in gc.get_objects()), "the new model is not frozen"
+            assert old() is None, "the old model outlived the reload (frozen, or still referenced)"
