@@ -4,7 +4,8 @@
   (`ListenError`, which the CLI reports as `longer serve: error: ...`, exit 2).
 * The service logs (`longer.serving.*`) to stderr at --log-level / LONGER_LOG_LEVEL (info).
 * Once uvicorn is accepting connections, one line on stdout:
-  `longer serve: listening on http://HOST:PORT (model VERSION, redis WHERE)`.
+  `longer serve: listening on http://HOST:PORT (model VERSION, scoring traced|eager, redis WHERE)`
+  (scoring: whether the candidate side runs as one traced graph, serving/traced.py).
 * SIGTERM (docker, Kubernetes) and SIGINT (Ctrl-C) both stop the server gracefully (uvicorn
   finishes the requests in flight), then stop the embedded Redis, if one was started, with its
   data saved; the process exits 0. (A server that fails to start is `ServeError`, exit 3, as
@@ -99,11 +100,13 @@ def serve(settings: Settings, host: str, port: int) -> None:
         from .app import create_app
 
         app = create_app(settings)
+        runtime = app.state.service.runtime
         bound = sock.getsockname()
         shown_host = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
         ready = (
             f"longer serve: listening on http://{shown_host}:{bound[1]} "
-            f"(model {app.state.service.runtime.model_version}, redis {describe_redis(settings.redis_url)})"
+            f"(model {runtime.model_version}, scoring {'traced' if runtime.traced else 'eager'}, "
+            f"redis {describe_redis(settings.redis_url)})"
         )
 
         class Server(uvicorn.Server):

@@ -422,7 +422,7 @@ def test_serve_says_where_it_listens_and_a_stop_signal_stops_its_redis(trained, 
     p, line = start_serve(bundle, redis_dir)
     try:
         m = re.fullmatch(
-            r"longer serve: listening on http://127\.0\.0\.1:(\d+) \(model (\w+), redis embedded, "
+            r"longer serve: listening on http://127\.0\.0\.1:(\d+) \(model (\w+), scoring traced, redis embedded, "
             r"data in (.+)\)\n",
             line,
         )
