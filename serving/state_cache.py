@@ -373,8 +373,12 @@ class UserStateCache:
             state = await self.run(fn, *args)
             fut.set_result(state)
             return state
+        except asyncio.CancelledError:  # (a refresh cancelled at shutdown) its waiters see it too
+            fut.cancel()
+            raise
         except BaseException as e:
             fut.set_exception(e)
+            fut.exception()  # retrieved: each waiter re-raises it; none waiting is nothing to log
             raise
         finally:
             del self.inflight[key]

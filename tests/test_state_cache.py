@@ -3,6 +3,7 @@ stale state brought up to date with only the new events ("incremental") equals a
 within 1e-5, and every case where that would not hold is a full encode instead."""
 
 import asyncio
+import logging
 
 import httpx
 import numpy as np
@@ -171,3 +172,40 @@ def test_concurrent_requests_update_once(served):
 
     out = asyncio.run(burst())
     assert {r["user_state"] for r in out} == {"incremental"} and len(calls) == 1
+
+
+@pytest.mark.parametrize("waiting", [0, 1])
+@pytest.mark.parametrize("ending", ["cancelled", "failed"])
+def test_a_single_flight_that_ends_badly_logs_no_unretrieved_future(caplog, ending, waiting):
+    """A computation cancelled (the refresh at shutdown) or failed, with or without another
+    request waiting for it, leaves no 'Future exception was never retrieved' behind (the demo's
+    replay printed one at shutdown); a waiter sees the same ending."""
+    import gc
+
+    from serving.state_cache import UserStateCache
+
+    started = asyncio.Event()
+
+    async def run(fn, *args):
+        started.set()
+        await asyncio.sleep(3600 if ending == "cancelled" else 0)
+        raise ValueError("encode failed")
+
+    cache = UserStateCache(store=None, run=run, redis=run)
+
+    async def main():
+        lone = asyncio.create_task(cache.once(("m", 1, 1, 1), None))
+        await started.wait()
+        waiters = [asyncio.create_task(cache.once(("m", 1, 1, 1), None)) for _ in range(waiting)]
+        await asyncio.sleep(0)
+        if ending == "cancelled":
+            lone.cancel()
+        results = await asyncio.gather(lone, *waiters, return_exceptions=True)
+        expected = asyncio.CancelledError if ending == "cancelled" else ValueError
+        assert all(isinstance(r, expected) for r in results), results
+        assert not cache.inflight
+
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        asyncio.run(main())
+        gc.collect()
+    assert "never retrieved" not in caplog.text
