@@ -167,16 +167,16 @@ class HSTU(DenseNet):
 
     def score(self, state, cand):
         B, N, T, d = cand.shape
-        x = cand.reshape(B, N * T, d)
+        x = cand.flatten(1, 2)  # (B, N·T, d); shapes from tensors, not Python arithmetic: traceable
         hist_ts, valid = state["ts"], state["valid"]
-        L = hist_ts.shape[1]
         # Candidate tokens sit just after the latest event (position -1, time = latest event); the
         # request's own time reaches them through the context token.
-        tq = state["latest_ts"][:, None].expand(B, N * T)
-        rq = torch.full((B, N * T), -1, dtype=torch.long, device=x.device)
-        rk = torch.arange(L, device=x.device).expand(B, L)
-        own = torch.block_diag(*[torch.ones(T, T, dtype=torch.bool, device=x.device)] * N)
-        mask = torch.cat([valid[:, None, :].expand(B, N * T, L), own[None].expand(B, -1, -1)], dim=2)
+        tq = state["latest_ts"][:, None].expand_as(x[..., 0])
+        rq = torch.full_like(tq, -1)
+        rk = torch.ones_like(hist_ts).cumsum(1) - 1  # 0..L-1
+        which = torch.ones_like(x[0, :, 0], dtype=torch.long).cumsum(0).sub(1).div(T, rounding_mode="floor")
+        own = which[:, None] == which[None, :]  # (N·T, N·T): each candidate sees its own T tokens
+        mask = torch.cat([valid[:, None, :].expand(-1, own.shape[0], -1), own[None].expand(B, -1, -1)], dim=2)
         for i, layer in enumerate(self.layers):
             u, v, q, k = layer.project(x)
             keys = torch.cat([state[f"k{i}"], k], 2)
