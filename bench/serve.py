@@ -138,13 +138,13 @@ def _setup(work: Path, L: int, prefix: str):
 
 
 def runtime_of(bundle: Path, threads: int):
-    """The bundle's ModelRuntime with the server's thread settings (`threads`, and
-    LONGER_CALL_THREADS as `longer serve` reads it), so in-process and HTTP figures compare."""
+    """The bundle's ModelRuntime with the bench's `threads` and the rest of the runtime settings
+    as `longer serve` reads them (LONGER_CALL_THREADS, LONGER_TRACE), so in-process and HTTP
+    figures compare."""
     from serving.runtime import ModelRuntime
     from serving.settings import Settings
 
-    env = Settings.from_env()
-    return ModelRuntime(str(bundle), threads=threads, call_threads=env.call_threads, trace=env.trace)
+    return ModelRuntime.from_settings(Settings.from_env(), str(bundle), threads, max_len=0)
 
 
 def bench_update(work: Path, L: int, n: int, reps: int, threads: int, store) -> dict:

@@ -49,6 +49,7 @@ from trainer.export import Bundle, load_bundle
 from trainer.threads import configure_threads
 
 from .schemas import request_models
+from .settings import Settings
 from .traced import TracedScore, trace_score
 
 
@@ -185,6 +186,26 @@ class ModelRuntime:
         self.slots = ComputeSlots(self.threads, per_call=call_threads)  # the module docstring
         # the candidate side as one traced graph where it checks out (serving/traced.py)
         self._score = (trace and trace_score(self)) or self.bundle.model.score
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings,
+        bundle: str | None = None,
+        threads: int | None = None,
+        max_len: int | None = None,
+    ) -> ModelRuntime:
+        """The runtime the settings describe (LONGER_BUNDLE, LONGER_THREADS, LONGER_MAX_LEN,
+        LONGER_CALL_THREADS, LONGER_TRACE), with `bundle`, `threads` or `max_len` given instead
+        where the caller has its own (the replay's arms, the serve bench)."""
+        s = settings
+        return cls(
+            bundle or s.model,
+            s.threads if threads is None else threads,
+            s.max_len if max_len is None else max_len,
+            s.call_threads,
+            s.trace,
+        )
 
     @property
     def traced(self) -> bool:

@@ -114,8 +114,7 @@ class Service:
 
     def load_runtime(self) -> ModelRuntime:
         """The settings' bundle as a ModelRuntime (at start and on each reload; blocking)."""
-        s = self.settings
-        return ModelRuntime(s.model, s.threads, s.max_len, s.call_threads, s.trace)
+        return ModelRuntime.from_settings(self.settings)
 
     def settle_heap(self) -> None:
         """The loaded heap out of full garbage collections (serving/heap.py), unless

@@ -80,8 +80,8 @@ def offline_arm(
     from serving.app import create_app
     from serving.runtime import ModelRuntime
 
-    env = Settings.from_env()  # LONGER_THREADS, LONGER_CALL_THREADS, LONGER_TRACE, as a server reads them
-    runtime = ModelRuntime(bundle, threads=env.threads, call_threads=env.call_threads, trace=env.trace)
+    # the environment's runtime settings, as a server reads them; the bundle's trained max_len
+    runtime = ModelRuntime.from_settings(Settings.from_env(), bundle, max_len=0)
     client = EmbeddedRedis(str(workdir / f"{name}-{uuid.uuid4().hex[:6]}.rdb"))
     store = OnlineStore(client, max_len=runtime.max_len, prefix=f"replay-{name}", spec=runtime.spec)
     bootstrap_store(store, log, before_ts, runtime.spec)
