@@ -118,7 +118,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -128,6 +128,8 @@ from tqdm import tqdm
 
 from longer.errors import LongerError, MissingInputError, UsageError
 from longer.spec import FeatureSpec
+
+from .pending import send_script
 
 EVENT_DTYPE = np.dtype(
     [("ts", "<i8"), ("item_id", "<i8"), ("category_id", "<i8"), ("action", "<i8"), ("label", "i1")]
@@ -778,17 +780,34 @@ class OnlineStore:
         needs. `held`: the last bytes of a state value the caller already holds (its digest,
         feature_store/codec.py); when the stored value ends with them, `held` itself comes back
         in the value's place and the value is not sent. BadKeyError as `read_since`."""
+        return self.read_head_later(user, model_version, held, now=True)()
+
+    def read_head_later(
+        self, user: int, model_version: str, held: bytes = b"", now: bool = False
+    ) -> Callable[[], tuple[int, int, bytes | None, int]]:
+        """`read_head` with its request sent now and its reply read, and checked, when the
+        returned function is called (exactly once): the caller can compute in between while
+        Redis answers (feature_store/pending.py; on Redis Cluster the read happens at the call).
+        `now`: no split, the whole read at the call."""
         keys = [self._key(user, k) for k in ("seq", "ver", "tot", f"st:{model_version}")]
-        ver, tot, n, blob = self._call(self._read_head, keys, [bytes(held)])
-        return int(n), parse_seq_version(keys[1], ver), blob or None, int(tot)
+        args = [bytes(held)]
+        if now:
+            pending = lambda: self._read_head(keys=keys, args=args)  # noqa: E731
+        else:
+            pending = send_script(self.r, self._read_head, keys, args)
+
+        def reply():
+            ver, tot, n, blob = self._call(pending)
+            return int(n), parse_seq_version(keys[1], ver), blob or None, int(tot)
+
+        return reply
 
     def read_since(self, user: int, since: int | None, model_version: str) -> Since:
         """The head and the events after the first `since` of the user's total in one round trip
         (module docstring, "Tail read"). BadKeyError for an unusable seq, ver or tot."""
         keys = [self._key(user, k) for k in ("seq", "ver", "tot", f"st:{model_version}")]
-        ver, tot, held, blob, complete, raw = self._call(
-            self._read_since, keys, [-1 if since is None else int(since)]
-        )
+        args = [-1 if since is None else int(since)]
+        ver, tot, held, blob, complete, raw = self._call(lambda: self._read_since(keys=keys, args=args))
         return Since(
             parse_seq_version(keys[1], ver),
             int(tot),
@@ -799,12 +818,12 @@ class OnlineStore:
         )
 
     @staticmethod
-    def _call(script, keys: list[str], args: list):
-        """A read script's reply; its "BADKEY <key> <problem>" error as a BadKeyError."""
+    def _call(reply: Callable[[], object]):
+        """A read script's `reply()`; its "BADKEY <key> <problem>" error as a BadKeyError."""
         from redis.exceptions import ResponseError
 
         try:
-            return script(keys=keys, args=args)
+            return reply()
         except ResponseError as e:
             raise _bad_key_reply(e) or e from None
 

@@ -117,6 +117,19 @@ Decoded = tuple[UserState, dict]  # a cached value: (state, meta)
 Held = tuple[bytes, Decoded | None]  # a cached value's digest (b"": none) and its decode
 
 
+def before(state: UserState, ts: int) -> bool:
+    """Whether the state's latest event (so every event it covers) is strictly before `ts`."""
+    return bool((state["latest_ts"] < ts).all())
+
+
+def attempt(fn: Callable, *args) -> tuple[object, Exception | None]:
+    """(fn(*args), None), or (None, the exception it raised)."""
+    try:
+        return fn(*args), None
+    except Exception as e:  # noqa: BLE001 -- handed to the caller, which decides
+        return None, e
+
+
 def local_key(rt: ModelRuntime, user_id: int) -> tuple[str, int]:
     """A user's entry in `LocalStates`: (model_version, user)."""
     return rt.model_version, int(user_id)
@@ -176,19 +189,28 @@ class UserStateCache:
             return None  # stale (an older sequence) or not this user's
         return decoded[0]
 
-    def head(self, rt: ModelRuntime, user_id: int) -> tuple[int, int, int, Held]:
-        """(events held, seq_version, event total, (digest, decoded value) of the cached state) in
-        one round trip; the state from `local` when the store still holds that very value (no
-        payload, no decode), else as read (and then held). Blocking."""
+    def head(self, rt: ModelRuntime, user_id: int, early: Callable | None = None, ts: int = 0) -> tuple:
+        """(events held, seq_version, event total, (digest, decoded value) of the cached state,
+        `early`'s result) in one round trip; the state from `local` when the store still holds
+        that very value (no payload, no decode), else as read (and then held). Blocking.
+
+        `early(state)`, if given, runs on the held state — one whose latest event is before `ts`
+        — while the store answers (`read_head_later`), and its `attempt` (result, exception) is
+        returned when the store still holds that value; else, or when it did not run (nothing
+        held, or held for a time not before `ts`), None."""
         key = local_key(rt, user_id)
         held = self.local.get(key)
-        n_held, seq_version, blob, total = self.store.read_head(
-            user_id, rt.model_version, held[0] if held else b""
-        )
+        reply = self.store.read_head_later(user_id, rt.model_version, held[0] if held else b"")
+        tried = None
+        try:
+            if early is not None and held is not None and attempt(before, held[1][0], ts)[0]:
+                tried = attempt(early, held[1][0])
+        finally:
+            n_held, seq_version, blob, total = reply()
         if held is not None and blob == held[0]:
             self.counted("hit")
-            return n_held, seq_version, total, held
-        return n_held, seq_version, total, self.remember(key, blob)
+            return n_held, seq_version, total, held, tried
+        return n_held, seq_version, total, self.remember(key, blob), None
 
     def remember(self, key: tuple[str, int], blob: bytes | None) -> Held:
         """(digest, decoded value) of a value just read from the store for `key` (counted a
@@ -276,16 +298,22 @@ class UserStateCache:
         event is strictly before `ts`. Then every held event is before `ts`, so the full read
         would build the same tag. Anything else (a request earlier than the latest event, a
         list with unreadable items) goes to `current`, which decides as before."""
-        n_held, seq_version, total, (digest, decoded) = self.head(rt, user_id)
+        n_held, seq_version, total, (digest, decoded), tried = self.head(rt, user_id, score, ts)
         state = self.matching(rt, decoded, state_tag(user_id, seq_version, n_held, total))
-        try:
-            if state is None or not bool((state["latest_ts"] < ts).all()):
+        if state is None:
+            return None, (digest, decoded)
+        fresh, error = attempt(before, state, ts)
+        if error is None:
+            if not fresh:
                 return None, (digest, decoded)
-            return (score(state) if score is not None else []), None
-        except Exception as e:  # noqa: BLE001 -- a well-formed but unusable cached value: recompute it
-            log.warning("user %s: cached state unusable (%s), recomputing", user_id, e)
+            if score is None:
+                return [], None
+            scores, error = tried if tried is not None else attempt(score, state)
+        if error is not None:  # a well-formed but unusable cached value: recompute it
+            log.warning("user %s: cached state unusable (%s), recomputing", user_id, error)
             self.local.drop(local_key(rt, user_id))
             return None, (b"", None)
+        return scores, None
 
     async def current(
         self, rt: ModelRuntime, user_id: int, ts: int, head: tuple, defer: Callable

@@ -84,10 +84,13 @@ def test_a_held_state_is_used_while_the_store_holds_that_value(bundle, store, mo
     with replica(bundle, store) as a, replica(bundle, store, mb=0) as plain:
         assert score(a)["user_state"] == "full"  # and the write-back holds its decode
         replies = []
-        read_head = a.app.state.service.store.read_head
-        monkeypatch.setattr(
-            a.app.state.service.store, "read_head", lambda *args: replies.append(r := read_head(*args)) or r
-        )
+        later = a.app.state.service.store.read_head_later
+
+        def spied(*args):
+            reply = later(*args)
+            return lambda: replies.append(r := reply()) or r
+
+        monkeypatch.setattr(a.app.state.service.store, "read_head_later", spied)
         hits = [score(a) for _ in range(3)]
         assert {h["user_state"] for h in hits} == {"hit"} and hits[0] == hits[1] == hits[2]
         assert (local(a, "hit"), local(a, "miss")) == (3, 0)
@@ -95,6 +98,37 @@ def test_a_held_state_is_used_while_the_store_holds_that_value(bundle, store, mo
         assert score(plain) == hits[0]  # what a replica reading and decoding the value gives
         assert (local(plain, "hit"), local(plain, "miss")) == (0, 1)  # 0 MB: nothing held
         assert "longer_state_local_bytes" in a.get("/metrics").text
+
+
+def test_a_hit_scores_the_held_state_while_the_store_answers(bundle, store, monkeypatch):
+    """The early score: the head's request is sent, the held state scored, then the reply read
+    — and a score of a held state the reply shows stale (new events) is never answered."""
+    with replica(bundle, store) as a, replica(bundle, store, mb=0) as plain:
+        svc = a.app.state.service
+        score(a)
+        steps = []
+        later, scored = svc.store.read_head_later, svc.runtime.score
+
+        def spied_read(*args):
+            steps.append("sent")
+            reply = later(*args)
+            return lambda: steps.append("reply") or reply()
+
+        monkeypatch.setattr(svc.store, "read_head_later", spied_read)
+        monkeypatch.setattr(svc.runtime, "score", lambda *args: steps.append("score") or scored(*args))
+        hit = score(a)
+        assert hit["user_state"] == "hit" and steps == ["sent", "score", "reply"]
+        assert hit == {**score(plain), "user_state": "hit"}
+        events = [{"user_id": USER, "item_id": 900, "ts": T0 + 20_000, "category_id": 1}]
+        assert a.post("/v1/events", json={"events": events}, headers=AUTH).json()["appended"] == 1
+        steps.clear()
+        updated = score(a, T0 + 30_000)  # the held state is scored early, then found stale
+        assert updated["user_state"] == "incremental" and steps[:3] == ["sent", "score", "reply"]
+        assert steps.count("score") == 2
+        store.r.delete(state_key(a, store))
+        full = score(plain, T0 + 30_000)
+        np.testing.assert_allclose(updated["scores"], full["scores"], atol=1e-5)
+        assert not np.allclose(updated["scores"], hit["scores"], atol=1e-4)
 
 
 def test_another_value_under_the_same_tag_is_read_not_the_held_one(bundle, store):
