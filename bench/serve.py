@@ -7,7 +7,9 @@
 * `in_process_score`: `ModelRuntime.score` on the same cached state and candidates, no HTTP,
   no Redis; `hit_overhead_x` = hit p50 ÷ in-process score p50 (1.0 would be a free server).
 * `in_process_asgi`: the same hit through the app's ASGI callable in this process, with the
-  executor thread pool and inline: what HTTP transport and thread hops add.
+  executor thread pool (every call hopping: LONGER_IDLE_INLINE off) and inline: what HTTP
+  transport and thread hops add. The HTTP server runs as `longer serve` does by default: a
+  request alone in it reads and scores on the event loop thread (serving/hops.py).
 * `breakdown`: ms per hit by stage from a pyinstrument profile (bench/hit_profile.py); the
   profile itself is saved beside the JSON (<out stem>.profile-L<L>-n<N>.txt / .html).
 * `throughput`: requests/s and latency with 1, 4 and 8 concurrent keep-alive clients, and
@@ -315,7 +317,8 @@ def bench_length(
     model, bundle, store, url, hist, ts = _setup(work, L, prefix)
     runtime = runtime_of(bundle, threads)
     app = create_app(
-        Settings(model=str(bundle), max_candidates=1000, key_prefix=store.prefix),
+        # every call hops here: the in-process `pool` figure is what a hop costs (serving/hops.py)
+        Settings(model=str(bundle), max_candidates=1000, key_prefix=store.prefix, idle_inline=False),
         runtime=runtime,
         store=store,
     )

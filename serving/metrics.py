@@ -36,6 +36,15 @@ class Metrics:
         )
         for result in ("hit", "miss"):
             self.state_local.labels(result)
+        self.hit_reads = Counter(
+            "longer_hit_reads_total",
+            "/v1/score hit reads (store head, early score) by the thread they ran on: the event "
+            "loop's, for a request alone in the server (LONGER_IDLE_INLINE), or a pool thread's",
+            ["thread"],
+            registry=self.registry,
+        )
+        for thread in ("event_loop", "pool"):
+            self.hit_reads.labels(thread)
         self.state_local_bytes = Gauge(
             "longer_state_local_bytes",
             "bytes of decoded user states held in this process (LONGER_STATE_CACHE_MB)",

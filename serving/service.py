@@ -21,6 +21,7 @@ from trainer.export import BundleError, declared_version
 
 from . import heap
 from .features import FeatureTables
+from .hops import Hops
 from .local_states import LocalStates
 from .metrics import Metrics
 from .refresh import Refresher
@@ -95,6 +96,7 @@ class Service:
         self.pool = ThreadPoolExecutor(
             max_workers=self.runtime.threads + 1, thread_name_prefix="longer-model"
         )
+        self.hops = Hops(settings.idle_inline)  # which calls run in the pool (serving/hops.py)
         self.metrics = Metrics()
         self.metrics.model.labels(self.runtime.model_version).set(1)
         self.redis_log = ErrorBurstLog(logging.getLogger("longer.serving.redis"), "Redis", REDIS_LOG_EVERY_S)
@@ -128,7 +130,7 @@ class Service:
         self.store.check_spec(runtime.spec)
 
     async def run(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+        return await self.hops.submit(asyncio.get_running_loop(), self.pool, fn, *args)
 
     async def close(self, wait: bool = False) -> None:
         """The app's shutdown: no refresh task outlives it, and the pool takes no more work
@@ -140,14 +142,20 @@ class Service:
         else:
             self.pool.shutdown(wait=False)
 
-    async def redis(self, fn, *args):
-        """A store call off the event loop; its failures counted and logged (as bursts)."""
+    async def redis(self, fn, *args, alone: bool = False):
+        """A store call off the event loop — or, `alone` (a hit read), on it while its request
+        is alone in the server (serving/hops.py); its failures counted and logged (as bursts)."""
+        inline = alone and self.hops.alone()
+        if alone:
+            self.metrics.hit_reads.labels("event_loop" if inline else "pool").inc()
         try:
-            result = await self.run(fn, *args)
+            result = fn(*args) if inline else await self.run(fn, *args)
         except STORE_ERRORS as e:
+            self.hops.store_ok = False
             self.metrics.redis_errors.inc()
             self.redis_log.error(e)
             raise
+        self.hops.store_ok = True
         self.redis_log.ok()
         return result
 

@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     call_threads: int = Field(1, ge=0)
     # freeze the loaded heap out of full garbage collections at start and reload (serving/heap.py)
     freeze_heap: bool = True
+    # a /v1/score request alone in the server reads and scores on the event loop thread, with
+    # no hop to the pool (serving/hops.py)
+    idle_inline: bool = True
     trace: bool = True  # the candidate side as one TorchScript graph, where it checks out (serving/traced.py)
     state_precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     state_ttl_s: int = Field(24 * 3600, ge=1)

@@ -258,7 +258,7 @@ class UserStateCache:
         A hit costs one hop off the event loop: `read_hit` reads the store's head (no events),
         checks the cached state and scores it in the same worker thread."""
         try:
-            scores, head = await self.redis(self.read_hit, rt, user_id, ts, score)
+            scores, head = await self.redis(self.read_hit, rt, user_id, ts, score, alone=True)
             if scores is not None:
                 return scores, "hit"
             state, outcome = await self.current(rt, user_id, ts, head, defer)
