@@ -24,6 +24,7 @@ from fastapi_offline import FastAPIOffline
 from feature_store.online import BadKeyError, OnlineStore
 
 from .errors import validation_failed
+from .hops import InFlight
 from .limits import BodyLimits
 from .metrics import Latency
 from .routes import router
@@ -33,7 +34,8 @@ from .settings import Settings
 
 
 def install_error_handling(app: FastAPI, svc: Service, settings: Settings) -> None:
-    """Body limits (outermost), latency, a 422 that always encodes, a 503 naming a bad key."""
+    """Requests counted (outermost), body limits, latency, a 422 that always encodes, a 503
+    naming a bad key."""
     metrics = svc.metrics
     app.add_middleware(Latency, histogram=metrics.latency)
     app.add_middleware(
@@ -42,6 +44,7 @@ def install_error_handling(app: FastAPI, svc: Service, settings: Settings) -> No
         timeout_s=settings.body_timeout_s,
         on_reject=lambda reason: metrics.rejected.labels(reason).inc(),
     )
+    app.add_middleware(InFlight, hops=svc.hops)  # outermost: counted from arrival (serving/hops.py)
     app.add_exception_handler(RequestValidationError, validation_failed)
 
     async def bad_key(request: Request, exc: BadKeyError) -> JSONResponse:

@@ -11,7 +11,12 @@ When. A call offered inline (`alone=True`) runs inline only while all of these h
 to the pool otherwise, as every other call does:
 
 * LONGER_IDLE_INLINE is on (the default);
-* its request is the only /v1/score request in the handler (`request()` counts them);
+* its request is the only HTTP request in the app: `InFlight`, the outermost middleware, counts
+  them from arrival to the response's end, and the caller first yields to the event loop once
+  (`settle`), so requests that arrived with this one are counted. (Counted at the route
+  instead, each of 8 clients' requests found itself alone there — the others were still
+  reading their bodies — and ran inline: 8 clients got one core, and requests/s at
+  L 2,000 × 500 fell from 145 to 100);
 * no call is in the pool (queued or running: `pooled`), so every compute slot is free and the
   inline call waits on nothing but its own work;
 * the store's last call succeeded (a Redis that stopped answering would hold the event loop
@@ -34,14 +39,14 @@ from concurrent.futures import Executor
 class Hops:
     def __init__(self, inline: bool = True):
         self.inline = inline
-        self.requests = 0  # /v1/score requests in the handler (event loop thread only)
+        self.requests = 0  # HTTP requests in the app (`InFlight`; event loop thread only)
         self.pooled = 0  # calls handed to the pool and not yet returned there
         self.store_ok = True  # the store's last call succeeded
         self._lock = threading.Lock()
 
     @contextlib.contextmanager
     def request(self) -> Iterator[None]:
-        """Around one /v1/score request's handling."""
+        """Around one HTTP request (`InFlight`)."""
         self.requests += 1
         try:
             yield
@@ -49,8 +54,13 @@ class Hops:
             self.requests -= 1
 
     def alone(self) -> bool:
-        """Whether a call offered inline runs inline now (module docstring)."""
+        """Whether a call offered inline runs inline now (module docstring; after `settle`)."""
         return self.inline and self.requests <= 1 and self.pooled == 0 and self.store_ok
+
+    async def settle(self) -> None:
+        """Yield to the event loop once, so requests that arrived with this one are counted."""
+        if self.inline:
+            await asyncio.sleep(0)
 
     def submit(self, loop: asyncio.AbstractEventLoop, pool: Executor, fn: Callable, *args) -> asyncio.Future:
         """`fn(*args)` in `pool`, counted in `pooled` from now until it returns there (a call
@@ -73,3 +83,16 @@ class Hops:
     def _returned(self) -> None:
         with self._lock:
             self.pooled -= 1
+
+
+class InFlight:
+    """Pure ASGI: every HTTP request counted in `hops.requests` while the app handles it."""
+
+    def __init__(self, app, hops: Hops):
+        self.app, self.hops = app, hops
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        with self.hops.request():
+            return await self.app(scope, receive, send)

@@ -155,11 +155,6 @@ async def score(request: Request, background: BackgroundTasks, svc: Service = De
     """The candidates' tensors are built in the thread that scores them (the cache's hop to the
     pool, serving/state_cache.py, or the event loop's own for a request alone in the server,
     serving/hops.py), once; the response is serialised once, here."""
-    with svc.hops.request():  # counted: a request alone may read and score inline (serving/hops.py)
-        return await score_request(svc, request, background)
-
-
-async def score_request(svc: Service, request: Request, background: BackgroundTasks) -> Response:
     rt = svc.runtime  # one model for the whole request, even across a reload
     req = await score_body(request, rt.models.score)
     given = candidate_columns(req, rt)

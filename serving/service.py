@@ -145,8 +145,10 @@ class Service:
     async def redis(self, fn, *args, alone: bool = False):
         """A store call off the event loop — or, `alone` (a hit read), on it while its request
         is alone in the server (serving/hops.py); its failures counted and logged (as bursts)."""
-        inline = alone and self.hops.alone()
+        inline = False
         if alone:
+            await self.hops.settle()
+            inline = self.hops.alone()
             self.metrics.hit_reads.labels("event_loop" if inline else "pool").inc()
         try:
             result = fn(*args) if inline else await self.run(fn, *args)

@@ -82,6 +82,17 @@ def prefixed_store(client, max_len: int = 1000, **kw):
         delete_prefix(client, store.prefix)
 
 
+@contextlib.contextmanager
+def user_store(user: int, t0: int, n: int, max_len: int = 64):
+    """A `prefixed_store` on the shared Redis holding `n` events of `user`, a minute apart from
+    `t0` (items 100.., categories 0-4)."""
+    from feature_store.online import Event
+
+    with prefixed_store(shared_redis(), max_len=max_len) as s:
+        s.append([Event(user, 100 + i, t0 + 60 * i, category_id=i % 5) for i in range(n)])
+        yield s
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

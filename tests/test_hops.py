@@ -4,6 +4,7 @@ the pool, or the store's last call failed — with the same answers either way."
 
 import asyncio
 import contextlib
+import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -11,12 +12,12 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from feature_store.online import Event
+from bench.hit_profile import asgi_post
 from serving.app import create_app
 from serving.hops import Hops
 from serving.runtime import ModelRuntime
 from serving.settings import Settings
-from tests.serving_utils import prefixed_store, shared_redis, tiny_bundle
+from tests.serving_utils import tiny_bundle, user_store
 
 USER, T0 = 45, 1_700_000_000
 BODY = {"user_id": USER, "candidates": [{"item_id": 7}, {"item_id": 8}], "ts": T0 + 10_000}
@@ -70,8 +71,7 @@ def bundle(tmp_path_factory):
 
 @pytest.fixture
 def store():
-    with prefixed_store(shared_redis(), max_len=64) as s:
-        s.append([Event(USER, 100 + i, T0 + 60 * i, category_id=i % 5) for i in range(20)])
+    with user_store(USER, T0, 20) as s:
         yield s
 
 
@@ -92,8 +92,8 @@ def hit_threads(client, monkeypatch) -> list[str]:
     return names
 
 
-def reads(client) -> tuple[float, float]:
-    m = client.app.state.service.metrics.registry
+def reads(app) -> tuple[float, float]:
+    m = app.state.service.metrics.registry
     return tuple(m.get_sample_value("longer_hit_reads_total", {"thread": t}) for t in ("event_loop", "pool"))
 
 
@@ -109,10 +109,10 @@ def test_a_lone_hit_runs_on_the_event_loop_and_answers_as_the_pool_does(bundle, 
         names = hit_threads(inline, monkeypatch)
         hit = score(inline)
         assert hit["user_state"] == "hit" and not names[0].startswith("longer-model")
-        assert reads(inline) == (2, 0)  # the full's first read too
+        assert reads(inline.app) == (2, 0)  # the full's first read too
         pool_names = hit_threads(pooled, monkeypatch)
         assert score(pooled) == hit and pool_names[0].startswith("longer-model")
-        assert reads(pooled) == (0, 1)
+        assert reads(pooled.app) == (0, 1)
 
 
 def test_a_hit_hops_beside_another_request_and_after_a_store_failure(bundle, store, monkeypatch):
@@ -134,3 +134,26 @@ def test_a_hit_hops_beside_another_request_and_after_a_store_failure(bundle, sto
         monkeypatch.setattr(svc.store, "read_head_later", later)
         assert score(client) == hit and names.pop().startswith("longer-model")  # after the failure
         assert score(client) == hit and not names.pop().startswith("longer-model")  # it answered again
+
+
+def test_requests_that_arrive_together_all_hop(bundle, store):
+    """Without the yield before deciding, the first of them found itself alone and ran inline
+    while the others waited unread."""
+    app = create_app(
+        Settings(model=str(bundle), refresh=False), runtime=ModelRuntime(str(bundle)), store=store
+    )
+    body = json.dumps(BODY).encode()
+
+    async def main():
+        for _ in range(2):  # a full, then a lone hit
+            await asgi_post(app, "/v1/score", body)
+        alone = reads(app)
+        answers = await asyncio.gather(*(asgi_post(app, "/v1/score", body) for _ in range(3)))
+        return alone, answers
+
+    try:
+        alone, answers = asyncio.run(main())
+    finally:
+        app.state.service.pool.shutdown()
+    assert alone == (2, 0) and reads(app) == (2, 3)
+    assert {status for status, _ in answers} == {200} and len({text for _, text in answers}) == 1

@@ -12,12 +12,12 @@ import torch
 from fastapi.testclient import TestClient
 
 from feature_store import codec
-from feature_store.online import Event, OnlineStore
+from feature_store.online import OnlineStore
 from serving.app import create_app
 from serving.local_states import LocalStates
 from serving.runtime import ModelRuntime
 from serving.settings import Settings
-from tests.serving_utils import prefixed_store, shared_redis, tiny_bundle
+from tests.serving_utils import shared_redis, tiny_bundle, user_store
 
 USER, T0 = 43, 1_700_000_000
 AUTH = {"Authorization": "Bearer tok"}
@@ -50,8 +50,7 @@ def bundle(tmp_path_factory):
 
 @pytest.fixture
 def store():
-    with prefixed_store(shared_redis(), max_len=64) as s:
-        s.append([Event(USER, 100 + i, T0 + 60 * i, category_id=i % 5) for i in range(30)])
+    with user_store(USER, T0, 30) as s:
         yield s
 
 
