@@ -199,6 +199,7 @@ async def events(request: Request, svc: Service = Depends(service)):
     except ListTooLong as e:
         raise invalid(("events", e.index, e.column), str(e), "too_long") from None
     svc.metrics.events.inc(done.total)
+    svc.cache.moved(done.seq_versions)  # their held states are stale now: no early score
     svc.refresher.schedule(u for u, n in done.added.items() if n)  # off the request path
     return EventsResponse(appended=done.total, versions={str(u): v for u, v in done.seq_versions.items()})
 
@@ -217,6 +218,7 @@ async def put_user(
     rt = svc.runtime
     profile = await spec_body(request, rt.models.profile)
     version, written = await store_call(svc.features.put_profile(rt, user_id, profile))
+    svc.cache.moved({user_id: version})
     return ProfileResult(user_id=user_id, seq_version=version, updated=written)
 
 

@@ -33,6 +33,15 @@ not a hit; then the outcome is one of:
   were never read, feature_store/online.py): the state is encoded from the history in the
   request and nothing is written.
 
+**The early score.** A hit read for a user whose state this process holds decoded
+(serving/local_states.py) sends the head read's request, scores the held state, then reads the
+reply (`OnlineStore.read_head_later`): Redis answers while the model computes. The scores
+stand only if the reply shows the store still holds that very value and its tag is this
+request's — exactly the hit the sequential read would find; otherwise they are dropped and the
+outcome is decided as above. A held state of an older sequence version than this process itself
+last wrote (`moved`: its /v1/events, PUT /v1/users) is not scored early; one made stale by
+another replica's write is, and its scores dropped.
+
 An incremental update and a full encode of the same (model, user, sequence version, event
 total) are one single flight: a request arriving while the near-line refresh
 (serving/refresh.py, `refresh`) computes that state waits for it.
@@ -48,7 +57,8 @@ import asyncio
 import hashlib
 import json
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -77,6 +87,7 @@ Run = Callable[..., Awaitable]  # runs a blocking call off the event loop: run(f
 
 OUTCOMES = ("hit", "incremental", "full", "bypass")  # /v1/score's `user_state`, the metrics' labels
 EVERYTHING = 2**62  # a request time after every event: the refresh's
+MOVED_USERS = 100_000  # users whose latest sequence version moved here `UserStateCache` keeps
 
 
 def state_tag(user_id: int, seq_version: int, n_events: int, total: int) -> dict:
@@ -156,6 +167,22 @@ class UserStateCache:
         self.store, self.run, self.redis, self.precision = store, run, redis, precision
         self.local, self.counted = LocalStates(0) if local is None else local, counted
         self.inflight: dict[tuple, asyncio.Future] = {}
+        self.versions: OrderedDict[int, int] = OrderedDict()  # `moved`: user → seq_version
+
+    def moved(self, versions: Mapping[int, int]) -> None:
+        """The users whose sequence version this process just moved (its /v1/events, PUT
+        /v1/users), at the versions the store answered: a state held for an older one is known
+        stale, so a hit read does not score it early (`head`). The latest MOVED_USERS users."""
+        for user, version in versions.items():
+            self.versions[int(user)] = int(version)
+            self.versions.move_to_end(int(user))
+        while len(self.versions) > MOVED_USERS:
+            self.versions.popitem(last=False)
+
+    def known_stale(self, decoded: Decoded, user_id: int) -> bool:
+        """Whether a held value is older than the sequence version this process last moved
+        the user's to (`moved`)."""
+        return decoded[1].get("seq_version", -1) < self.versions.get(int(user_id), -1)
 
     # --- the cached form ---------------------------------------------------------------------------
     def dumps(self, rt: ModelRuntime, state: UserState, tag: dict, profile: dict | None = None) -> bytes:
@@ -194,8 +221,7 @@ class UserStateCache:
         `early`'s result) in one round trip; the state from `local` when the store still holds
         that very value (no payload, no decode), else as read (and then held). Blocking.
 
-        `early(state)`, if given, runs on the held state — one whose latest event is before `ts`
-        — while the store answers (`read_head_later`), and its `attempt` (result, exception) is
+        `early(state)`, if given, runs on the held state (if `early` allows it) while the store answers (`read_head_later`), and its `attempt` (result, exception) is
         returned when the store still holds that value; else, or when it did not run (nothing
         held, or held for a time not before `ts`), None."""
         key = local_key(rt, user_id)
@@ -203,7 +229,7 @@ class UserStateCache:
         reply = self.store.read_head_later(user_id, rt.model_version, held[0] if held else b"")
         tried = None
         try:
-            if early is not None and held is not None and attempt(before, held[1][0], ts)[0]:
+            if early is not None and held is not None and self.early(held[1], user_id, ts):
                 tried = attempt(early, held[1][0])
         finally:
             n_held, seq_version, blob, total = reply()
@@ -211,6 +237,11 @@ class UserStateCache:
             self.counted("hit")
             return n_held, seq_version, total, held, tried
         return n_held, seq_version, total, self.remember(key, blob), None
+
+    def early(self, decoded: Decoded, user_id: int, ts: int) -> bool:
+        """Whether a hit read scores this held value before the store's reply (`head`): unless
+        its latest event is not before `ts` or it is `known_stale`."""
+        return not self.known_stale(decoded, user_id) and bool(attempt(before, decoded[0], ts)[0])
 
     def remember(self, key: tuple[str, int], blob: bytes | None) -> Held:
         """(digest, decoded value) of a value just read from the store for `key` (counted a

@@ -12,10 +12,11 @@ import torch
 from fastapi.testclient import TestClient
 
 from feature_store.online import Event
+from serving import state_cache
 from serving.app import create_app
 from serving.runtime import ModelRuntime
 from serving.settings import Settings
-from serving.state_cache import state_tag
+from serving.state_cache import UserStateCache, state_tag
 from tests.serving_utils import prefixed_store, shared_redis, tiny_bundle
 
 USER, T0 = 41, 1_700_000_000
@@ -182,8 +183,6 @@ def test_a_single_flight_that_ends_badly_logs_no_unretrieved_future(caplog, endi
     replay printed one at shutdown); a waiter sees the same ending."""
     import gc
 
-    from serving.state_cache import UserStateCache
-
     started = asyncio.Event()
 
     async def run(fn, *args):
@@ -209,3 +208,15 @@ def test_a_single_flight_that_ends_badly_logs_no_unretrieved_future(caplog, endi
         asyncio.run(main())
         gc.collect()
     assert "never retrieved" not in caplog.text
+
+
+def test_a_held_state_older_than_a_version_this_process_moved_is_known_stale(monkeypatch):
+    monkeypatch.setattr(state_cache, "MOVED_USERS", 2)
+    cache = UserStateCache(store=None, run=None, redis=None)
+    held = lambda version: (None, {"seq_version": version})  # noqa: E731
+    cache.moved({1: 5, 2: 3})
+    assert cache.known_stale(held(4), 1) and not cache.known_stale(held(5), 1)
+    assert not cache.known_stale(held(0), 7)  # never moved here: not known
+    cache.moved({3: 1})  # beyond MOVED_USERS: the least recently moved user is forgotten
+    assert not cache.known_stale(held(0), 1) and cache.known_stale(held(2), 2)
+    assert not cache.early(held(2), 2, ts=10**9)
