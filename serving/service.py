@@ -94,7 +94,7 @@ class Service:
         # a thread per compute slot (serving/runtime.py ComputeSlots) and one more, so a store
         # call (a request's Redis read) never waits behind the model calls
         self.pool = ThreadPoolExecutor(
-            max_workers=self.runtime.threads + 1, thread_name_prefix="longer-model"
+            max_workers=self.runtime.slots.slots + 1, thread_name_prefix="longer-model"
         )
         self.hops = Hops(settings.idle_inline)  # which calls run in the pool (serving/hops.py)
         self.metrics = Metrics()

@@ -37,6 +37,8 @@ class Settings(BaseSettings):
     threads: int = Field(0, ge=0)  # torch intra-op threads for model compute (0 or "auto": the CPU budget)
     # torch threads one model call uses at most (serving/runtime.py ComputeSlots; 0: no cap)
     call_threads: int = Field(1, ge=0)
+    # model calls at once (serving/runtime.py ComputeSlots; 0: the thread budget + 1)
+    compute_slots: int = Field(0, ge=0)
     # freeze the loaded heap out of full garbage collections at start and reload (serving/heap.py)
     freeze_heap: bool = True
     # a /v1/score request alone in the server reads and scores on the event loop thread, with

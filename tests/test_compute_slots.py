@@ -58,14 +58,17 @@ def test_per_call_caps_a_lone_calls_threads_not_the_slots():
         assert alone == 2
 
 
-def test_the_runtime_takes_call_threads_from_the_settings(tmp_path, monkeypatch):
+def test_the_runtime_takes_call_threads_and_slots_from_the_settings(tmp_path, monkeypatch):
     from serving.settings import Settings
 
     monkeypatch.setenv("LONGER_CALL_THREADS", "3")
     assert Settings.from_env().call_threads == 3
-    rt = ModelRuntime(str(tiny_bundle(tmp_path / "b")), threads=4, call_threads=3)
-    assert (rt.slots.slots, rt.slots.per_call) == (4, 3)
-    assert ModelRuntime(str(tiny_bundle(tmp_path / "c")), threads=4).slots.per_call == 1
+    monkeypatch.setenv("LONGER_COMPUTE_SLOTS", "6")
+    assert Settings.from_env().compute_slots == 6
+    rt = ModelRuntime(str(tiny_bundle(tmp_path / "b")), threads=4, call_threads=3, slots=6)
+    assert (rt.slots.slots, rt.slots.per_call) == (6, 3)
+    default = ModelRuntime(str(tiny_bundle(tmp_path / "c")), threads=4).slots
+    assert (default.slots, default.per_call) == (5, 1)  # the budget + 1; one thread a call
 
 
 def test_concurrent_scores_equal_sequential_ones(tmp_path):
