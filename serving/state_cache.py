@@ -221,15 +221,16 @@ class UserStateCache:
         `early`'s result) in one round trip; the state from `local` when the store still holds
         that very value (no payload, no decode), else as read (and then held). Blocking.
 
-        `early(state)`, if given, runs on the held state (if `early` allows it) while the store answers (`read_head_later`), and its `attempt` (result, exception) is
-        returned when the store still holds that value; else, or when it did not run (nothing
-        held, or held for a time not before `ts`), None."""
+        `early(state)`, if given, runs on the held state while the store answers
+        (`read_head_later`) when `may_score_early` allows it; its `attempt` (result, exception)
+        is returned when the store still holds that value, else None (and None when it did not
+        run)."""
         key = local_key(rt, user_id)
         held = self.local.get(key)
         reply = self.store.read_head_later(user_id, rt.model_version, held[0] if held else b"")
         tried = None
         try:
-            if early is not None and held is not None and self.early(held[1], user_id, ts):
+            if early is not None and held is not None and self.may_score_early(held[1], user_id, ts):
                 tried = attempt(early, held[1][0])
         finally:
             n_held, seq_version, blob, total = reply()
@@ -238,7 +239,7 @@ class UserStateCache:
             return n_held, seq_version, total, held, tried
         return n_held, seq_version, total, self.remember(key, blob), None
 
-    def early(self, decoded: Decoded, user_id: int, ts: int) -> bool:
+    def may_score_early(self, decoded: Decoded, user_id: int, ts: int) -> bool:
         """Whether a hit read scores this held value before the store's reply (`head`): unless
         its latest event is not before `ts` or it is `known_stale`."""
         return not self.known_stale(decoded, user_id) and bool(attempt(before, decoded[0], ts)[0])
@@ -283,11 +284,13 @@ class UserStateCache:
         defer: Callable,
     ) -> tuple[list[float], str]:
         """(scores, "hit" | "incremental" | "full" | "bypass") for a request at `ts`.
-        `score(state)` scores the candidates (blocking: it runs off the event loop);
-        `defer(fn, *args)` runs the write-back after the response (BackgroundTasks).
+        `score(state)` scores the candidates (blocking: it runs off the event loop, or on it
+        for a request alone in the server); `defer(fn, *args)` runs the write-back after the
+        response (BackgroundTasks).
 
-        A hit costs one hop off the event loop: `read_hit` reads the store's head (no events),
-        checks the cached state and scores it in the same worker thread."""
+        A hit costs one hop off the event loop, or none for a request alone in the server
+        (serving/hops.py): `read_hit` reads the store's head (no events), checks the cached
+        state and scores it in the same thread."""
         try:
             scores, head = await self.redis(self.read_hit, rt, user_id, ts, score, alone=True)
             if scores is not None:

@@ -219,4 +219,4 @@ def test_a_held_state_older_than_a_version_this_process_moved_is_known_stale(mon
     assert not cache.known_stale(held(0), 7)  # never moved here: not known
     cache.moved({3: 1})  # beyond MOVED_USERS: the least recently moved user is forgotten
     assert not cache.known_stale(held(0), 1) and cache.known_stale(held(2), 2)
-    assert not cache.early(held(2), 2, ts=10**9)
+    assert not cache.may_score_early(held(2), 2, ts=10**9)
